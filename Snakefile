@@ -1,0 +1,25 @@
+# loupe: one sparse autoencoder per decoder layer, sampled, evaluated and published.
+# Stages live in workflow/rules/ (one .smk each); all logic lives in the `loupe` package
+# (workflow/loupe/), which every rule calls through `python -m loupe <stage>`.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/maxact.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/summary.smk"
+include: "workflow/rules/publish.smk"
+
+
+localrules:
+    all,
+
+
+rule all:
+    default_target: True
+    input:
+        TARGETS,

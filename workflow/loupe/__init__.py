@@ -1,0 +1,3 @@
+"""loupe: one sparse autoencoder per decoder layer, built by a Snakemake workflow."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,208 @@
+"""The embedded offline demo: an English corpus harvested from Python's own standard
+library, and a tiny randomly initialised Gemma 4 model with a tokenizer trained on it."""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import io
+import json
+import logging
+import re
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import atomic_dir, atomic_path
+
+log = logging.getLogger(__name__)
+
+# Gemma's special ids, so the demo exercises the same BOS/EOS/PAD handling as the real model.
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+
+_MIN_CHARS = 80  # shorter docstrings are mostly signatures, not prose
+_SKIP_TOP = {"site-packages", "dist-packages", "idlelib", "lib2to3", "turtledemo"}
+
+
+def _comment_paragraphs(source: str) -> Iterator[str]:
+    """Runs of `#` comment lines joined into one paragraph each."""
+    para: list[str] = []
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and not stripped.startswith("#!"):
+            para.append(stripped.lstrip("#").strip())
+            continue
+        if para:
+            yield " ".join(p for p in para if p)
+            para = []
+    if para:
+        yield " ".join(p for p in para if p)
+
+
+def _is_prose(text: str) -> bool:
+    # Keep text that reads like sentences: mostly letters and spaces, and long enough.
+    if len(text) < _MIN_CHARS:
+        return False
+    letters = sum(c.isalpha() or c.isspace() for c in text)
+    return letters / len(text) > 0.8
+
+
+def harvest_documents(stdlib: Path | None = None) -> Iterator[dict]:
+    """English prose from the standard library: the reference-manual topics, docstrings and
+    comment paragraphs, in a fixed order (files sorted by path), so the corpus is the same on
+    every run of the same Python."""
+    import pydoc_data.topics
+
+    for name in sorted(pydoc_data.topics.topics):
+        yield {"text": pydoc_data.topics.topics[name], "source": f"pydoc_data.topics:{name}"}
+
+    root = Path(stdlib or sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in _SKIP_TOP:
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few files are deliberately broken test fixtures
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and _is_prose(doc):
+                    yield {"text": doc, "source": f"{rel}:{getattr(node, 'name', '<module>')}"}
+        for para in _comment_paragraphs(source):
+            if _is_prose(para):
+                yield {"text": para, "source": f"{rel}:#"}
+
+
+def write_corpus(out: Path, min_bytes: int) -> dict:
+    """Write the demo corpus as one gzipped JSON-lines file (byte-identical across runs)."""
+    count = size = 0
+    with atomic_path(out) as tmp:
+        # mtime=0 and no file name in the gzip header keep the bytes deterministic.
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+            text = io.TextIOWrapper(gz, encoding="utf-8")
+            for doc in harvest_documents():
+                line = json.dumps(doc, ensure_ascii=False)
+                text.write(line + "\n")
+                count += 1
+                size += len(doc["text"].encode())
+            text.flush()
+            text.detach()
+        if size < min_bytes:
+            from .errors import LoupeError
+
+            raise LoupeError(
+                f"demo corpus: harvested only {size:,} bytes of prose, need {min_bytes:,}"
+            )
+    log.info("demo corpus: %d documents, %.1f MB of text -> %s", count, size / 1e6, out)
+    return {"documents": count, "bytes": size}
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Size of the demo model: the real Gemma 4 layout (sliding and full attention, shared KV,
+    per-layer inputs), shrunk to run on a laptop CPU in seconds."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 6
+    num_kv_shared_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 32
+    global_head_dim: int = 64
+    hidden_size_per_layer_input: int = 16
+    sliding_window: int = 32
+    max_position_embeddings: int = 4096
+    full_attention_every: int = 3
+    seed: int = 0
+
+    def layer_types(self) -> list[str]:
+        every = self.full_attention_every
+        return [
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention"
+            for i in range(self.num_hidden_layers)
+        ]
+
+
+def _texts(corpus: Path) -> Iterator[str]:
+    with gzip.open(corpus, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
+def train_tokenizer(corpus: Path, vocab_size: int):
+    """A byte-level BPE tokenizer trained on the corpus, with Gemma's special ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,  # ids 0..3 in this order: pad, eos, bos, unk
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_texts(corpus), trainer=trainer)
+    assert [tok.token_to_id(s) for s in SPECIALS[:3]] == [PAD_ID, EOS_ID, BOS_ID]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=1 << 20,
+    )
+
+
+def tiny_gemma4_config(spec: TinyModelSpec):
+    from transformers import Gemma4Config
+
+    text = dict(
+        vocab_size=spec.vocab_size,
+        vocab_size_per_layer_input=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_kv_shared_layers=spec.num_kv_shared_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        global_head_dim=spec.global_head_dim,
+        hidden_size_per_layer_input=spec.hidden_size_per_layer_input,
+        sliding_window=spec.sliding_window,
+        max_position_embeddings=spec.max_position_embeddings,
+        layer_types=spec.layer_types(),
+        final_logit_softcapping=30.0,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    return Gemma4Config(text_config=text, vision_config=None, audio_config=None)
+
+
+def build_tiny_model(out_dir: Path, corpus: Path, spec: TinyModelSpec) -> None:
+    """Save a random tiny Gemma 4 model and its tokenizer like a hub checkpoint."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    torch.manual_seed(spec.seed)
+    tokenizer = train_tokenizer(corpus, spec.vocab_size)
+    model = Gemma4ForConditionalGeneration(tiny_gemma4_config(spec))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("demo model: %s parameters, layers %s -> %s", f"{n:,}", spec.layer_types(), out_dir)
+
+
+def tokenizer_sample(tokenizer, text: str) -> list[str]:
+    """Token strings of `text`, for logs and tests."""
+    return [re.sub(r"\s", "_", t) for t in tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)]

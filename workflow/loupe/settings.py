@@ -1,0 +1,30 @@
+"""Typed views of the config sections a stage receives (as the JSON its rule passes)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from .tokens import DatasetSpec, TokenSpec
+
+
+def _pick(cls, section: dict):
+    """Build a dataclass from the keys it knows; the schema has already rejected the rest."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in section.items() if k in names})
+
+
+def dataset_spec(settings: dict) -> DatasetSpec:
+    return _pick(DatasetSpec, settings["dataset"])
+
+
+def token_spec(settings: dict) -> TokenSpec:
+    return _pick(TokenSpec, settings["tokens"])
+
+
+def tokenizer_name(settings: dict) -> str:
+    model = settings["model"]
+    return model.get("tokenizer") or model["name"]
+
+
+def hookpoint(settings: dict, layer: int) -> str:
+    return settings["model"]["hookpoint"].format(layer=layer)

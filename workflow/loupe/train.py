@@ -1,0 +1,256 @@
+"""Training one layer's SAE with sparsify's own Trainer, with a local metrics record and
+resume from the last checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LoupeError
+from .io import atomic_path, write_json
+from .model import import_sparsify, load_text_model, resolve_device, truncate_after
+from .settings import hookpoint as hookpoint_of
+from .tokens import open_split
+
+log = logging.getLogger(__name__)
+
+# TrainConfig fields taken from config `train:`; the rest there are loupe's own.
+_TRAIN_FIELDS = (
+    "batch_size", "grad_acc_steps", "micro_acc_steps", "optimizer", "lr", "lr_warmup_steps",
+    "auxk_alpha", "dead_feature_threshold", "exclude_tokens", "init_seeds", "save_every",
+    "log_to_wandb",
+)
+
+
+class ShuffledRows(torch.utils.data.Dataset):
+    """Rows of a memory-mapped token split in a seeded random order; never loaded whole."""
+
+    def __init__(self, tokens: np.ndarray, seed: int, order: np.ndarray | None = None):
+        self.tokens = tokens
+        self.order = np.random.default_rng(seed).permutation(len(tokens)) if order is None else order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": torch.from_numpy(self.tokens[self.order[i]].astype(np.int64))}
+
+    def select(self, rows: range) -> ShuffledRows:
+        """Rows `rows` of this order (sparsify skips consumed batches with this on resume)."""
+        return ShuffledRows(self.tokens, 0, self.order[rows.start : rows.stop])
+
+
+def train_config(settings: dict, layer: int, checkpoint_dir: Path):
+    sparsify = import_sparsify()
+    sae = sparsify.SparseCoderConfig(**settings["sae"])
+    train = {k: v for k, v in settings["train"].items() if k in _TRAIN_FIELDS}
+    return sparsify.TrainConfig(
+        sae=sae,
+        hookpoints=[hookpoint_of(settings, layer)],
+        save_dir=str(checkpoint_dir.parent),
+        run_name=checkpoint_dir.name,
+        **train,
+    )
+
+
+def _make_trainer_class():
+    sparsify = import_sparsify()
+
+    class ResumableTrainer(sparsify.Trainer):
+        """sparsify's Trainer, saving the step count a resume must start from.
+
+        In-loop checkpoints are written before `global_step` counts the batch just used, so
+        sparsify 1.3.3 would replay that batch on resume; the final save comes after the
+        increment. Saving the true count keeps a resumed run on exactly the same batches."""
+
+        def save(self):
+            in_loop = self.global_step < len(self.dataset) // self.cfg.batch_size
+            self.global_step += in_loop
+            try:
+                super().save()
+            finally:
+                self.global_step -= in_loop
+
+    return ResumableTrainer
+
+
+@dataclass
+class MetricsRecorder:
+    """Builds train_metrics.jsonl from the SAE's own forward outputs and optimizer steps:
+    sparsify 1.3.3 computes these only when logging to wandb."""
+
+    path: Path
+    log_every: int
+    tokens_per_batch: int
+    grad_acc_steps: int
+    dead_threshold: int
+    sums: dict = field(default_factory=lambda: {"fvu": 0.0, "multi_topk_fvu": 0.0, "auxk_loss": 0.0})
+    count: int = 0
+    last: dict = field(default_factory=dict)
+    _t0: float = field(default_factory=time.perf_counter)
+    _tokens0: int = 0
+
+    def on_forward(self, _module, _inputs, out) -> None:
+        self.sums["fvu"] += out.fvu.item()
+        self.sums["multi_topk_fvu"] += out.multi_topk_fvu.item()
+        self.sums["auxk_loss"] += out.auxk_loss.item()
+        self.count += 1
+
+    def on_step(self, trainer, optimizer) -> None:
+        # Called after optimizer.step(), before the trainer counts the batch just used.
+        step = (trainer.global_step + 1) // self.grad_acc_steps
+        if step % self.log_every or not self.count:
+            return
+        tokens = (trainer.global_step + 1) * self.tokens_per_batch
+        now = time.perf_counter()
+        since_fired = next(iter(trainer.num_tokens_since_fired.values()))
+        row = {
+            "step": step,
+            "tokens": tokens,
+            **{k: v / self.count for k, v in self.sums.items()},
+            "dead_fraction": float((since_fired > self.dead_threshold).float().mean()),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "tokens_per_s": (tokens - self._tokens0) / max(now - self._t0, 1e-9),
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.last = row
+        self.sums = dict.fromkeys(self.sums, 0.0)
+        self.count = 0
+        self._t0, self._tokens0 = now, tokens
+
+    def start_at(self, tokens: int, step: int) -> None:
+        """Forget lines past the checkpoint we resume from; they will be logged again."""
+        self._tokens0 = tokens
+        if not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        self.last = json.loads(lines[-1]) if lines else {}
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _fingerprint(settings: dict, layer: int, tokens_path: Path) -> str:
+    """What a checkpoint must match to be resumed: settings, layer and the token split."""
+    stat = tokens_path.stat()
+    blob = json.dumps([settings, layer, str(tokens_path.resolve()), stat.st_size], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> bool:
+    """True if checkpoint_dir holds a resumable checkpoint of this exact run."""
+    stamp = checkpoint_dir / "loupe_fingerprint"
+    if (checkpoint_dir / "state.pt").exists() and stamp.exists() and stamp.read_text() == fingerprint:
+        return True
+    if checkpoint_dir.exists():
+        log.info("discarding checkpoint %s: it belongs to other settings", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True)
+    stamp.write_text(fingerprint)
+    return False
+
+
+def train_layer(
+    settings: dict,
+    layer: int,
+    tokens_path: Path,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    threads: int = 1,
+) -> dict:
+    """Train layer `layer`'s SAE; writes sae.safetensors, cfg.json, train_metrics.jsonl."""
+    if layer not in settings["model"]["layers"]:
+        raise LoupeError(f"layer {layer} is not in model.layers {settings['model']['layers']}")
+    device = resolve_device(settings["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, threads))
+    tokens = open_split(tokens_path)
+    hookpoint = hookpoint_of(settings, layer)
+    train = settings["train"]
+    cfg = train_config(settings, layer, checkpoint_dir)
+    model = load_text_model(settings["model"]["name"], device, settings["model"].get("revision"))
+    kept = truncate_after(model, hookpoint)
+    log.info("layer %d: hookpoint %s, running %d decoder layers on %s", layer, hookpoint, kept, device)
+    if max(cfg.exclude_tokens, default=-1) >= (vocab := model.get_input_embeddings().num_embeddings):
+        raise LoupeError(f"train.exclude_tokens {cfg.exclude_tokens} outside the vocabulary ({vocab})")
+
+    dataset = ShuffledRows(tokens, train.get("shuffle_seed", 0))
+    if len(dataset) < cfg.batch_size:
+        raise LoupeError(f"training split has {len(dataset)} rows, fewer than batch_size {cfg.batch_size}")
+    resume = _prepare_checkpoint_dir(checkpoint_dir, _fingerprint(settings, layer, tokens_path))
+    trainer = _make_trainer_class()(cfg, dataset, model)
+
+    recorder = MetricsRecorder(
+        path=checkpoint_dir / "train_metrics.jsonl",
+        log_every=train.get("log_every", 10),
+        tokens_per_batch=cfg.batch_size * tokens.shape[1],
+        grad_acc_steps=cfg.grad_acc_steps,
+        dead_threshold=cfg.dead_feature_threshold,
+    )
+    if resume:
+        trainer.load_state(str(checkpoint_dir))
+        log.info("resumed layer %d at batch %d from %s", layer, trainer.global_step, checkpoint_dir)
+        recorder.start_at(trainer.global_step * recorder.tokens_per_batch, trainer.global_step // cfg.grad_acc_steps)
+    elif recorder.path.exists():
+        recorder.path.unlink()
+    start_batch = trainer.global_step
+
+    sae = trainer.saes[hookpoint]
+    sae.register_forward_hook(recorder.on_forward)
+    for opt in trainer.optimizers[:1]:
+        step = opt.step
+
+        def step_and_record(*args, _step=step, _opt=opt, **kwargs):
+            result = _step(*args, **kwargs)
+            recorder.on_step(trainer, _opt)
+            return result
+
+        opt.step = step_and_record
+
+    t0 = time.perf_counter()
+    trainer.fit()
+    elapsed = time.perf_counter() - t0
+
+    # sparsify's final save holds the ScheduleFree-averaged weights: publish those files.
+    saved = checkpoint_dir / hookpoint
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, src in (
+        ("cfg.json", saved / "cfg.json"),
+        ("train_metrics.jsonl", recorder.path),
+        ("sae.safetensors", saved / "sae.safetensors"),  # last: the rule's main target
+    ):
+        with atomic_path(out_dir / name) as tmp:
+            shutil.copyfile(src, tmp)
+
+    batches = trainer.global_step
+    summary = {
+        "layer": layer,
+        "hookpoint": hookpoint,
+        "device": str(device),
+        "batches": batches,
+        "tokens": batches * recorder.tokens_per_batch,
+        "resumed_from_batch": start_batch,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": (batches - start_batch) * recorder.tokens_per_batch / max(elapsed, 1e-9),
+        "final_fvu": recorder.last.get("fvu"),
+        "dead_fraction": recorder.last.get("dead_fraction"),
+    }
+    write_json(checkpoint_dir / "summary.json", summary)
+    log.info(
+        "trained layer %d: %s tokens in %.1fs (%.0f tokens/s), final fvu %s, dead fraction %s",
+        layer, f"{summary['tokens']:,}", elapsed, summary["tokens_per_s"],
+        _fmt(summary["final_fvu"]), _fmt(summary["dead_fraction"]),
+    )
+    return summary
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

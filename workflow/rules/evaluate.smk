@@ -1,0 +1,1 @@
+# Stage 'evaluate': rules are added by its issue.

@@ -1,0 +1,1 @@
+# Stage 'maxact': rules are added by its issue.

@@ -1,0 +1,1 @@
+# Stage 'publish': rules are added by its issue.

@@ -1,0 +1,1 @@
+# Stage 'summary': rules are added by its issue.
