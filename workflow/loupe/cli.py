@@ -48,7 +48,11 @@ def _log_to(path: Path | None):
     path.parent.mkdir(parents=True, exist_ok=True)
     # Bars from libraries too (sparsify's Trainer): redraw rarely in a file.
     os.environ.setdefault("TQDM_MININTERVAL", "10")
-    with open(path, "a", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    with (
+        open(path, "a", buffering=1) as f,
+        contextlib.redirect_stdout(f),
+        contextlib.redirect_stderr(f),
+    ):
         yield
 
 

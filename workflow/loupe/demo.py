@@ -8,7 +8,6 @@ import gzip
 import io
 import json
 import logging
-import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,7 +82,10 @@ def write_corpus(out: Path, min_bytes: int) -> dict:
     count = size = 0
     with atomic_path(out) as tmp:
         # mtime=0 and no file name in the gzip header keep the bytes deterministic.
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+        ):
             text = io.TextIOWrapper(gz, encoding="utf-8")
             for doc in harvest_documents():
                 line = json.dumps(doc, ensure_ascii=False)
@@ -201,8 +203,3 @@ def build_tiny_model(out_dir: Path, corpus: Path, spec: TinyModelSpec) -> None:
         tokenizer.save_pretrained(tmp)
     n = sum(p.numel() for p in model.parameters())
     log.info("demo model: %s parameters, layers %s -> %s", f"{n:,}", spec.layer_types(), out_dir)
-
-
-def tokenizer_sample(tokenizer, text: str) -> list[str]:
-    """Token strings of `text`, for logs and tests."""
-    return [re.sub(r"\s", "_", t) for t in tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)]

@@ -15,9 +15,7 @@ def _model_args(p):
     add_paths(p, "corpus", "out")
 
 
-corpus = SimpleNamespace(
-    add_arguments=_corpus_args, run=lambda a: write_corpus(a.out, a.min_bytes)
-)
+corpus = SimpleNamespace(add_arguments=_corpus_args, run=lambda a: write_corpus(a.out, a.min_bytes))
 model = SimpleNamespace(
     add_arguments=_model_args, run=lambda a: build_tiny_model(a.out, a.corpus, TinyModelSpec())
 )

@@ -14,7 +14,13 @@ from .errors import LoupeError
 log = logging.getLogger(__name__)
 
 # Non-text towers of multimodal checkpoints (Gemma 4): dropped, never computed or kept.
-_NON_TEXT_MODULES = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "multi_modal_projector")
+_NON_TEXT_MODULES = (
+    "vision_tower",
+    "audio_tower",
+    "embed_vision",
+    "embed_audio",
+    "multi_modal_projector",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -24,7 +30,9 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise LoupeError(f"device {name!r} requested but no CUDA GPU is available (use device: auto or cpu)")
+            raise LoupeError(
+                f"device {name!r} requested but no CUDA GPU is available (use device: auto or cpu)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise LoupeError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) present")
     return device
@@ -55,7 +63,10 @@ def load_text_model(name: str, device: torch.device, revision: str | None = None
     for attr in _NON_TEXT_MODULES:
         if isinstance(getattr(model, attr, None), nn.Module):
             setattr(model, attr, None)
-    for cfg in {id(model.config): model.config, id(text_config(model)): text_config(model)}.values():
+    for cfg in {
+        id(model.config): model.config,
+        id(text_config(model)): text_config(model),
+    }.values():
         cfg.use_cache = False  # a KV cache is pure overhead for single full-sequence passes
     model.requires_grad_(False)
     return model.eval().to(device)
@@ -99,7 +110,9 @@ def truncate_after(model, hookpoint: str) -> int:
     parent_name, _, index = hookpoint.rpartition(".")
     parent = model.base_model.get_submodule(parent_name) if parent_name else None
     if not isinstance(parent, nn.ModuleList) or not index.isdigit():
-        log.warning("hookpoint %s is not an item of a layer list: running the full model", hookpoint)
+        log.warning(
+            "hookpoint %s is not an item of a layer list: running the full model", hookpoint
+        )
         return -1
     keep = int(index) + 1
     model.base_model.set_submodule(parent_name, nn.ModuleList(list(parent)[:keep]))

@@ -89,7 +89,9 @@ def resolve_source(spec: DatasetSpec) -> tuple[str, dict]:
         path = Path(spec.path).expanduser()
         if not path.exists():
             raise LoupeError(f"dataset path not found: {spec.path}")
-        files = sorted(p for p in path.rglob("*") if _builder_for(p.name)) if path.is_dir() else [path]
+        files = (
+            sorted(p for p in path.rglob("*") if _builder_for(p.name)) if path.is_dir() else [path]
+        )
         builders = {_builder_for(p.name) for p in files}
         if not files or None in builders:
             raise LoupeError(
@@ -119,7 +121,9 @@ def iter_texts(spec: DatasetSpec, seed: int, shuffle_buffer: int) -> Iterator[st
                 f"text column {column!r} not in dataset {spec.path!r} (columns: {sorted(record)})"
             )
         if i == 0 and not isinstance(record[column], str):
-            raise LoupeError(f"text column {column!r} holds {type(record[column]).__name__}, not text")
+            raise LoupeError(
+                f"text column {column!r} holds {type(record[column]).__name__}, not text"
+            )
         yield record[column]
 
 
@@ -252,7 +256,10 @@ def tokenize(
     write_json(out_dir / "manifest.json", manifest)
     log.info(
         "tokenized %s documents into %s rows (%s tokens) in %.1fs: %.0f tokens/s",
-        f"{docs:,}", f"{total_rows:,}", f"{total_rows * spec.ctx_len:,}", elapsed,
+        f"{docs:,}",
+        f"{total_rows:,}",
+        f"{total_rows * spec.ctx_len:,}",
+        elapsed,
         tokens_seen / max(elapsed, 1e-9),
     )
     return manifest

@@ -24,8 +24,17 @@ log = logging.getLogger(__name__)
 
 # TrainConfig fields taken from config `train:`; the rest there are loupe's own.
 _TRAIN_FIELDS = (
-    "batch_size", "grad_acc_steps", "micro_acc_steps", "optimizer", "lr", "lr_warmup_steps",
-    "auxk_alpha", "dead_feature_threshold", "exclude_tokens", "init_seeds", "save_every",
+    "batch_size",
+    "grad_acc_steps",
+    "micro_acc_steps",
+    "optimizer",
+    "lr",
+    "lr_warmup_steps",
+    "auxk_alpha",
+    "dead_feature_threshold",
+    "exclude_tokens",
+    "init_seeds",
+    "save_every",
     "log_to_wandb",
 )
 
@@ -35,7 +44,9 @@ class ShuffledRows(torch.utils.data.Dataset):
 
     def __init__(self, tokens: np.ndarray, seed: int, order: np.ndarray | None = None):
         self.tokens = tokens
-        self.order = np.random.default_rng(seed).permutation(len(tokens)) if order is None else order
+        self.order = (
+            np.random.default_rng(seed).permutation(len(tokens)) if order is None else order
+        )
 
     def __len__(self) -> int:
         return len(self.order)
@@ -92,7 +103,9 @@ class MetricsRecorder:
     tokens_per_batch: int
     grad_acc_steps: int
     dead_threshold: int
-    sums: dict = field(default_factory=lambda: {"fvu": 0.0, "multi_topk_fvu": 0.0, "auxk_loss": 0.0})
+    sums: dict = field(
+        default_factory=lambda: {"fvu": 0.0, "multi_topk_fvu": 0.0, "auxk_loss": 0.0}
+    )
     count: int = 0
     last: dict = field(default_factory=dict)
     _t0: float = field(default_factory=time.perf_counter)
@@ -148,7 +161,11 @@ def _fingerprint(settings: dict, layer: int, tokens_path: Path) -> str:
 def _prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> bool:
     """True if checkpoint_dir holds a resumable checkpoint of this exact run."""
     stamp = checkpoint_dir / "loupe_fingerprint"
-    if (checkpoint_dir / "state.pt").exists() and stamp.exists() and stamp.read_text() == fingerprint:
+    if (
+        (checkpoint_dir / "state.pt").exists()
+        and stamp.exists()
+        and stamp.read_text() == fingerprint
+    ):
         return True
     if checkpoint_dir.exists():
         log.info("discarding checkpoint %s: it belongs to other settings", checkpoint_dir)
@@ -178,13 +195,21 @@ def train_layer(
     cfg = train_config(settings, layer, checkpoint_dir)
     model = load_text_model(settings["model"]["name"], device, settings["model"].get("revision"))
     kept = truncate_after(model, hookpoint)
-    log.info("layer %d: hookpoint %s, running %d decoder layers on %s", layer, hookpoint, kept, device)
-    if max(cfg.exclude_tokens, default=-1) >= (vocab := model.get_input_embeddings().num_embeddings):
-        raise LoupeError(f"train.exclude_tokens {cfg.exclude_tokens} outside the vocabulary ({vocab})")
+    log.info(
+        "layer %d: hookpoint %s, running %d decoder layers on %s", layer, hookpoint, kept, device
+    )
+    if max(cfg.exclude_tokens, default=-1) >= (
+        vocab := model.get_input_embeddings().num_embeddings
+    ):
+        raise LoupeError(
+            f"train.exclude_tokens {cfg.exclude_tokens} outside the vocabulary ({vocab})"
+        )
 
     dataset = ShuffledRows(tokens, train.get("shuffle_seed", 0))
     if len(dataset) < cfg.batch_size:
-        raise LoupeError(f"training split has {len(dataset)} rows, fewer than batch_size {cfg.batch_size}")
+        raise LoupeError(
+            f"training split has {len(dataset)} rows, fewer than batch_size {cfg.batch_size}"
+        )
     resume = _prepare_checkpoint_dir(checkpoint_dir, _fingerprint(settings, layer, tokens_path))
     trainer = _make_trainer_class()(cfg, dataset, model)
 
@@ -198,7 +223,10 @@ def train_layer(
     if resume:
         trainer.load_state(str(checkpoint_dir))
         log.info("resumed layer %d at batch %d from %s", layer, trainer.global_step, checkpoint_dir)
-        recorder.start_at(trainer.global_step * recorder.tokens_per_batch, trainer.global_step // cfg.grad_acc_steps)
+        recorder.start_at(
+            trainer.global_step * recorder.tokens_per_batch,
+            trainer.global_step // cfg.grad_acc_steps,
+        )
     elif recorder.path.exists():
         recorder.path.unlink()
     start_batch = trainer.global_step
@@ -246,8 +274,12 @@ def train_layer(
     write_json(checkpoint_dir / "summary.json", summary)
     log.info(
         "trained layer %d: %s tokens in %.1fs (%.0f tokens/s), final fvu %s, dead fraction %s",
-        layer, f"{summary['tokens']:,}", elapsed, summary["tokens_per_s"],
-        _fmt(summary["final_fvu"]), _fmt(summary["dead_fraction"]),
+        layer,
+        f"{summary['tokens']:,}",
+        elapsed,
+        summary["tokens_per_s"],
+        _fmt(summary["final_fvu"]),
+        _fmt(summary["dead_fraction"]),
     )
     return summary
 
