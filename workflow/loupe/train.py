@@ -74,13 +74,16 @@ def train_config(settings: dict, layer: int, checkpoint_dir: Path):
 
 def _make_trainer_class():
     sparsify = import_sparsify()
+    from schedulefree import ScheduleFreeWrapper
 
     class ResumableTrainer(sparsify.Trainer):
-        """sparsify's Trainer, saving the step count a resume must start from.
+        """sparsify's Trainer with an exact resume (two fixes to 1.3.3's checkpoints).
 
         In-loop checkpoints are written before `global_step` counts the batch just used, so
-        sparsify 1.3.3 would replay that batch on resume; the final save comes after the
-        increment. Saving the true count keeps a resumed run on exactly the same batches."""
+        1.3.3 would replay that batch on resume; the final save comes after the increment.
+        Saving the true count keeps a resumed run on exactly the same batches."""
+
+        on_save: tuple = ()  # callbacks that save loupe's own state beside each checkpoint
 
         def save(self):
             in_loop = self.global_step < len(self.dataset) // self.cfg.batch_size
@@ -89,6 +92,19 @@ def _make_trainer_class():
                 super().save()
             finally:
                 self.global_step -= in_loop
+            for callback in self.on_save:
+                callback()
+
+        def load_state(self, path: str):
+            # Checkpoints hold ScheduleFree's eval-mode weights (the average x), but 1.3.3
+            # loads them into a wrapper in train mode, so training would go on from x instead
+            # of y = lerp(x, z). Mark the wrappers as in eval mode; train() then restores y.
+            schedule_free = [o for o in self.optimizers if isinstance(o, ScheduleFreeWrapper)]
+            for opt in schedule_free:
+                opt.train_mode = False
+            super().load_state(path)
+            for opt in schedule_free:
+                opt.train()
 
     return ResumableTrainer
 
@@ -107,27 +123,33 @@ class MetricsRecorder:
         default_factory=lambda: {"fvu": 0.0, "multi_topk_fvu": 0.0, "auxk_loss": 0.0}
     )
     count: int = 0
+    trained_tokens: int = 0  # activations the SAE saw: excluded tokens (BOS) never count
     last: dict = field(default_factory=dict)
     _t0: float = field(default_factory=time.perf_counter)
     _tokens0: int = 0
 
-    def on_forward(self, _module, _inputs, out) -> None:
+    def on_forward(self, _module, args, kwargs, out) -> None:
+        x = kwargs.get("x", args[0] if args else None)
+        self.trained_tokens += 0 if x is None else x.shape[0]
         self.sums["fvu"] += out.fvu.item()
         self.sums["multi_topk_fvu"] += out.multi_topk_fvu.item()
         self.sums["auxk_loss"] += out.auxk_loss.item()
         self.count += 1
 
-    def on_step(self, trainer, optimizer) -> None:
-        # Called after optimizer.step(), before the trainer counts the batch just used.
-        step = (trainer.global_step + 1) // self.grad_acc_steps
-        if step % self.log_every or not self.count:
+    def on_step(self, trainer, optimizer, final: bool = False) -> None:
+        # Called after optimizer.step(), before the trainer counts the batch just used;
+        # `final` after fit(), when global_step already counts every batch.
+        batches = trainer.global_step + (not final)
+        step = batches // self.grad_acc_steps
+        if not self.count or (step % self.log_every and not final):
             return
-        tokens = (trainer.global_step + 1) * self.tokens_per_batch
+        tokens = batches * self.tokens_per_batch
         now = time.perf_counter()
         since_fired = next(iter(trainer.num_tokens_since_fired.values()))
         row = {
             "step": step,
             "tokens": tokens,
+            "trained_tokens": self.trained_tokens,
             **{k: v / self.count for k, v in self.sums.items()},
             "dead_fraction": float((since_fired > self.dead_threshold).float().mean()),
             "lr": float(optimizer.param_groups[0]["lr"]),
@@ -140,9 +162,17 @@ class MetricsRecorder:
         self.count = 0
         self._t0, self._tokens0 = now, tokens
 
+    def save_state(self) -> None:
+        write_json(
+            self.path.with_name("recorder_state.json"), {"trained_tokens": self.trained_tokens}
+        )
+
     def start_at(self, tokens: int, step: int) -> None:
-        """Forget lines past the checkpoint we resume from; they will be logged again."""
+        """Resume: restore counters and forget lines past the checkpoint (logged again)."""
         self._tokens0 = tokens
+        state = self.path.with_name("recorder_state.json")
+        if state.exists():
+            self.trained_tokens = json.loads(state.read_text())["trained_tokens"]
         if not self.path.exists():
             return
         lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
@@ -220,6 +250,7 @@ def train_layer(
         grad_acc_steps=cfg.grad_acc_steps,
         dead_threshold=cfg.dead_feature_threshold,
     )
+    trainer.on_save = (recorder.save_state,)
     if resume:
         trainer.load_state(str(checkpoint_dir))
         log.info("resumed layer %d at batch %d from %s", layer, trainer.global_step, checkpoint_dir)
@@ -232,7 +263,7 @@ def train_layer(
     start_batch = trainer.global_step
 
     sae = trainer.saes[hookpoint]
-    sae.register_forward_hook(recorder.on_forward)
+    sae.register_forward_hook(recorder.on_forward, with_kwargs=True)
     for opt in trainer.optimizers[:1]:
         step = opt.step
 
@@ -243,9 +274,11 @@ def train_layer(
 
         opt.step = step_and_record
 
+    recorder.path.touch()
     t0 = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - t0
+    recorder.on_step(trainer, trainer.optimizers[0], final=True)  # the last step, if unlogged
 
     # sparsify's final save holds the ScheduleFree-averaged weights: publish those files.
     saved = checkpoint_dir / hookpoint
