@@ -6,6 +6,13 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    layer=r"\d+",
+
+
+
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"

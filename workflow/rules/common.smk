@@ -12,11 +12,18 @@ def _validate_config():
     try:
         validate(config, workflow.source_path("../schemas/config.schema.yaml"))
     except WorkflowError as e:
-        cause = next((a for a in e.args if hasattr(a, "absolute_path")), None)
-        if cause is None:
+        cause = e.__context__  # the jsonschema ValidationError that validate() caught
+        if not hasattr(cause, "absolute_path"):
             raise
-        key = "/".join(str(p) for p in cause.absolute_path) or "(top level)"
-        raise WorkflowError(f"config error at {key}: {cause.message}") from None
+        key = "/".join(str(p) for p in cause.absolute_path)
+        if cause.validator == "additionalProperties":
+            known = cause.schema.get("properties", {})
+            unknown = sorted(set(cause.instance) - set(known))
+            raise WorkflowError(
+                f"config error: unknown key {'/'.join(filter(None, [key, unknown[0]]))}"
+                f" (known keys here: {', '.join(known)})"
+            ) from None
+        raise WorkflowError(f"config error at {key or '(top level)'}: {cause.message}") from None
 
 
 _validate_config()
@@ -27,12 +34,9 @@ LAYER_DIR = "results/layer_{layer}"
 ENV = "../../envs/loupe.yaml"
 LOUPE = "python -m loupe"
 
-wildcard_constraints:
-    layer=r"\d+",
-
 
 def settings(*sections):
-    """Config sections a rule depends on, as one JSON string: its params, so Snakemake
+    """The config sections a step depends on, as one JSON string (its params), so Snakemake
     reruns the rule exactly when one of them changes. A function, so the hookpoint
     template's `{layer}` is not taken for a wildcard."""
     text = json.dumps({s: config.get(s) for s in sections}, sort_keys=True)

@@ -13,7 +13,7 @@ if config.get("demo"):
         conda:
             ENV
         shell:
-            "{LOUPE} --log {log} demo-corpus --out {output.corpus} --min-bytes {params.min_bytes}"
+            "python -m loupe --log {log} demo-corpus --out {output.corpus} --min-bytes {params.min_bytes}"
 
     rule demo_model:
         input:
@@ -25,4 +25,4 @@ if config.get("demo"):
         conda:
             ENV
         shell:
-            "{LOUPE} --log {log} demo-model --corpus {input.corpus} --out {output.model}"
+            "python -m loupe --log {log} demo-model --corpus {input.corpus} --out {output.model}"

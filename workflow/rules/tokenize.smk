@@ -9,6 +9,7 @@ rule tokenize:
         manifest=f"{TOKENS}/manifest.json",
     params:
         settings=settings("model", "dataset", "tokens"),
+        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     log:
         f"{TOKENS}/tokenize.log",
     threads: 4
@@ -18,5 +19,5 @@ rule tokenize:
     conda:
         ENV
     shell:
-        "{LOUPE} --log {log} tokenize --settings {params.settings:q} --threads {threads}"
-        " --out-dir {TOKENS}"
+        "python -m loupe --log {log} tokenize --settings {params.settings:q} --threads {threads}"
+        " --out-dir {params.out_dir}"

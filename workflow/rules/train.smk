@@ -22,7 +22,7 @@ rule train:
     conda:
         ENV
     shell:
-        "{LOUPE} --log {log} train --settings {params.settings:q} --threads {threads}"
+        "python -m loupe --log {log} train --settings {params.settings:q} --threads {threads}"
         " --layer {params.layer} --tokens {input.tokens} --out-dir {params.out_dir}"
         " --checkpoint-dir {params.checkpoints}"
 
