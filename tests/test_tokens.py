@@ -180,3 +180,29 @@ def test_cli_prints_one_line_for_bad_input(tmp_path, settings):
     ]
     assert "Traceback" not in log.read_text()
     assert not (tmp_path / "t" / "train.npy").exists()
+
+
+def test_redpajama_code_path_on_local_json_gz(tmp_path, settings, small_corpus):
+    """The real config reads RedPajama v2 through the json builder over data_files globs,
+    text in `raw_content`: the same path on local files."""
+    for part in ("head", "middle"):
+        folder = tmp_path / "documents" / "2023-06" / f"000{part[0]}"
+        folder.mkdir(parents=True)
+        with (
+            gzip.open(small_corpus, "rt") as src,
+            gzip.open(folder / f"en_{part}.json.gz", "wt") as dst,
+        ):
+            for i, line in enumerate(src):
+                if i % 2 == (part == "middle"):
+                    dst.write(
+                        json.dumps({"raw_content": json.loads(line)["text"], "doc_id": i}) + "\n"
+                    )
+    ds = DatasetSpec(
+        path="json",
+        data_files=[str(tmp_path / f"documents/*/*/en_{p}.json.gz") for p in ("head", "middle")],
+        text_column="raw_content",
+    )
+    spec = TokenSpec(ctx_len=64, train_tokens=8192, sample_tokens=2048, eval_tokens=2048)
+    manifest = tokenize(ds, spec, tokenizer_name(settings), tmp_path / "tokens")
+    assert manifest["rows"] == {"train": 128, "sample": 32, "eval": 32}
+    assert manifest["dataset"]["data_files"] == ds.data_files

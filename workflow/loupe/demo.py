@@ -77,7 +77,7 @@ def harvest_documents(stdlib: Path | None = None) -> Iterator[dict]:
                 yield {"text": para, "source": f"{rel}:#"}
 
 
-def write_corpus(out: Path, min_bytes: int) -> dict:
+def write_corpus(out: Path, min_bytes: int, stdlib: Path | None = None) -> dict:
     """Write the demo corpus as one gzipped JSON-lines file (byte-identical across runs)."""
     count = size = 0
     with atomic_path(out) as tmp:
@@ -87,7 +87,7 @@ def write_corpus(out: Path, min_bytes: int) -> dict:
             gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
         ):
             text = io.TextIOWrapper(gz, encoding="utf-8")
-            for doc in harvest_documents():
+            for doc in harvest_documents(stdlib):
                 line = json.dumps(doc, ensure_ascii=False)
                 text.write(line + "\n")
                 count += 1
