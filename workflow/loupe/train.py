@@ -131,9 +131,9 @@ class MetricsRecorder:
     def on_forward(self, _module, args, kwargs, out) -> None:
         x = kwargs.get("x", args[0] if args else None)
         self.trained_tokens += 0 if x is None else x.shape[0]
-        self.sums["fvu"] += out.fvu.item()
-        self.sums["multi_topk_fvu"] += out.multi_topk_fvu.item()
-        self.sums["auxk_loss"] += out.auxk_loss.item()
+        # Detached tensors: summing on the device avoids a GPU sync per micro-batch.
+        for key in self.sums:
+            self.sums[key] = self.sums[key] + getattr(out, key).detach()
         self.count += 1
 
     def on_step(self, trainer, optimizer, final: bool = False) -> None:
@@ -150,7 +150,7 @@ class MetricsRecorder:
             "step": step,
             "tokens": tokens,
             "trained_tokens": self.trained_tokens,
-            **{k: v / self.count for k, v in self.sums.items()},
+            **{k: float(v) / self.count for k, v in self.sums.items()},
             "dead_fraction": float((since_fired > self.dead_threshold).float().mean()),
             "lr": float(optimizer.param_groups[0]["lr"]),
             "tokens_per_s": (tokens - self._tokens0) / max(now - self._t0, 1e-9),
