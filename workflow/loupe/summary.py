@@ -1,0 +1,285 @@
+"""The suite at a glance: one CSV row per layer from the eval.json files, and PNG plots of the
+per-layer metrics, the feature-density histograms and the training curves.
+
+Figures are built with matplotlib's object API (`Figure`, no pyplot): no interactive backend,
+no global state, and the Agg canvas renders PNGs on a machine without a display."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LoupeError
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+# metrics.csv columns, in order: eval.json metrics, then the training run's final line.
+EVAL_COLUMNS = (
+    "layer",
+    "hookpoint",
+    "tokens",
+    "fvu",
+    "explained_variance",
+    "cosine",
+    "l0",
+    "k",
+    "num_latents",
+    "dead_fraction",
+    "dense_fraction",
+    "ce_loss_clean",
+    "ce_loss_spliced",
+    "delta_ce",
+    "ce_loss_zero_ablation",
+    "ce_loss_score",
+    "kl",
+    "kl_zero_ablation",
+)
+TRAIN_COLUMNS = ("train_tokens", "train_fvu")
+COLUMNS = EVAL_COLUMNS + TRAIN_COLUMNS
+
+
+@dataclass
+class LayerRecord:
+    """Everything the summary knows about one layer."""
+
+    layer: int
+    eval: dict
+    density: np.ndarray  # [num_latents] firing frequency on the sample split
+    curve: list[dict]  # train_metrics.jsonl lines
+
+    def row(self) -> dict:
+        last = self.curve[-1] if self.curve else {}
+        return {
+            **{c: self.eval.get(c) for c in EVAL_COLUMNS},
+            "train_tokens": last.get("tokens"),
+            "train_fvu": last.get("fvu"),
+        }
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LoupeError(f"not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise LoupeError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_curve(path: Path) -> list[dict]:
+    """train_metrics.jsonl: one JSON object per line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise LoupeError(f"training metrics not found: {path}") from None
+    try:
+        return [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as e:
+        raise LoupeError(f"{path}: a line is not valid JSON: {e}") from None
+
+
+def read_density(path: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=["density"])["density"].to_numpy()
+    except FileNotFoundError:
+        raise LoupeError(f"feature stats not found: {path}") from None
+    except Exception as e:
+        raise LoupeError(f"cannot read feature stats {path}: {type(e).__name__}: {e}") from e
+
+
+def load_records(
+    layers: list[int], evals: list[Path], stats: list[Path], curves: list[Path]
+) -> list[LayerRecord]:
+    """One record per layer; the path lists are in the order of `layers`."""
+    if not len(layers) == len(evals) == len(stats) == len(curves):
+        raise LoupeError(
+            f"summary: {len(layers)} layers but {len(evals)} eval files, {len(stats)} feature"
+            f" stats and {len(curves)} training logs"
+        )
+    records = []
+    for layer, e, s, c in zip(layers, evals, stats, curves, strict=True):
+        ev = _read_json(e)
+        if ev.get("layer") != layer:
+            raise LoupeError(f"{e} holds layer {ev.get('layer')}, expected layer {layer}")
+        records.append(LayerRecord(layer, ev, read_density(s), read_curve(c)))
+    return sorted(records, key=lambda r: r.layer)
+
+
+def write_metrics_csv(records: list[LayerRecord], out: Path) -> None:
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: "" if v is None else v for k, v in r.row().items()})
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def _save(fig, out: Path) -> None:
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def _grid(n: int, ncols: int = 6, cell=(3.0, 2.4), share: bool = False):
+    """A figure with n axes in a grid (unused cells hidden): (fig, axes list)."""
+    from matplotlib.figure import Figure
+
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(cell[0] * ncols, cell[1] * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=share, sharey=share).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def plot_by_layer(
+    records: list[LayerRecord],
+    key: str,
+    out: Path,
+    ylabel: str,
+    title: str,
+    zero_line: bool = False,
+    unit_range: bool = False,
+) -> None:
+    """One metric against layer index, one point per layer."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    layers = [r.layer for r in records]
+    values = [np.nan if r.eval.get(key) is None else float(r.eval[key]) for r in records]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(layers, values, marker="o", color="tab:blue")
+    if zero_line:
+        ax.axhline(0, color="grey", linewidth=0.8)
+    if unit_range:
+        top = max([v for v in values if np.isfinite(v)], default=0.0)
+        ax.set_ylim(0, max(0.05, min(1.0, top * 1.15)))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+
+
+def plot_density_histograms(records: list[LayerRecord], out: Path, title: str) -> None:
+    """Per layer, a histogram of log10 feature density over the live features (dead ones
+    have no logarithm; their share is in each panel's title). Shared x range."""
+    live = [r.density[r.density > 0] for r in records]
+    lowest = min((float(np.log10(d.min())) for d in live if len(d)), default=-6.0)
+    bins = np.linspace(math.floor(lowest), 0.0, 41)
+    fig, axes = _grid(len(records))
+    for ax, r, d in zip(axes, records, live, strict=True):
+        dead = 1.0 - len(d) / max(len(r.density), 1)
+        if len(d):
+            ax.hist(np.log10(d), bins=bins, color="tab:blue")
+        else:
+            ax.text(0.5, 0.5, "all features dead", ha="center", transform=ax.transAxes)
+        ax.set_title(f"layer {r.layer} ({dead:.1%} dead)", fontsize=9)
+        ax.set_xlabel("log10 density", fontsize=8)
+        ax.set_ylabel("features", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title)
+    _save(fig, out)
+
+
+def plot_training_curves(records: list[LayerRecord], out: Path, title: str) -> None:
+    """Per layer, training FVU against tokens seen (log scale FVU; shared axes)."""
+    from matplotlib.ticker import EngFormatter
+
+    fig, axes = _grid(len(records), share=True)  # shared axes: layers compare at a glance
+    for ax, r in zip(axes, records, strict=True):
+        points = [(p["tokens"], p["fvu"]) for p in r.curve if p.get("fvu") is not None]
+        if points:
+            tokens, fvu = zip(*points, strict=True)
+            ax.plot(tokens, fvu, color="tab:blue", linewidth=1.2)
+            if min(fvu) > 0:
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no training metrics", ha="center", transform=ax.transAxes)
+        ax.set_title(f"layer {r.layer}", fontsize=9)
+        ax.set_xlabel("tokens", fontsize=8)
+        ax.set_ylabel("FVU", fontsize=8)
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.tick_params(which="both", labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    _save(fig, out)
+
+
+@dataclass(frozen=True)
+class SummaryOutputs:
+    metrics: Path
+    fvu: Path
+    delta_ce: Path
+    dead: Path
+    density: Path
+    curves: Path
+
+
+def summarize(
+    model_name: str,
+    layers: list[int],
+    evals: list[Path],
+    stats: list[Path],
+    curves: list[Path],
+    outputs: SummaryOutputs,
+) -> list[dict]:
+    """Write metrics.csv and the five plots; returns the CSV rows."""
+    records = load_records(layers, evals, stats, curves)
+    write_metrics_csv(records, outputs.metrics)
+    plot_by_layer(
+        records,
+        "fvu",
+        outputs.fvu,
+        "FVU (lower is better)",
+        f"{model_name}: fraction of variance unexplained on held-out tokens",
+    )
+    plot_by_layer(
+        records,
+        "delta_ce",
+        outputs.delta_ce,
+        "CE increase when spliced (nats)",
+        f"{model_name}: next-token loss added by splicing in the SAE",
+        zero_line=True,
+    )
+    plot_by_layer(
+        records,
+        "dead_fraction",
+        outputs.dead,
+        "fraction of features never firing",
+        f"{model_name}: dead features on the sample split",
+        unit_range=True,
+    )
+    plot_density_histograms(records, outputs.density, f"{model_name}: feature density per layer")
+    plot_training_curves(records, outputs.curves, f"{model_name}: training FVU per layer")
+    rows = [r.row() for r in records]
+    worst = max(records, key=lambda r: r.eval.get("fvu") or 0.0)
+    log.info(
+        "summary of %d layers: mean fvu %.4f (worst layer %d: %.4f), mean delta CE %+.4f,"
+        " mean dead fraction %.3f -> %s",
+        len(rows),
+        _mean(rows, "fvu"),
+        worst.layer,
+        worst.eval.get("fvu") or float("nan"),
+        _mean(rows, "delta_ce"),
+        _mean(rows, "dead_fraction"),
+        outputs.metrics.parent,
+    )
+    return rows
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else float("nan")
