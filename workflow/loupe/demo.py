@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import atomic_dir, atomic_path
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,12 @@ class TinyModelSpec:
     max_position_embeddings: int = 4096
     full_attention_every: int = 3
     seed: int = 0
+    # A short language-model warm-up, so next-token metrics (delta CE, KL) respond to what
+    # a layer carries; a purely random model predicts ~uniformly whatever its layers hold.
+    pretrain_steps: int = 60
+    pretrain_batch: int = 4
+    pretrain_ctx: int = 64
+    pretrain_lr: float = 1e-2
 
     def layer_types(self) -> list[str]:
         every = self.full_attention_every
@@ -190,16 +197,47 @@ def tiny_gemma4_config(spec: TinyModelSpec):
     return Gemma4Config(text_config=text, vision_config=None, audio_config=None)
 
 
+def pretrain(model, tokenizer, corpus: Path, spec: TinyModelSpec) -> list[float]:
+    """A few AdamW steps of next-token training on the corpus; returns the losses."""
+    import torch
+
+    need = spec.pretrain_steps * spec.pretrain_batch * (spec.pretrain_ctx - 1)
+    stream: list[int] = []
+    for text in _texts(corpus):
+        stream += tokenizer(text, add_special_tokens=False).input_ids + [EOS_ID]
+        if len(stream) >= need:
+            break
+    body = torch.tensor(stream[:need]).view(spec.pretrain_steps, spec.pretrain_batch, -1)
+    bos = torch.full((spec.pretrain_steps, spec.pretrain_batch, 1), BOS_ID)
+    batches = torch.cat([bos, body], dim=-1)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr)
+    model.train()
+    losses = []
+    for ids in progress(iterable=batches, desc="pretrain demo model", unit="step"):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def build_tiny_model(out_dir: Path, corpus: Path, spec: TinyModelSpec) -> None:
-    """Save a random tiny Gemma 4 model and its tokenizer like a hub checkpoint."""
+    """Save the tiny Gemma 4 model (random, then briefly pretrained) and its tokenizer like
+    a hub checkpoint."""
     import torch
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(spec.seed)
     tokenizer = train_tokenizer(corpus, spec.vocab_size)
     model = Gemma4ForConditionalGeneration(tiny_gemma4_config(spec))
+    losses = pretrain(model, tokenizer, corpus, spec) if spec.pretrain_steps else []
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.eval().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     n = sum(p.numel() for p in model.parameters())
     log.info("demo model: %s parameters, layers %s -> %s", f"{n:,}", spec.layer_types(), out_dir)
+    if losses:
+        log.info(
+            "demo model pretrained %d steps: loss %.3f -> %.3f", len(losses), losses[0], losses[-1]
+        )
