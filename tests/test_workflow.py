@@ -19,14 +19,21 @@ def checkout(tmp_path_factory):
 def _job_counts(output: str) -> dict[str, int]:
     """Job name -> count from Snakemake's 'Job stats' table."""
     table = output.split("Job stats:")[1].split("\n\n")[0]
-    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M) if m[0] != "total"}
+    return {
+        m[0]: int(m[1])
+        for m in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M)
+        if m[0] != "total"
+    }
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("train:\n  bogus: 1\n", "config error: unknown key train/bogus"),
-        ("tokens:\n  ctx_len: many\n", "config error at tokens/ctx_len: 'many' is not of type 'integer'"),
+        (
+            "tokens:\n  ctx_len: many\n",
+            "config error at tokens/ctx_len: 'many' is not of type 'integer'",
+        ),
         ("sae:\n  k: 0\n", "config error at sae/k: 0 is less than the minimum of 1"),
         ("device: tpu\n", "config error at device: 'tpu' does not match"),
     ],
@@ -85,7 +92,13 @@ def test_changed_setting_reruns_exactly_what_it_affects(demo_run, tmp_path):
     override = tmp_path / "lr.yaml"
     override.write_text("train:\n  lr: 0.005\n")
     proc = run_snakemake(
-        demo_run, "--profile", "profiles/demo", "-n", "--configfile", "profiles/demo/demo-config.yaml", str(override)
+        demo_run,
+        "--profile",
+        "profiles/demo",
+        "-n",
+        "--configfile",
+        "profiles/demo/demo-config.yaml",
+        str(override),
     )
     jobs = _job_counts(proc.stdout + proc.stderr)
     assert jobs.get("train") == 6 and "tokenize" not in jobs, jobs
