@@ -48,12 +48,16 @@ def _log_to(path: Path | None):
     path.parent.mkdir(parents=True, exist_ok=True)
     # Bars from libraries too (sparsify's Trainer): redraw rarely in a file.
     os.environ.setdefault("TQDM_MININTERVAL", "10")
-    with (
-        open(path, "a", buffering=1) as f,
-        contextlib.redirect_stdout(f),
-        contextlib.redirect_stderr(f),
-    ):
-        yield
+    handlers = logging.root.handlers[:]  # setup_logging replaces them; restore for callers
+    try:
+        with (
+            open(path, "a", buffering=1) as f,
+            contextlib.redirect_stdout(f),
+            contextlib.redirect_stderr(f),
+        ):
+            yield
+    finally:
+        logging.root.handlers[:] = handlers
 
 
 def main(argv: list[str] | None = None) -> int:
