@@ -1,0 +1,575 @@
+"""Staging the hub repo: the published layout (every layer loads with sparsify), hard links not
+symlinks, manifest hashes, atomic restaging, the model card (metadata, tables, a quick start
+whose code runs against the staged folder) and the notebook, executed headless."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO, _fill_defaults, demo_config, load_yaml
+
+from loupe import cli
+from loupe.card import CardFacts, render_card
+from loupe.model import import_sparsify
+from loupe.publish import (
+    MANIFEST,
+    NOTEBOOK,
+    LayerInputs,
+    StageInputs,
+    layout_of,
+    place,
+    repo_files,
+    set_notebook_parameters,
+    stage_repo,
+)
+
+sparsify = import_sparsify()
+
+LAYERS = [1, 2]
+
+
+def _examples_table(layer: int, num_latents: int, per_feature: int = 2):
+    """Max-activation rows in the published schema: every feature, `per_feature` examples."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(layer)
+    words = ["the", " cat", " sat", " on", " a", " mat", ".", " and", " ran"]
+    rows = []
+    for feature in range(num_latents):
+        for rank in range(per_feature):
+            tokens = [words[i] for i in rng.integers(0, len(words), 12)]
+            values = np.maximum(rng.normal(0, 1, 12), 0).round(3)
+            peak = int(rng.integers(0, 12))
+            values[peak] = round(3.0 - rank + float(rng.random()), 3)
+            rows.append(
+                {
+                    "feature": feature,
+                    "activation": float(values[peak]),
+                    "token": tokens[peak],
+                    "context": "".join(tokens),
+                    "context_tokens": json.dumps(tokens),
+                    "token_activations": json.dumps(values.tolist()),
+                    "layer": layer,
+                    "rank": rank,
+                    "peak_index": peak,
+                    "token_id": 100 + peak,
+                    "sequence": int(rng.integers(0, 500)),
+                    "position": int(rng.integers(1, 128)),
+                }
+            )
+    schema = pa.schema(
+        [
+            ("feature", pa.int64()),
+            ("activation", pa.float32()),
+            ("token", pa.string()),
+            ("context", pa.string()),
+            ("context_tokens", pa.string()),
+            ("token_activations", pa.string()),
+            ("layer", pa.int64()),
+            ("rank", pa.int64()),
+            ("peak_index", pa.int64()),
+            ("token_id", pa.int64()),
+            ("sequence", pa.int64()),
+            ("position", pa.int64()),
+        ]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _stats_table(num_latents: int):
+    import pyarrow as pa
+
+    count = np.arange(num_latents, dtype=np.int64)
+    return pa.table(
+        {
+            "feature": np.arange(num_latents, dtype=np.int64),
+            "fire_count": count,
+            "density": count / 16384,
+            "max_activation": np.linspace(0, 4, num_latents, dtype=np.float32),
+        }
+    )
+
+
+METRIC_ROWS = [
+    {"layer": 1, "fvu": 0.1234567, "explained_variance": 0.8765433, "l0": 8.0, "delta_ce": 0.0421},
+    {"layer": 2, "fvu": 0.2345678, "explained_variance": 0.7654322, "l0": 8.0, "delta_ce": 0.0873},
+]
+
+
+def run_cli(args: list[str]) -> int:
+    """loupe's command line in-process; the root logger's handlers are put back after, as
+    --log points them at a file that closes when the command ends."""
+    handlers = logging.root.handlers[:]
+    try:
+        return cli.main(args)
+    finally:
+        logging.root.handlers[:] = handlers
+
+
+@pytest.fixture(scope="module")
+def pub_settings(settings) -> dict:
+    s = copy.deepcopy(settings)
+    s["model"]["layers"] = LAYERS
+    return s
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, trained_layer) -> Path:
+    """A results/ folder as the upstream rules leave it, for layers 1 and 2 (both holding the
+    trained layer-2 SAE: same width, and the card's code only needs a loadable SAE)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("results")
+    num_latents = json.loads((trained_layer / "cfg.json").read_text())["d_in"] * 8
+    for layer in LAYERS:
+        d = root / f"layer_{layer}"
+        d.mkdir()
+        for name in ("cfg.json", "sae.safetensors"):
+            (d / name).write_bytes((trained_layer / name).read_bytes())
+        pq.write_table(_examples_table(layer, num_latents), d / "max_activations.parquet")
+        pq.write_table(_stats_table(num_latents), d / "feature_stats.parquet")
+    summary = root / "summary"
+    summary.mkdir()
+    with open(summary / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(METRIC_ROWS[0]))
+        writer.writeheader()
+        writer.writerows(METRIC_ROWS)
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot(LAYERS, [r["fvu"] for r in METRIC_ROWS])
+    fig.savefig(summary / "fvu_by_layer.png")
+    plt.close(fig)
+    tokens = root / "tokens"
+    tokens.mkdir()
+    (tokens / "manifest.json").write_text(
+        json.dumps({"tokens": {"train": 65536, "sample": 16384, "eval": 8192}})
+    )
+    return root
+
+
+def _stage_args(settings: dict, results: Path, out: Path) -> list[str]:
+    layers = settings["model"]["layers"]
+    return [
+        "stage",
+        "--settings",
+        json.dumps(settings),
+        "--threads",
+        "2",
+        "--sae",
+        *[str(results / f"layer_{n}/sae.safetensors") for n in layers],
+        "--examples",
+        *[str(results / f"layer_{n}/max_activations.parquet") for n in layers],
+        "--stats",
+        *[str(results / f"layer_{n}/feature_stats.parquet") for n in layers],
+        "--summary",
+        str(results / "summary/metrics.csv"),
+        str(results / "summary/fvu_by_layer.png"),
+        "--tokens-manifest",
+        str(results / "tokens/manifest.json"),
+        "--out-dir",
+        str(out),
+    ]
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, pub_settings, results) -> Path:
+    """The repo staged through the command line, as the `stage` rule runs it."""
+    out = tmp_path_factory.mktemp("staged") / "hub"
+    log = out.parent / "stage.log"
+    assert run_cli(["--log", str(log), *_stage_args(pub_settings, results, out)]) == 0
+    return out
+
+
+def _inputs(settings: dict, results: Path) -> StageInputs:
+    return StageInputs(
+        layers=[
+            LayerInputs(
+                n,
+                results / f"layer_{n}",
+                results / f"layer_{n}/max_activations.parquet",
+                results / f"layer_{n}/feature_stats.parquet",
+            )
+            for n in settings["model"]["layers"]
+        ],
+        metrics=results / "summary/metrics.csv",
+        plots=[results / "summary/fvu_by_layer.png"],
+        tokens_manifest=results / "tokens/manifest.json",
+    )
+
+
+# --- layout -------------------------------------------------------------------------------
+
+
+def test_staged_layout(staged, pub_settings, results):
+    prefix = pub_settings["hub"]["prefix"]
+    expected = {
+        "README.md",
+        "config.json",
+        NOTEBOOK,
+        MANIFEST,
+        f"{prefix}/config.json",
+        f"{prefix}/metrics.csv",
+        f"{prefix}/plots/fvu_by_layer.png",
+    }
+    for n in LAYERS:
+        expected |= {
+            f"{prefix}/language_model.layers.{n}/cfg.json",
+            f"{prefix}/language_model.layers.{n}/sae.safetensors",
+            f"{prefix}/max_activations/layer_{n}.parquet",
+            f"{prefix}/feature_stats/layer_{n}.parquet",
+        }
+    on_disk = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert on_disk == expected
+    assert not [p for p in staged.rglob("*") if p.is_symlink()]
+    # Results are hard-linked (same file system here), so staging costs no space.
+    src = results / "layer_2/sae.safetensors"
+    dst = staged / prefix / "language_model.layers.2/sae.safetensors"
+    assert os.stat(src).st_ino == os.stat(dst).st_ino
+    assert not list(staged.parent.glob(".hub.tmp*"))  # the temporary folder is gone
+
+
+def test_every_layer_loads_with_sparsify(staged, pub_settings, trained_layer):
+    reference = sparsify.SparseCoder.load_from_disk(trained_layer)
+    for n in LAYERS:
+        folder = staged / pub_settings["hub"]["prefix"] / f"language_model.layers.{n}"
+        sae = sparsify.SparseCoder.load_from_disk(folder)
+        assert sae.num_latents == reference.num_latents
+        assert torch.equal(sae.encoder.weight, reference.encoder.weight)
+
+
+def test_run_config_has_what_saelens_reads(staged, pub_settings):
+    prefix = pub_settings["hub"]["prefix"]
+    cfg = json.loads((staged / prefix / "config.json").read_text())
+    # SAELens' sparsify loader reads model, dataset and ctx_len from the SAE folders' parent.
+    assert cfg["model"] == pub_settings["model"]["name"]
+    assert cfg["dataset"] == pub_settings["dataset"]["path"]  # no hub_id in the demo
+    assert cfg["ctx_len"] == pub_settings["tokens"]["ctx_len"]
+    assert cfg["hookpoints"] == [f"language_model.layers.{n}" for n in LAYERS]
+    assert cfg["sae"]["k"] == pub_settings["sae"]["k"] and cfg["sae"]["d_in"] == 64
+    assert cfg["lr"] == pub_settings["train"]["lr"]
+    assert (staged / "config.json").read_text() == (staged / prefix / "config.json").read_text()
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(staged):
+    manifest = json.loads((staged / MANIFEST).read_text())
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert sorted(listed) == repo_files(staged)
+    for path, entry in listed.items():
+        data = (staged / path).read_bytes()
+        assert entry["size"] == len(data), path
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest(), path
+    assert manifest["total_size"] == sum(f["size"] for f in manifest["files"])
+
+
+def test_restaging_replaces_the_repo_atomically(tmp_path, pub_settings, results, monkeypatch):
+    out = tmp_path / "hub"
+    stage_repo(pub_settings, _inputs(pub_settings, results), out)
+    before = (out / MANIFEST).read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("card failed")
+
+    monkeypatch.setattr("loupe.card.render_card", broken)
+    with pytest.raises(RuntimeError):
+        stage_repo(pub_settings, _inputs(pub_settings, results), out)
+    # The failed run left the previous repo whole and no half-built folder behind.
+    assert (out / MANIFEST).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
+
+
+def test_place_copies_across_file_systems(tmp_path, monkeypatch):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 100)
+    link = tmp_path / "s.bin"
+    link.symlink_to(src)
+
+    def cross_device(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    dst = tmp_path / "out" / "b.bin"
+    assert place(link, dst) == "copy"
+    assert not dst.is_symlink() and dst.read_bytes() == src.read_bytes()
+
+
+def test_missing_input_is_one_clear_error(tmp_path, pub_settings, results, capsys):
+    args = _stage_args(pub_settings, results, tmp_path / "hub")
+    i = args.index("--stats")
+    args[i + 2] = str(tmp_path / "nope.parquet")
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"loupe stage: error: missing inputs for staging: {tmp_path / 'nope.parquet'}"]
+    assert not (tmp_path / "hub").exists()
+
+    args = _stage_args(pub_settings, results, tmp_path / "hub")
+    del args[args.index("--sae") + 1]
+    assert run_cli(args) == 2
+    assert "--sae: 1 files for 2 layers" in capsys.readouterr().err
+
+
+# --- model card ---------------------------------------------------------------------------
+
+
+def _front_matter(card: str) -> dict:
+    m = re.match(r"---\n(.*?)\n---\n", card, re.S)
+    assert m, card[:200]
+    return yaml.safe_load(m.group(1))
+
+
+def _python_blocks(card: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card, re.S)
+
+
+def test_card_metadata_and_tables(staged, pub_settings):
+    card = (staged / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["license"] == pub_settings["hub"]["license"]
+    assert meta["library_name"] == "sparsify"
+    assert "sparse-autoencoder" in meta["tags"] and meta["language"] == ["en"]
+    assert "base_model" not in meta  # a local model folder is no hub id
+    # Per-layer metrics, formatted from metrics.csv.
+    assert "| layer | fvu | explained_variance | l0 | delta_ce |" in card
+    assert "| 1 | 0.1235 | 0.8765 | 8 | 0.0421 |" in card
+    assert "| 2 | 0.2346 | 0.7654 | 8 | 0.0873 |" in card
+    # Plots are embedded by paths that exist in the repo.
+    plots = re.findall(r"!\[[^]]*\]\(([^)]+)\)", card)
+    assert plots and all((staged / p).is_file() for p in plots)
+    # The max-activation columns, by the exact names the parquet has.
+    for column in (
+        "feature",
+        "activation",
+        "token",
+        "context",
+        "context_tokens",
+        "token_activations",
+    ):
+        assert f"| `{column}` |" in card
+    assert "## Limitations" in card and "Text only" in card and "English only" in card
+    assert "```bibtex" in card
+
+
+def test_card_states_the_reference_settings():
+    """The gemma-loupe card, from config.yaml as shipped, states the reference values."""
+    cfg = load_yaml(REPO / "config.yaml")
+    _fill_defaults(cfg, load_yaml(REPO / "workflow/schemas/config.schema.yaml"))
+    facts = CardFacts(
+        layers=cfg["model"]["layers"],
+        sae={**cfg["sae"], "d_in": 1536},
+        num_latents=49152,
+        sae_bytes=604_000_000,
+        metrics=[{"layer": str(n), "fvu": "0.2"} for n in range(35)],
+        example_columns=[("feature", "int64"), ("activation", "float")],
+        example_rows=35 * 49152 * 20,
+        stats_columns=[("feature", "int64")],
+        plots=[],
+        tokens={"train": 1_000_001_536, "eval": 1_048_576},
+    )
+    card = render_card(cfg, facts)
+    meta = _front_matter(card)
+    assert meta["base_model"] == "google/gemma-4-E2B"
+    assert meta["datasets"] == ["togethercomputer/RedPajama-Data-V2"]
+    assert meta["license"] == "apache-2.0"
+    for row in (
+        "| d_in | 1,536 |",
+        "| latents | 49,152 (expansion factor 32) |",
+        "| activation | topk, k = 100 |",
+        "| multi_topk | on (auxiliary 4k reconstruction) |",
+        "| auxk_alpha | 0.03 |",
+        "| excluded tokens | id 2 (masked out of training) |",
+        "| learning rate | 0.000289 (set explicitly) |",
+        "| batch | 4 sequences x 1,024 tokens, grad_acc_steps = 4 |",
+    ):
+        assert row in card, row
+    assert (
+        "| training tokens | 1B (1,000,001,536 after rounding to whole rows) per layer, RedPajama v2, head_middle partition, English |"
+        in card
+    )
+    assert "signum" in card and "10M tokens" in card and "top 20" in card
+    code = "\n".join(_python_blocks(card))
+    assert 'hookpoint=f"{PREFIX}/language_model.layers.17"' in code
+    assert (
+        'PREFIX = "sae-gemma-4-E2B-32x-1B"' in code and 'REPO = "rhizomatous/gemma-loupe"' in code
+    )
+    assert "for i in range(35)]" in code and "assert len(saes) == 35" in code
+
+
+@pytest.fixture()
+def local_hub(monkeypatch, tmp_path):
+    """The hub client's download functions, replaced at their boundary by ones that serve a
+    local folder given in place of the repo id, honouring allow_patterns like the Hub does."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    requests = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        root = Path(repo_id)
+        assert root.is_dir(), repo_id
+        snap = tmp_path / f"snapshot{len(requests)}"
+        wanted = list(filter_repo_objects(repo_files(root), allow_patterns=allow_patterns))
+        for rel in wanted:
+            place(root / rel, snap / rel)
+        snap.mkdir(exist_ok=True)
+        requests.append(("snapshot", allow_patterns, wanted))
+        return str(snap)
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        path = Path(repo_id) / filename
+        assert path.is_file(), path
+        requests.append(("file", filename, [filename]))
+        return str(path)
+
+    import huggingface_hub
+    import sparsify.sparse_coder
+
+    monkeypatch.setattr(sparsify.sparse_coder, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return requests
+
+
+def run_card_code(
+    card: str, repo_id: str, staged: Path, model: str, tiny_model: Path
+) -> tuple[dict, list[str]]:
+    """Run every python block of the card in one namespace, the staged folder standing in for
+    the repo id and the tiny model for the model id; returns the namespace and each block's
+    printed output."""
+    namespace: dict = {}
+    printed = []
+    for block in _python_blocks(card):
+        code = block.replace(f'"{repo_id}"', json.dumps(str(staged)))
+        code = code.replace(f'"{model}"', json.dumps(str(tiny_model)))
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            exec(compile(code, "README.md", "exec"), namespace)
+        printed.append(out.getvalue())
+    return namespace, printed
+
+
+def test_card_quick_start_runs_against_the_staged_repo(staged, pub_settings, tiny_model, local_hub):
+    card = (staged / "README.md").read_text()
+    assert len(_python_blocks(card)) == 4
+    ns, printed = run_card_code(
+        card, pub_settings["hub"]["repo"], staged, pub_settings["model"]["name"], tiny_model
+    )
+    prefix = pub_settings["hub"]["prefix"]
+    assert ns["sae"].num_latents == 512 and ns["sae"].cfg.k == pub_settings["sae"]["k"]
+    assert sorted(ns["saes"]) == [f"{prefix}/language_model.layers.{n}" for n in LAYERS]
+    assert ns["out"].top_indices.shape[1] == pub_settings["sae"]["k"]
+    assert ns["feature"] in set(ns["examples"]["feature"].to_list())
+    # Downloads: one layer's folder, then only SAE folders, then one parquet file.
+    (kind1, pattern1, got1), (kind2, _, got2), (kind3, _, got3) = local_hub
+    assert kind1 == kind2 == "snapshot" and kind3 == "file"
+    assert pattern1 == f"{prefix}/language_model.layers.2/*"
+    assert sorted(got1) == [
+        f"{prefix}/language_model.layers.2/{n}" for n in ("cfg.json", "sae.safetensors")
+    ]
+    assert len(got2) == 4 and all("/language_model.layers." in p for p in got2)
+    assert got3 == [f"{prefix}/max_activations/layer_2.parquet"]
+    # One line per token after BOS with its top features, then the feature's examples.
+    assert len(ns["tokens"]) >= 5
+    assert printed[2].count("[(") == len(ns["tokens"])
+    assert printed[3].count("\n") == min(
+        5, ns["examples"]["feature"].to_list().count(ns["feature"])
+    )
+
+
+def test_load_many_with_only_a_pattern_is_empty_in_sparsify_1_3_3(staged, pub_settings):
+    """Why the card names the layers: sparsify 1.3.3's pattern filter matches nothing."""
+    prefix = pub_settings["hub"]["prefix"]
+    assert (
+        sparsify.SparseCoder.load_many(
+            str(staged / prefix), local=True, pattern="language_model.layers.*"
+        )
+        == {}
+    )
+
+
+# --- notebook -----------------------------------------------------------------------------
+
+
+def execute_notebook(path: Path, params: dict, workdir: Path):
+    """Run the notebook headless with its parameters cell rewritten; returns the notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = json.loads(path.read_text())
+    set_notebook_parameters(nb, params)
+    notebook = nbformat.reads(json.dumps(nb), as_version=4)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
+    return notebook
+
+
+def _outputs(notebook, kind: str) -> list[str]:
+    texts = []
+    for cell in notebook.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and kind == "text/plain":
+                texts.append(out["text"])
+            elif value := out.get("data", {}).get(kind):
+                texts.append("".join(value))
+    return texts
+
+
+def check_notebook(staged: Path, settings: dict, model: Path, workdir: Path) -> None:
+    nb = execute_notebook(staged / NOTEBOOK, {"REPO": str(staged), "MODEL": str(model)}, workdir)
+    layer = sorted(settings["model"]["layers"])[len(settings["model"]["layers"]) // 2]
+    text = "\n".join(_outputs(nb, "text/plain"))
+    assert f"layer {layer}: d_in 64," in text
+    html = "\n".join(_outputs(nb, "text/html"))
+    # The per-token table (one row per token after BOS) and the highlighted examples.
+    assert "top features (activation)" in html
+    feature = int(re.search(r"feature (\d+): (\d+) examples", text).group(1))
+    assert int(re.search(r"feature (\d+): (\d+) examples", text).group(2)) > 0
+    assert feature >= 0
+    assert html.count("rgba(255, 140, 0, 1.00)") >= 1  # each example's peak, fully shaded
+
+
+def test_notebook_is_filled_in_for_the_run(staged, pub_settings):
+    nb = json.loads((staged / NOTEBOOK).read_text())
+    params = "".join(nb["cells"][1]["source"])
+    assert f'REPO = "{pub_settings["hub"]["repo"]}"' in params
+    assert f'PREFIX = "{pub_settings["hub"]["prefix"]}"' in params
+    assert 'HOOKPOINT = "language_model.layers.2"' in params and "LAYER = 2" in params
+
+
+def test_notebook_runs_headless(staged, pub_settings, tiny_model, tmp_path):
+    check_notebook(staged, pub_settings, tiny_model, tmp_path)
+
+
+@pytest.mark.e2e
+def test_demo_stages_the_repo(demo_run, tmp_path, local_hub):
+    """The demo's default target stages the repo: every layer loads, the card's quick start and
+    the notebook run against it."""
+    config = demo_config()
+    hub = demo_run / "results/hub"
+    prefix = config["hub"]["prefix"]
+    manifest = json.loads((hub / MANIFEST).read_text())
+    assert sorted(f["path"] for f in manifest["files"]) == repo_files(hub)
+    layout = layout_of(config)
+    for n in config["model"]["layers"]:
+        sae = sparsify.SparseCoder.load_from_disk(hub / layout.sae_dir(n))
+        assert sae.d_in == 64
+        assert (hub / layout.examples(n)).is_file() and (hub / layout.stats(n)).is_file()
+    assert (hub / prefix / "metrics.csv").is_file() and list((hub / prefix / "plots").glob("*.png"))
+    card = (hub / "README.md").read_text()
+    model = demo_run / config["model"]["name"]
+    ns, _ = run_card_code(card, config["hub"]["repo"], hub, config["model"]["name"], model)
+    assert len(ns["saes"]) == len(config["model"]["layers"])
+    check_notebook(hub, config, model, tmp_path)

@@ -1,0 +1,254 @@
+"""Publishing the staged repo: create the hub repo, send only the files the remote lacks or holds
+in another version (with the hub client's resumable uploader), read the remote file list back,
+check it against the manifest, and only then write a receipt.
+
+The token comes from HF_TOKEN or the user's login (huggingface_hub.get_token) and goes nowhere
+but the client: never into a log line, an error message, the plan or the receipt."""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LoupeError
+from .io import write_json
+from .publish import MANIFEST, read_manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+REPO_TYPE = "model"
+
+
+def hub_client(token: str):
+    """The one place the hub client is built (tests replace this boundary)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
+def find_token() -> str | None:
+    """HF_TOKEN, else the token `hf auth login` stored; None when neither is there."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def token_source() -> str | None:
+    """Where a token would come from, without reading or refreshing it (for the dry run)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_TOKEN"):
+        return "HF_TOKEN"
+    if Path(constants.HF_TOKEN_PATH).is_file():
+        return "login"
+    return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    repo: str
+    revision: str = "main"
+    private: bool = False
+    dry_run: bool = False
+
+
+def hub_settings(settings: dict) -> Settings:
+    hub = settings["hub"]
+    return Settings(
+        hub["repo"],
+        hub.get("revision", "main"),
+        hub.get("private", False),
+        hub.get("dry_run", False),
+    )
+
+
+def local_files(staged: Path) -> list[dict]:
+    """The manifest's files plus the manifest itself, each checked present with its size."""
+    staged = Path(staged)
+    files = list(read_manifest(staged)["files"])
+    manifest = staged / MANIFEST
+    files.append(
+        {"path": MANIFEST, "size": manifest.stat().st_size, "sha256": sha256_file(manifest)}
+    )
+    for f in files:
+        path = staged / f["path"]
+        if not path.is_file() or path.stat().st_size != f["size"]:
+            raise LoupeError(f"{path} does not match {MANIFEST}: stage the repo again")
+    return files
+
+
+def _git_blob_sha1(data_size: int, chunks) -> str:
+    h = hashlib.sha1(f"blob {data_size}\0".encode())
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_blob_sha1(path: Path) -> str:
+    def chunks():
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                yield chunk
+
+    return _git_blob_sha1(path.stat().st_size, chunks())
+
+
+def _lfs_pointer_sha1(sha256: str, size: int) -> str:
+    """Git oid of the LFS pointer file the Hub commits in place of a large file."""
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n"
+    return _git_blob_sha1(len(pointer), [pointer.encode()])
+
+
+def same_content(remote, local: dict, staged: Path) -> bool:
+    """Whether a remote file (huggingface_hub's RepoFile) holds exactly the local file: LFS
+    sha256 where the Hub gives it, else the git oid of the content or of its LFS pointer."""
+    if remote is None or remote.size != local["size"]:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == local["sha256"]
+    if remote.blob_id == _lfs_pointer_sha1(local["sha256"], local["size"]):
+        return True
+    return remote.blob_id == _file_blob_sha1(Path(staged) / local["path"])
+
+
+def remote_files(api, s: Settings, revision: str) -> dict:
+    """Path -> RepoFile for every file of the repo at `revision`."""
+    tree = api.list_repo_tree(s.repo, recursive=True, revision=revision, repo_type=REPO_TYPE)
+    return {f.path: f for f in tree if hasattr(f, "blob_id")}  # folders have no blob
+
+
+def differences(remote: dict, files: list[dict], staged: Path) -> list[str]:
+    return [f["path"] for f in files if not same_content(remote.get(f["path"]), f, staged)]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def dry_run_plan(s: Settings, files: list[dict], token: str | None) -> tuple[dict, str]:
+    """What a real upload would consider sending (it skips what the remote already holds)."""
+    total = sum(f["size"] for f in files)
+    lines = [
+        f"dry run: would upload to https://huggingface.co/{s.repo} (revision {s.revision},"
+        f" {'private' if s.private else 'public'} if created): {len(files)} files, {_size(total)};"
+        " files the remote already holds unchanged are skipped",
+        *(f"  {_size(f['size']):>10}  {f['path']}" for f in files),
+        f"token: from {token}"
+        if token
+        else "token: none (a real upload would stop: set HF_TOKEN or run `hf auth login`)",
+        "nothing was sent",
+    ]
+    plan = {
+        "dry_run": True,
+        "repo": s.repo,
+        "revision": s.revision,
+        "token_source": token,
+        "total_size": total,
+        "files": [{"path": f["path"], "size": f["size"]} for f in files],
+    }
+    return plan, "\n".join(lines)
+
+
+def _send(api, s: Settings, staged: Path, paths: list[str]) -> None:
+    # Exact paths as patterns: escape the glob characters a file name may hold.
+    patterns = [glob.escape(p) for p in paths]
+    if hasattr(api, "upload_large_folder"):
+        # huggingface_hub < 2: the resumable, multi-commit uploader.
+        api.upload_large_folder(
+            repo_id=s.repo,
+            folder_path=str(staged),
+            repo_type=REPO_TYPE,
+            revision=s.revision,
+            allow_patterns=patterns,
+        )
+    else:
+        # huggingface_hub >= 2 folded it into upload_folder (resumable with hf_xet).
+        api.upload_folder(
+            repo_id=s.repo,
+            folder_path=str(staged),
+            repo_type=REPO_TYPE,
+            revision=s.revision,
+            allow_patterns=patterns,
+            commit_message=f"Upload {len(paths)} files with loupe",
+        )
+
+
+def _hub_error(e: Exception, s: Settings, token: str) -> LoupeError:
+    message = (str(e).strip().splitlines() or [""])[0].replace(token, "***")
+    return LoupeError(f"upload to {s.repo} failed: {type(e).__name__}: {message}")
+
+
+def upload(settings: dict, staged: Path, receipt: Path) -> dict:
+    """Publish `staged` to the configured repo; returns the receipt written to `receipt`."""
+    s = hub_settings(settings)
+    staged, receipt = Path(staged), Path(receipt)
+    receipt.unlink(missing_ok=True)  # a receipt only ever describes a verified upload
+    files = local_files(staged)
+    token = find_token()
+    if not token:
+        raise LoupeError(
+            f"no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was sent to {s.repo})"
+        )
+    api = hub_client(token)
+    try:
+        api.create_repo(s.repo, repo_type=REPO_TYPE, private=s.private, exist_ok=True)
+        if s.revision != "main":
+            api.create_branch(s.repo, branch=s.revision, repo_type=REPO_TYPE, exist_ok=True)
+        todo = differences(remote_files(api, s, s.revision), files, staged)
+        log.info(
+            "%s@%s: %d of %d files to send (%s)",
+            s.repo,
+            s.revision,
+            len(todo),
+            len(files),
+            _size(sum(f["size"] for f in files if f["path"] in set(todo))),
+        )
+        if todo:
+            _send(api, s, staged, todo)
+        commit = api.repo_info(s.repo, revision=s.revision, repo_type=REPO_TYPE).sha
+        remote = remote_files(api, s, commit)
+    except LoupeError:
+        raise
+    except Exception as e:  # network, auth, server: one line, the token masked out of it
+        raise _hub_error(e, s, token) from None
+
+    wrong = differences(remote, files, staged)
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise LoupeError(
+            f"upload to {s.repo} incomplete: {len(wrong)} files missing or different at commit"
+            f" {commit[:12]}: {shown} (run again to resume)"
+        )
+    stale = sorted(set(remote) - {f["path"] for f in files} - {".gitattributes"})
+    if stale:
+        log.warning("remote files not in this upload (left in place): %s", ", ".join(stale[:10]))
+    result = {
+        "repo": s.repo,
+        "revision": s.revision,
+        "commit": commit,
+        "url": f"https://huggingface.co/{s.repo}/tree/{commit}",
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "uploaded": todo,
+        "total_size": sum(f["size"] for f in files),
+        "files": files,
+    }
+    write_json(receipt, result)
+    log.info(
+        "verified %d files at %s@%s (commit %s); %d sent, %d unchanged",
+        len(files),
+        s.repo,
+        s.revision,
+        commit[:12],
+        len(todo),
+        len(files) - len(todo),
+    )
+    return result
