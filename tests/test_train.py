@@ -150,11 +150,11 @@ def test_resume_after_kill_continues_and_matches_uninterrupted(tmp_path, setting
     proc = subprocess.Popen(_train_cmd(s, 3, tokens, tmp_path / "out", ckpt, log))
     try:
         deadline = time.time() + 120
-        while not (ckpt / "state.pt").exists():
+        while not (ckpt / "state" / "state.pt").exists():
             assert proc.poll() is None, "training ended before its first checkpoint"
             assert time.time() < deadline
             time.sleep(0.01)
-        time.sleep(0.3)  # let it get past the checkpoint
+        time.sleep(0.3)  # past the first checkpoint, maybe in the middle of a later one
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
@@ -203,3 +203,24 @@ def test_second_architecture_llama(tmp_path, settings, tiny_model, token_dir):
     sae = sparsify.SparseCoder.load_from_disk(tmp_path / "out", device="cpu")
     assert sae.d_in == 48 and sae.num_latents == 48 * s["sae"]["expansion_factor"]
     assert summary["final_fvu"] < 1.0
+
+
+def test_checkpoint_swap_never_leaves_a_torn_checkpoint(tmp_path):
+    """A kill between the two renames of a checkpoint swap keeps the previous checkpoint."""
+    from loupe.train import _prepare_checkpoint_dir, swap_in
+
+    ckpt = tmp_path / "ckpt"
+    assert not _prepare_checkpoint_dir(ckpt, "fp")
+    for step in (1, 2):
+        new = ckpt / ".state.tmp"
+        new.mkdir()
+        (new / "state.pt").write_text(str(step))
+        swap_in(new, ckpt / "state")
+    assert (ckpt / "state" / "state.pt").read_text() == "2" and not list(ckpt.glob(".state.*"))
+    # Killed after moving the old checkpoint aside, before the new one took its place:
+    (ckpt / "state").rename(ckpt / ".state.old")
+    (ckpt / ".state.tmp").mkdir()
+    assert _prepare_checkpoint_dir(ckpt, "fp")
+    assert (ckpt / "state" / "state.pt").read_text() == "2"
+    assert not _prepare_checkpoint_dir(ckpt, "other settings")
+    assert not (ckpt / "state").exists()

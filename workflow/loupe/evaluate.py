@@ -395,7 +395,7 @@ def evaluate_layer(
     threads: int = 1,
 ) -> dict:
     """Evaluate layer `layer`'s SAE on the eval split; writes `out` (eval.json)."""
-    if layer not in settings["model"]["layers"]:
+    if layer not in settings["model"].get("layers", [layer]):
         raise LoupeError(f"layer {layer} is not in model.layers {settings['model']['layers']}")
     spec = EvalSpec.from_settings(settings)
     device = resolve_device(settings["device"])

@@ -475,7 +475,7 @@ def sample_layer(
 ) -> dict:
     """Stream the sample split through layers 0..layer and the SAE; write both parquet files."""
     spec = MaxactSpec.from_settings(settings)
-    if layer not in settings["model"]["layers"]:
+    if layer not in settings["model"].get("layers", [layer]):
         raise LoupeError(f"layer {layer} is not in model.layers {settings['model']['layers']}")
     tokens = open_split(tokens_path)
     special = read_special_ids(manifest_path)

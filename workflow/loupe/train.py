@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ class ShuffledRows(torch.utils.data.Dataset):
         return ShuffledRows(self.tokens, 0, self.order[rows.start : rows.stop])
 
 
+# sparsify's checkpoint inside the per-layer checkpoint folder; loupe's fingerprint and the
+# metrics log sit beside it.
+STATE = "state"
+
+
 def train_config(settings: dict, layer: int, checkpoint_dir: Path):
     sparsify = import_sparsify()
     sae = sparsify.SparseCoderConfig(**settings["sae"])
@@ -66,8 +72,8 @@ def train_config(settings: dict, layer: int, checkpoint_dir: Path):
     return sparsify.TrainConfig(
         sae=sae,
         hookpoints=[hookpoint_of(settings, layer)],
-        save_dir=str(checkpoint_dir.parent),
-        run_name=checkpoint_dir.name,
+        save_dir=str(checkpoint_dir),
+        run_name=STATE,
         **train,
     )
 
@@ -83,17 +89,25 @@ def _make_trainer_class():
         1.3.3 would replay that batch on resume; the final save comes after the increment.
         Saving the true count keeps a resumed run on exactly the same batches."""
 
-        on_save: tuple = ()  # callbacks that save loupe's own state beside each checkpoint
+        on_save: tuple = ()  # callbacks(folder) that add loupe's own state to a checkpoint
 
         def save(self):
+            # 1.3.3 overwrites its checkpoint in place: a kill mid-save would leave a torn
+            # one that every retry fails on. Write a new folder, then swap it in.
+            root, final = Path(self.cfg.save_dir), self.cfg.run_name
+            tmp = root / f".{final}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
             in_loop = self.global_step < len(self.dataset) // self.cfg.batch_size
             self.global_step += in_loop
+            self.cfg.run_name = tmp.name
             try:
                 super().save()
             finally:
                 self.global_step -= in_loop
+                self.cfg.run_name = final
             for callback in self.on_save:
-                callback()
+                callback(tmp)
+            swap_in(tmp, root / final)
 
         def load_state(self, path: str):
             # Checkpoints hold ScheduleFree's eval-mode weights (the average x), but 1.3.3
@@ -162,15 +176,13 @@ class MetricsRecorder:
         self.count = 0
         self._t0, self._tokens0 = now, tokens
 
-    def save_state(self) -> None:
-        write_json(
-            self.path.with_name("recorder_state.json"), {"trained_tokens": self.trained_tokens}
-        )
+    def save_state(self, checkpoint: Path) -> None:
+        write_json(checkpoint / "recorder_state.json", {"trained_tokens": self.trained_tokens})
 
     def start_at(self, tokens: int, step: int) -> None:
         """Resume: restore counters and forget lines past the checkpoint (logged again)."""
         self._tokens0 = tokens
-        state = self.path.with_name("recorder_state.json")
+        state = self.path.parent / STATE / "recorder_state.json"
         if state.exists():
             self.trained_tokens = json.loads(state.read_text())["trained_tokens"]
         if not self.path.exists():
@@ -188,18 +200,36 @@ def _fingerprint(settings: dict, layer: int, tokens_path: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def swap_in(new: Path, final: Path) -> None:
+    """Replace folder `final` by `new`; at every instant one complete copy exists."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_swap(checkpoint_dir: Path) -> None:
+    """A kill between swap_in's two renames leaves the previous checkpoint as `.state.old`."""
+    old = checkpoint_dir / f".{STATE}.old"
+    if old.exists() and not (checkpoint_dir / STATE).exists():
+        os.replace(old, checkpoint_dir / STATE)
+
+
 def _prepare_checkpoint_dir(checkpoint_dir: Path, fingerprint: str) -> bool:
     """True if checkpoint_dir holds a resumable checkpoint of this exact run."""
     stamp = checkpoint_dir / "loupe_fingerprint"
+    _recover_swap(checkpoint_dir)
     if (
-        (checkpoint_dir / "state.pt").exists()
+        (checkpoint_dir / STATE / "state.pt").exists()
         and stamp.exists()
         and stamp.read_text() == fingerprint
     ):
         return True
-    if checkpoint_dir.exists():
+    if (checkpoint_dir / STATE).exists():
         log.info("discarding checkpoint %s: it belongs to other settings", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)
     stamp.write_text(fingerprint)
     return False
@@ -214,7 +244,7 @@ def train_layer(
     threads: int = 1,
 ) -> dict:
     """Train layer `layer`'s SAE; writes sae.safetensors, cfg.json, train_metrics.jsonl."""
-    if layer not in settings["model"]["layers"]:
+    if layer not in settings["model"].get("layers", [layer]):
         raise LoupeError(f"layer {layer} is not in model.layers {settings['model']['layers']}")
     device = resolve_device(settings["device"])
     if device.type == "cpu":
@@ -252,7 +282,7 @@ def train_layer(
     )
     trainer.on_save = (recorder.save_state,)
     if resume:
-        trainer.load_state(str(checkpoint_dir))
+        trainer.load_state(str(checkpoint_dir / STATE))
         log.info("resumed layer %d at batch %d from %s", layer, trainer.global_step, checkpoint_dir)
         recorder.start_at(
             trainer.global_step * recorder.tokens_per_batch,
@@ -281,7 +311,7 @@ def train_layer(
     recorder.on_step(trainer, trainer.optimizers[0], final=True)  # the last step, if unlogged
 
     # sparsify's final save holds the ScheduleFree-averaged weights: publish those files.
-    saved = checkpoint_dir / hookpoint
+    saved = checkpoint_dir / STATE / hookpoint
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, src in (
         ("cfg.json", saved / "cfg.json"),

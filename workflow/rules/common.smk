@@ -35,11 +35,15 @@ ENV = "../../envs/loupe.yaml"
 LOUPE = "python -m loupe"
 
 
-def settings(*sections):
+def settings(*sections, layers=False):
     """The config sections a step depends on, as one JSON string (its params), so Snakemake
-    reruns the rule exactly when one of them changes. A function, so the hookpoint
-    template's `{layer}` is not taken for a wildcard."""
-    text = json.dumps({s: config.get(s) for s in sections}, sort_keys=True)
+    reruns the rule exactly when one of them changes. `model.layers` is left out unless the
+    step covers every layer: adding a layer must not retrain the others. A function, so the
+    hookpoint template's `{layer}` is not taken for a wildcard."""
+    chosen = {s: config.get(s) for s in sections}
+    if "model" in chosen and not layers:
+        chosen["model"] = {k: v for k, v in chosen["model"].items() if k != "layers"}
+    text = json.dumps(chosen, sort_keys=True)
     return lambda wildcards: text
 
 

@@ -44,7 +44,7 @@ rule summary:
             category="Training",
         ),
     params:
-        settings=settings("model"),
+        settings=settings("model", layers=True),
         layers=LAYERS,
     log:
         f"{SUMMARY}/summary.log",
