@@ -21,6 +21,7 @@ from . import __version__
 from .errors import LoupeError
 from .io import atomic_dir
 from .progress import progress
+from .settings import TRAIN_CONFIG_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,7 @@ _CHUNK = 8 << 20
 _PLACED = {"link": "hard-linked", "copy": "copied"}
 
 # sparsify TrainConfig fields recorded in config.json (sparsify's own run config layout).
-_TRAIN_FIELDS = (
-    "batch_size",
-    "grad_acc_steps",
-    "micro_acc_steps",
-    "optimizer",
-    "lr",
-    "lr_warmup_steps",
-    "auxk_alpha",
-    "dead_feature_threshold",
-    "exclude_tokens",
-    "init_seeds",
-)
+_TRAIN_FIELDS = tuple(f for f in TRAIN_CONFIG_FIELDS if f not in ("save_every", "log_to_wandb"))
 
 
 @dataclass(frozen=True)

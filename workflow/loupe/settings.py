@@ -28,3 +28,21 @@ def tokenizer_name(settings: dict) -> str:
 
 def hookpoint(settings: dict, layer: int) -> str:
     return settings["model"]["hookpoint"].format(layer=layer)
+
+
+# sparsify TrainConfig fields taken from config `train:`; the section's other keys
+# (log_every, shuffle_seed) are loupe's own.
+TRAIN_CONFIG_FIELDS = (
+    "batch_size",
+    "grad_acc_steps",
+    "micro_acc_steps",
+    "optimizer",
+    "lr",
+    "lr_warmup_steps",
+    "auxk_alpha",
+    "dead_feature_threshold",
+    "exclude_tokens",
+    "init_seeds",
+    "save_every",
+    "log_to_wandb",
+)

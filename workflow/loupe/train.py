@@ -18,26 +18,11 @@ import torch
 from .errors import LoupeError
 from .io import atomic_path, write_json
 from .model import import_sparsify, load_text_model, resolve_device, truncate_after
+from .settings import TRAIN_CONFIG_FIELDS
 from .settings import hookpoint as hookpoint_of
 from .tokens import open_split
 
 log = logging.getLogger(__name__)
-
-# TrainConfig fields taken from config `train:`; the rest there are loupe's own.
-_TRAIN_FIELDS = (
-    "batch_size",
-    "grad_acc_steps",
-    "micro_acc_steps",
-    "optimizer",
-    "lr",
-    "lr_warmup_steps",
-    "auxk_alpha",
-    "dead_feature_threshold",
-    "exclude_tokens",
-    "init_seeds",
-    "save_every",
-    "log_to_wandb",
-)
 
 
 class ShuffledRows(torch.utils.data.Dataset):
@@ -68,7 +53,7 @@ STATE = "state"
 def train_config(settings: dict, layer: int, checkpoint_dir: Path):
     sparsify = import_sparsify()
     sae = sparsify.SparseCoderConfig(**settings["sae"])
-    train = {k: v for k, v in settings["train"].items() if k in _TRAIN_FIELDS}
+    train = {k: v for k, v in settings["train"].items() if k in TRAIN_CONFIG_FIELDS}
     return sparsify.TrainConfig(
         sae=sae,
         hookpoints=[hookpoint_of(settings, layer)],
