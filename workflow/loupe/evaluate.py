@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from .model import (
 )
 from .progress import progress
 from .settings import hookpoint as hookpoint_of
+from .settings import pick
 from .tokens import open_split
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,7 @@ class EvalSpec:
 
     @classmethod
     def from_settings(cls, settings: dict) -> EvalSpec:
-        section = settings.get("evaluate") or {}
-        return cls(**{k: section[k] for k in asdict(cls()) if k in section})
+        return pick(cls, settings.get("evaluate"))
 
 
 # --- the model with its LM head ------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from .model import (
 )
 from .progress import progress
 from .settings import hookpoint as hookpoint_of
-from .settings import tokenizer_name
+from .settings import pick, tokenizer_name
 from .tokens import load_tokenizer, open_split
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ class MaxactSpec:
 
     @classmethod
     def from_settings(cls, settings: dict) -> MaxactSpec:
-        names = {f.name for f in fields(cls)}
-        spec = cls(**{k: v for k, v in (settings.get("maxact") or {}).items() if k in names})
+        spec = pick(cls, settings.get("maxact"))
         spec.check()
         return spec
 

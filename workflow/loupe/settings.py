@@ -7,18 +7,19 @@ from dataclasses import fields
 from .tokens import DatasetSpec, TokenSpec
 
 
-def _pick(cls, section: dict):
+def pick(cls, section: dict | None):
     """Build a dataclass from the keys it knows; the schema has already rejected the rest."""
+    section = section or {}
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in section.items() if k in names})
 
 
 def dataset_spec(settings: dict) -> DatasetSpec:
-    return _pick(DatasetSpec, settings["dataset"])
+    return pick(DatasetSpec, settings["dataset"])
 
 
 def token_spec(settings: dict) -> TokenSpec:
-    return _pick(TokenSpec, settings["tokens"])
+    return pick(TokenSpec, settings["tokens"])
 
 
 def tokenizer_name(settings: dict) -> str:
