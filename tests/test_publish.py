@@ -23,6 +23,7 @@ from conftest import REPO, _fill_defaults, demo_config, load_yaml
 
 from loupe import cli
 from loupe.card import CardFacts, render_card
+from loupe.maxact import examples_schema
 from loupe.model import import_sparsify
 from loupe.publish import (
     MANIFEST,
@@ -70,22 +71,7 @@ def _examples_table(layer: int, num_latents: int, per_feature: int = 2):
                     "position": int(rng.integers(1, 128)),
                 }
             )
-    schema = pa.schema(
-        [
-            ("feature", pa.int64()),
-            ("activation", pa.float32()),
-            ("token", pa.string()),
-            ("context", pa.string()),
-            ("context_tokens", pa.string()),
-            ("token_activations", pa.string()),
-            ("layer", pa.int64()),
-            ("rank", pa.int64()),
-            ("peak_index", pa.int64()),
-            ("token_id", pa.int64()),
-            ("sequence", pa.int64()),
-            ("position", pa.int64()),
-        ]
-    )
+    schema = examples_schema()  # the sampler's own published layout
     return pa.Table.from_pylist(rows, schema=schema)
 
 

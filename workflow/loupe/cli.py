@@ -16,8 +16,6 @@ from pathlib import Path
 from .errors import LoupeError
 from .progress import setup_logging
 
-log = logging.getLogger("loupe")
-
 # Subcommand -> module. Each stage module defines `add_arguments(parser)` and `run(args)`,
 # so a stage's command line lives beside its logic and the CLI only dispatches.
 STAGES = {

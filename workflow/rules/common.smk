@@ -32,7 +32,6 @@ LAYERS = config["model"]["layers"]
 TOKENS = "results/tokens"
 LAYER_DIR = "results/layer_{layer}"
 ENV = "../../envs/loupe.yaml"
-LOUPE = "python -m loupe"
 
 
 def settings(*sections, layers=False):
