@@ -1,0 +1,520 @@
+// loupe feature browser: reads the repo's parquet files straight from a static host (a local
+// server or the Hugging Face Hub) with HTTP Range requests, fetching only the row groups of the
+// feature shown (the files hold one row group per 64 features, sorted by feature).
+import { byteLengthFromUrl, parquetMetadataAsync, parquetReadObjects } from 'hyparquet'
+import { compressors } from 'hyparquet-compressors'
+
+// Bytes read per URL and what the page shows: for tests and for the curious (devtools).
+const fetched = {}
+const state = { status: 'loading' }
+window.loupeFetched = fetched
+window.loupeState = state
+
+// First guess of the footer size: one request usually gets the whole footer, a second one
+// (made by hyparquet) when a file has many row groups.
+const FOOTER_GUESS = 1 << 16
+const EXAMPLE_COLUMNS = ['feature', 'activation', 'token', 'context_tokens', 'token_activations', 'rank', 'peak_index']
+const INTERVAL_COLUMNS = [...EXAMPLE_COLUMNS, 'interval', 'interval_low', 'interval_high']
+const SEARCH_LIMIT = 200
+
+const $ = id => document.getElementById(id)
+const params = new URLSearchParams(location.search)
+const base = baseUrl(params)
+let suite = null
+let ticket = 0 // the latest request wins; older ones drop their results
+
+/** The repo root: ?base=URL, ?repo=owner/name[&revision=main] on the Hub, else ../ of this page. */
+function baseUrl(params) {
+  const slash = url => (url.endsWith('/') ? url : `${url}/`)
+  if (params.get('base')) return slash(new URL(params.get('base'), location.href).href)
+  const repo = params.get('repo')
+  if (repo) {
+    const revision = encodeURIComponent(params.get('revision') || 'main')
+    return `https://huggingface.co/${repo.replace(/^\/+|\/+$/g, '')}/resolve/${revision}/`
+  }
+  return new URL('../', location.href).href
+}
+
+function count(url, bytes) {
+  fetched[url] = (fetched[url] || 0) + bytes
+}
+
+/** An hyparquet AsyncBuffer over HTTP Range requests that counts what it downloads and
+ * answers a slice inside an earlier one (the footer guess often holds a small file whole). */
+function remoteBuffer(url, byteLength) {
+  const segments = [] // [start, end, Promise<ArrayBuffer>]: ranges fetched or in flight
+  const fetchRange = async (start, end) => {
+    const res = await fetch(url, { headers: { Range: `bytes=${start}-${end - 1}` } })
+    if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`)
+    const buf = await res.arrayBuffer()
+    count(url, buf.byteLength)
+    if (res.status === 200) {
+      // The server ignored Range and sent the whole file: keep it for every later slice.
+      segments.unshift([0, buf.byteLength, Promise.resolve(buf)])
+      return buf.slice(start, end)
+    }
+    return buf
+  }
+  return {
+    byteLength,
+    slice(start, end = byteLength) {
+      for (const [s, e, p] of segments) {
+        if (s <= start && end <= e) return p.then(buf => buf.slice(start - s, end - s))
+      }
+      const segment = [start, end, fetchRange(start, end)]
+      segments.push(segment)
+      segment[2].catch(() => segments.splice(segments.indexOf(segment), 1))
+      return segment[2]
+    },
+  }
+}
+
+const opened = new Map()
+
+/** {url, file, metadata} of a repo path, the footer read once per file. */
+function openParquet(path) {
+  if (!opened.has(path)) {
+    const url = new URL(path, base).href
+    const load = async byteLength => {
+      const file = remoteBuffer(url, byteLength)
+      const metadata = await parquetMetadataAsync(file, { initialFetchSize: Math.min(FOOTER_GUESS, byteLength) })
+      return { url, file, metadata }
+    }
+    const promise = (async () => {
+      const listed = suite.bytes?.[path]
+      if (listed === undefined) return load(await byteLengthFromUrl(url))
+      // suite.json's size spares a HEAD request; a file replaced since staging has another.
+      return load(listed).catch(async () => load(await byteLengthFromUrl(url)))
+    })()
+    promise.catch(() => opened.delete(path)) // let a retry fetch again
+    opened.set(path, promise)
+  }
+  return opened.get(path)
+}
+
+/** [rowStart, rowEnd) spans of the row groups whose `feature` min/max statistics hold f. */
+function featureSpans(metadata, f) {
+  const spans = []
+  let start = 0
+  for (const group of metadata.row_groups) {
+    const rows = Number(group.num_rows)
+    const chunk = group.columns.find(c => c.meta_data?.path_in_schema?.[0] === 'feature')
+    const stats = chunk?.meta_data?.statistics
+    const lo = stats?.min_value ?? stats?.min
+    const hi = stats?.max_value ?? stats?.max
+    // No statistics: the group cannot be ruled out.
+    if (rows && (lo === undefined || hi === undefined || (Number(lo) <= f && f <= Number(hi)))) {
+      const prev = spans[spans.length - 1]
+      if (prev && prev[1] === start) prev[1] = start + rows
+      else spans.push([start, start + rows])
+    }
+    start += rows
+  }
+  return spans
+}
+
+function plain(row) {
+  for (const [k, v] of Object.entries(row)) if (typeof v === 'bigint') row[k] = Number(v)
+  return row
+}
+
+/** The rows of feature f in a repo file (only its row groups are fetched); null if absent. */
+async function featureRows(path, f, columns) {
+  if (!path) return null
+  const { file, metadata } = await openParquet(path)
+  const names = new Set(metadata.schema.map(s => s.name))
+  columns = columns?.filter(c => names.has(c))
+  const rows = []
+  for (const [rowStart, rowEnd] of featureSpans(metadata, f)) {
+    const part = await parquetReadObjects({ file, metadata, columns, rowStart, rowEnd, compressors })
+    for (const row of part) if (Number(row.feature) === f) rows.push(plain(row))
+  }
+  return rows
+}
+
+async function fileMetadataJson(path) {
+  const { metadata } = await openParquet(path)
+  const kv = metadata.key_value_metadata?.find(e => e.key === 'loupe')
+  try {
+    return kv ? JSON.parse(kv.value) : {}
+  } catch {
+    return {}
+  }
+}
+
+// ---------- rendering ----------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag)
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null) continue
+    if (k === 'class') node.className = v
+    else if (k.startsWith('data-')) node.setAttribute(k, v)
+    else node[k] = v
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c)
+  return node
+}
+
+const fmt = x => (Number.isFinite(x) ? x.toFixed(3) : String(x))
+
+function fmtDensity(d) {
+  if (!Number.isFinite(d)) return '–'
+  if (d === 0) return '0 (dead)'
+  return `${(d * 100).toPrecision(3)}%`
+}
+
+// Token text made readable: whitespace shown by markers, control characters escaped,
+// U+FFFD (a partial UTF-8 sequence the tokenizer split) flagged.
+const MARKS = { '\n': '↵', '\r': '␍', '\t': '→' }
+
+/** Spans for a token's text; `spaces` marks spaces too (tokens shown alone). */
+function tokenText(tok, spaces) {
+  const out = []
+  let plainRun = ''
+  const flush = () => {
+    if (plainRun) out.push(plainRun)
+    plainRun = ''
+  }
+  for (const ch of tok) {
+    if (MARKS[ch] || (spaces && ch === ' ')) {
+      flush()
+      out.push(el('span', { class: 'ws', title: JSON.stringify(ch) }, MARKS[ch] || '␣'))
+    } else if (ch === '\ufffd') {
+      flush()
+      out.push(el('span', { class: 'partial', title: 'part of a multi-byte character (U+FFFD)' }, '\ufffd'))
+    } else if (ch.codePointAt(0) < 0x20 || ch.codePointAt(0) === 0x7f) {
+      flush()
+      out.push(el('span', { class: 'ws' }, `\\x${ch.codePointAt(0).toString(16).padStart(2, '0')}`))
+    } else {
+      plainRun += ch
+    }
+  }
+  flush()
+  if (!out.length) out.push(el('span', { class: 'ws', title: 'empty token' }, '∅'))
+  return out
+}
+
+function chip(tok, extra = {}) {
+  return el('span', { class: 'chip', 'data-token': tok, title: JSON.stringify(tok), ...extra }, ...tokenText(tok, true))
+}
+
+function parseList(text) {
+  try {
+    return JSON.parse(text)
+  } catch {
+    // Non-finite floats are not JSON.
+    return JSON.parse(text.replace(/-?\b(nan|inf|infinity)\b/gi, 'null'))
+  }
+}
+
+function shade(act, scale) {
+  const a = scale > 0 ? Math.max(0, Math.min(1, act / scale)) : 0
+  return a > 0 ? `rgba(255, 120, 0, ${(0.08 + 0.8 * a).toFixed(3)})` : ''
+}
+
+function exampleRow(row, scale) {
+  const tokens = parseList(row.context_tokens)
+  const acts = parseList(row.token_activations)
+  const line = el('div', { class: 'context' })
+  tokens.forEach((tok, i) => {
+    const act = acts[i] ?? 0
+    const peak = i === row.peak_index
+    const span = el('span', {
+      class: peak ? 'tok peak' : 'tok',
+      title: `${JSON.stringify(tok)}  activation ${fmt(act)}${peak ? ' (peak)' : ''}`,
+      'data-act': act,
+    }, ...tokenText(tok, false))
+    const bg = shade(act, scale)
+    if (bg) span.style.background = bg
+    line.append(span)
+  })
+  return el('div', { class: 'example', 'data-rank': row.rank },
+    el('span', { class: 'act', title: `rank ${row.rank}` }, fmt(row.activation)), line)
+}
+
+/** [low, high) of each histogram column. Edges either bound every column (bins + 1 edges) or
+ * sit between columns, the first and last open-ended (bins - 1 edges: an underflow column
+ * from 0 and an overflow column to infinity). */
+function binBounds(n, edges) {
+  if (edges?.length === n + 1) return Array.from({ length: n }, (_, i) => [edges[i], edges[i + 1]])
+  if (edges?.length === n - 1) return Array.from({ length: n }, (_, i) => [i ? edges[i - 1] : 0, i < n - 1 ? edges[i] : Infinity])
+  return null
+}
+
+const fmtEdge = x => {
+  if (!Number.isFinite(x)) return '∞'
+  const a = Math.abs(x)
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? x.toExponential(2) : String(Number(x.toPrecision(3)))
+}
+
+function histogramSvg(counts, edges) {
+  // Only the columns from the first to the last nonzero one: a fixed grid spans decades
+  // that one feature never reaches.
+  const first = counts.findIndex(c => c > 0)
+  const last = counts.length - 1 - [...counts].reverse().findIndex(c => c > 0)
+  const bounds = binBounds(counts.length, edges)?.slice(first, last + 1)
+  counts = counts.slice(first, last + 1)
+  const ns = 'http://www.w3.org/2000/svg'
+  const w = 420, h = 110, n = counts.length
+  const svg = document.createElementNS(ns, 'svg')
+  svg.setAttribute('viewBox', `0 0 ${w} ${h + 16}`)
+  svg.setAttribute('width', w)
+  svg.setAttribute('role', 'img')
+  const top = Math.log1p(Math.max(...counts, 1))
+  counts.forEach((c, i) => {
+    const bh = c ? Math.max(1, (h * Math.log1p(c)) / top) : 0
+    const r = document.createElementNS(ns, 'rect')
+    r.setAttribute('x', (i * w) / n)
+    r.setAttribute('width', Math.max(1, w / n - 1))
+    r.setAttribute('y', h - bh)
+    r.setAttribute('height', bh)
+    const t = document.createElementNS(ns, 'title')
+    const range = bounds ? `[${fmtEdge(bounds[i][0])}, ${fmtEdge(bounds[i][1])})` : `bin ${first + i}`
+    t.textContent = `${range}: ${c}`
+    r.append(t)
+    svg.append(r)
+  })
+  if (bounds) {
+    for (const [x, anchor, v] of [[0, 'start', bounds[0][0]], [w, 'end', bounds[n - 1][1]]]) {
+      const t = document.createElementNS(ns, 'text')
+      t.setAttribute('x', x)
+      t.setAttribute('y', h + 13)
+      t.setAttribute('text-anchor', anchor)
+      t.textContent = fmtEdge(v)
+      svg.append(t)
+    }
+  }
+  return svg
+}
+
+function setStatus(text, status) {
+  $('status').textContent = text
+  if (status) {
+    state.status = status
+    document.body.dataset.status = status
+  }
+}
+
+function fail(err) {
+  console.error(err)
+  state.error = String(err?.message || err)
+  setStatus(`error: ${state.error}`, 'error')
+}
+
+// ---------- feature view ----------
+
+function layerFiles(layer) {
+  return suite.files[String(layer)] || {}
+}
+
+async function showFeature(layer, f) {
+  const mine = ++ticket
+  f = Math.max(0, Math.min(suite.num_latents - 1, f))
+  $('layer').value = String(layer)
+  $('feature').value = String(f)
+  const url = new URL(location.href)
+  url.searchParams.set('layer', layer)
+  url.searchParams.set('feature', f)
+  history.replaceState(null, '', url)
+  setStatus(`loading layer ${layer} feature ${f}…`, 'loading')
+  Object.assign(state, { layer, feature: f, error: null })
+  const files = layerFiles(layer)
+  const [stats, examples, intervals, logits, statsMeta] = await Promise.all([
+    featureRows(files.stats, f),
+    featureRows(files.examples, f, EXAMPLE_COLUMNS),
+    featureRows(files.intervals, f, INTERVAL_COLUMNS),
+    featureRows(files.logits, f),
+    files.stats ? fileMetadataJson(files.stats) : {},
+  ])
+  if (mine !== ticket) return
+  render(layer, f, stats?.[0] ?? null, examples, intervals, logits, statsMeta)
+  setStatus(`layer ${layer} feature ${f} · ${base}`, 'ready')
+}
+
+function render(layer, f, stats, examples, intervals, logits, statsMeta) {
+  $('title').textContent = `Layer ${layer} · feature ${f}`
+  examples = (examples || []).sort((a, b) => a.rank - b.rank)
+  const top = examples[0]
+  const scale = Math.max(stats?.max_activation || 0, top?.activation || 0)
+
+  const summary = $('summary')
+  summary.replaceChildren()
+  const item = (label, value, id) => summary.append(el('dt', {}, label), el('dd', { id }, value))
+  item('top activation', top ? fmt(top.activation) : '–', 'top-activation')
+  item('top token', top ? chip(top.token) : '–', 'top-token')
+  if (stats) {
+    item('density', fmtDensity(stats.density), 'density')
+    item('fires on', `${stats.fire_count.toLocaleString()} of ${stats.tokens.toLocaleString()} tokens`, 'fire-count')
+    item('mean activation', fmt(stats.mean_activation), 'mean-activation')
+  } else {
+    item('density', 'no feature_stats file for this layer', 'density')
+  }
+
+  const hist = $('histogram')
+  hist.replaceChildren()
+  const counts = Array.from(stats?.histogram || [], Number)
+  if (counts.some(c => c > 0)) {
+    hist.append(histogramSvg(counts, statsMeta.histogram_edges), el('figcaption', {}, 'activation histogram (log count)'))
+  } else {
+    hist.append(el('figcaption', { class: 'muted' }, stats?.histogram ? 'histogram: no activations' : 'no histogram published'))
+  }
+
+  const sides = { positive: [], negative: [] }
+  for (const row of (logits || []).sort((a, b) => a.rank - b.rank)) sides[row.sign]?.push(row)
+  for (const [sign, rows] of Object.entries(sides)) {
+    const list = $(`logits-${sign}`)
+    list.replaceChildren(...rows.map(r => el('li', {}, chip(r.token), el('span', { class: 'val' }, fmt(r.value)))))
+    if (!rows.length) list.append(el('li', { class: 'muted' }, logits ? 'none' : 'not published'))
+  }
+
+  const freq = new Map()
+  for (const r of examples) freq.set(r.token, (freq.get(r.token) || 0) + 1)
+  const common = [...freq].sort((a, b) => b[1] - a[1]).slice(0, 10)
+  $('peak-tokens').replaceChildren(...common.map(([t, n]) => el('li', {}, chip(t), el('span', { class: 'val' }, `×${n}`))))
+
+  $('examples').replaceChildren(...examples.map(r => exampleRow(r, scale)))
+  if (!examples.length) $('examples').append(el('p', { class: 'muted' }, 'no examples: the feature never fired'))
+
+  const bins = new Map()
+  for (const r of intervals || []) {
+    if (!bins.has(r.interval)) bins.set(r.interval, [])
+    bins.get(r.interval).push(r)
+  }
+  // Strongest interval first, whichever way the writer numbers them.
+  const peak = rows => Math.max(...rows.map(r => r.activation))
+  const blocks = [...bins].sort((a, b) => peak(b[1]) - peak(a[1])).map(([bin, rows]) => {
+    const r = rows[0]
+    const bounds = r.interval_low !== undefined ? ` · activation ${fmt(r.interval_low)} to ${fmt(r.interval_high)}` : ''
+    return el('details', { open: true, 'data-interval': bin },
+      el('summary', {}, `interval ${bin}${bounds} · ${rows.length} examples`),
+      ...rows.map(row => exampleRow(row, scale)))
+  })
+  $('intervals').replaceChildren(...blocks)
+  if (!blocks.length) {
+    const why = intervals ? 'no interval examples for this feature' : 'no interval examples published for this layer'
+    $('intervals').append(el('p', { class: 'muted' }, why))
+  }
+
+  Object.assign(state, {
+    layer,
+    feature: f,
+    topActivation: top ? top.activation : null,
+    topToken: top ? top.token : null,
+    examples: examples.length,
+    intervals: (intervals || []).length,
+    density: stats ? stats.density : null,
+    logits: { positive: sides.positive.map(r => r.token), negative: sides.negative.map(r => r.token) },
+  })
+}
+
+// ---------- token search ----------
+
+const searchIndex = new Map()
+
+/** Every (feature, token) of a layer's top examples and logits: a few columns of whole files. */
+function layerIndex(layer) {
+  if (!searchIndex.has(layer)) {
+    const files = layerFiles(layer)
+    const read = async (path, columns) => {
+      if (!path) return []
+      const { file, metadata } = await openParquet(path)
+      return parquetReadObjects({ file, metadata, columns, compressors })
+    }
+    const promise = Promise.all([read(files.examples, ['feature', 'token']), read(files.logits, ['feature', 'sign', 'token'])])
+    promise.catch(() => searchIndex.delete(layer))
+    searchIndex.set(layer, promise)
+  }
+  return searchIndex.get(layer)
+}
+
+const norm = s => s.trim().toLowerCase()
+
+async function search(query) {
+  const q = norm(query)
+  if (!q) return
+  const layer = Number($('layer').value)
+  const mine = ++ticket
+  setStatus(`searching layer ${layer} for ${JSON.stringify(query)}… (reads the token columns)`, 'loading')
+  const [examples, logits] = await layerIndex(layer)
+  if (mine !== ticket) return
+  // Exact matches (ignoring case and surrounding whitespace) if any, else substrings.
+  const tally = exact => {
+    const hits = new Map()
+    const add = (row, key) => {
+      const t = norm(row.token)
+      if (exact ? t !== q : !t.includes(q)) return
+      const f = Number(row.feature)
+      if (!hits.has(f)) hits.set(f, { feature: f, examples: 0, positive: 0, negative: 0 })
+      hits.get(f)[key] += 1
+    }
+    for (const row of examples) add(row, 'examples')
+    for (const row of logits) add(row, row.sign === 'negative' ? 'negative' : 'positive')
+    return [...hits.values()]
+  }
+  let hits = tally(true)
+  const exact = hits.length > 0
+  if (!exact) hits = tally(false)
+  hits.sort((a, b) => b.examples - a.examples || b.positive - a.positive || b.negative - a.negative || a.feature - b.feature)
+  state.search = { query, layer, exact, features: hits.map(h => h.feature) }
+  $('results').hidden = false
+  $('results-note').textContent = `${hits.length} features ${exact ? 'with' : 'containing'} ${JSON.stringify(query)} · layer ${layer}`
+  $('result-list').replaceChildren(...hits.slice(0, SEARCH_LIMIT).map(h => {
+    const parts = []
+    if (h.examples) parts.push(`${h.examples} top example${h.examples === 1 ? '' : 's'}`)
+    if (h.positive) parts.push(`${h.positive} promoted`)
+    if (h.negative) parts.push(`${h.negative} suppressed`)
+    const link = el('a', { href: `#${h.feature}`, 'data-feature': h.feature }, `feature ${h.feature}`)
+    link.addEventListener('click', e => {
+      e.preventDefault()
+      showFeature(layer, h.feature).catch(fail)
+    })
+    return el('li', {}, link, el('span', { class: 'muted' }, ` ${parts.join(', ')}`))
+  }))
+  setStatus(`search done: ${hits.length} features`, 'ready')
+}
+
+// ---------- start ----------
+
+async function start() {
+  const suiteUrl = new URL('browser/suite.json', base).href
+  const res = await fetch(suiteUrl)
+  if (!res.ok) throw new Error(`${suiteUrl}: HTTP ${res.status} (is this a staged loupe repo?)`)
+  suite = await res.json()
+  state.base = base
+  state.suite = { prefix: suite.prefix, layers: suite.layers, num_latents: suite.num_latents }
+  $('model').textContent = [suite.model, suite.prefix].filter(Boolean).join(' · ')
+  $('layer').replaceChildren(...suite.layers.map(l => el('option', { value: String(l) }, String(l))))
+  $('feature').max = suite.num_latents - 1
+  $('range').textContent = `0–${suite.num_latents - 1}`
+
+  const current = () => [Number($('layer').value), Number($('feature').value)]
+  const go = (layer, f) => showFeature(layer, f).catch(fail)
+  $('pick').addEventListener('submit', e => {
+    e.preventDefault()
+    go(...current())
+  })
+  $('layer').addEventListener('change', () => go(...current()))
+  $('prev').addEventListener('click', () => go(current()[0], current()[1] - 1))
+  $('next').addEventListener('click', () => go(current()[0], current()[1] + 1))
+  document.addEventListener('keydown', e => {
+    if (e.target.closest('input, select, textarea')) return
+    if (e.key === 'ArrowLeft') go(current()[0], current()[1] - 1)
+    if (e.key === 'ArrowRight') go(current()[0], current()[1] + 1)
+  })
+  $('search').addEventListener('submit', e => {
+    e.preventDefault()
+    search($('query').value).catch(fail)
+  })
+
+  const layer = suite.layers.includes(Number(params.get('layer'))) && params.get('layer') !== null
+    ? Number(params.get('layer'))
+    : suite.layers[0]
+  await showFeature(layer, Number(params.get('feature')) || 0)
+  if (params.get('q')) {
+    $('query').value = params.get('q')
+    await search(params.get('q'))
+  }
+}
+
+start().catch(fail)

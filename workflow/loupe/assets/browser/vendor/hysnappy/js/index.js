@@ -1,0 +1,2 @@
+export { snappyUncompress, snappyUncompressor } from './uncompress.js'
+export { snappyCompress, snappyCompressor } from './compress.js'
