@@ -2,6 +2,7 @@
 # Stages live in workflow/rules/ (one .smk each); all logic lives in the `loupe` package
 # (workflow/loupe/), which every rule calls through `python -m loupe <stage>`.
 
+
 configfile: "config.yaml"
 
 
@@ -10,7 +11,6 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     layer=r"\d+",
-
 
 
 include: "workflow/rules/demo.smk"
@@ -29,4 +29,4 @@ localrules:
 rule all:
     default_target: True
     input:
-        TARGETS,
+        get_final_output(),

@@ -38,23 +38,20 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def demo_config() -> dict:
     """config.yaml with the demo overrides merged in, and the schema's defaults filled."""
-    import jsonschema
+    from loupe.config import validate
 
-    cfg = deep_merge(
-        load_yaml(REPO / "config.yaml"), load_yaml(REPO / "profiles/demo/demo-config.yaml")
+    return validate(
+        deep_merge(
+            load_yaml(REPO / "config.yaml"), load_yaml(REPO / "profiles/demo/demo-config.yaml")
+        )
     )
-    schema = load_yaml(REPO / "workflow/schemas/config.schema.yaml")
-    _fill_defaults(cfg, schema)
-    jsonschema.validate(cfg, schema)
-    return cfg
 
 
-def _fill_defaults(cfg: dict, schema: dict) -> None:
-    for key, sub in schema.get("properties", {}).items():
-        if key not in cfg and "default" in sub:
-            cfg[key] = copy.deepcopy(sub["default"])
-        if isinstance(cfg.get(key), dict):
-            _fill_defaults(cfg[key], sub)
+def typed(settings: dict):
+    """The typed Config (what every stage function takes) of a raw settings dict."""
+    from loupe.config import Config
+
+    return Config.from_dict(settings)
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -133,11 +130,10 @@ def settings(config, tiny_model, small_corpus) -> dict:
 
 @pytest.fixture(scope="session")
 def token_dir(tmp_path_factory, settings) -> Path:
-    from loupe.settings import dataset_spec, token_spec, tokenizer_name
     from loupe.tokens import tokenize
 
     out = tmp_path_factory.mktemp("tokens")
-    tokenize(dataset_spec(settings), token_spec(settings), tokenizer_name(settings), out)
+    tokenize(typed(settings), out)
     return out
 
 
@@ -148,7 +144,7 @@ def trained_layer(tmp_path_factory, settings, token_dir) -> Path:
 
     root = tmp_path_factory.mktemp("trained")
     out = root / "layer_2"
-    train_layer(settings, 2, token_dir / "train.npy", out, root / "checkpoints" / "layer_2")
+    train_layer(typed(settings), 2, token_dir / "train.npy", out, root / "checkpoints" / "layer_2")
     return out
 
 

@@ -5,6 +5,7 @@ an untrained one on reconstruction and on next-token loss."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -15,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import demo_config, typed
 
 import loupe.evaluate as ev
 from loupe.cli import main as cli_main
+from loupe.config import EvaluateConfig
 from loupe.errors import LoupeError
 from loupe.evaluate import (
-    EvalSpec,
     LogitHead,
     ReconStats,
     evaluate_layer,
@@ -28,13 +30,12 @@ from loupe.evaluate import (
     feature_fractions,
     final_hidden,
     keep_mask,
-    load_causal_lm,
-    load_sae,
     loss_metrics,
     next_token_losses,
     read_feature_stats,
 )
-from loupe.model import capture, import_sparsify
+from loupe.model import capture, import_sparsify, load_model, load_sae
+from loupe.tokens import read_manifest, special_ids
 
 sparsify = import_sparsify()
 
@@ -56,14 +57,26 @@ METRICS = (
 )
 
 
+def spec(
+    batch_size: int = 4, max_tokens: int = 1_048_576, logit_chunk: int = 256
+) -> EvaluateConfig:
+    """An evaluate section (the demo's, these keys replaced)."""
+    return dataclasses.replace(
+        typed(demo_config()).evaluate,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        logit_chunk=logit_chunk,
+    )
+
+
 @pytest.fixture(scope="module")
 def model(settings):
-    return load_causal_lm(settings["model"]["name"], torch.device("cpu"))
+    return load_model(settings["model"]["name"], torch.device("cpu"), head=True)
 
 
 @pytest.fixture(scope="module")
 def specials(token_dir) -> list[int]:
-    return ev.special_ids_of(json.loads((token_dir / "manifest.json").read_text()))
+    return special_ids(read_manifest(token_dir / "manifest.json"))
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +205,10 @@ def test_feature_fractions_from_a_shuffled_stats_table(tmp_path):
 # --- one SAE on the demo ---------------------------------------------------------------------
 
 
+# `sae` is the rule's input (the SAE's sae.safetensors) or, equally, the SAE's folder.
+@pytest.mark.parametrize("sae_path", ["sae.safetensors", "."], ids=["file", "folder"])
 def test_evaluate_layer_writes_finite_metrics_for_the_trained_sae(
-    tmp_path, settings, token_dir, trained_layer, eval_rows, specials
+    tmp_path, settings, token_dir, trained_layer, eval_rows, specials, sae_path
 ):
     sae = load_sae(trained_layer, torch.device("cpu"))
     fire = np.zeros(sae.num_latents, dtype=np.int64)
@@ -202,9 +217,9 @@ def test_evaluate_layer_writes_finite_metrics_for_the_trained_sae(
     write_stats(tmp_path / "stats.parquet", fire)
     out = tmp_path / "eval.json"
     evaluate_layer(
-        settings,
+        typed(settings),
         2,
-        trained_layer,
+        trained_layer / sae_path,
         token_dir / "eval.npy",
         token_dir / "manifest.json",
         tmp_path / "stats.parquet",
@@ -224,8 +239,15 @@ def test_evaluate_layer_writes_finite_metrics_for_the_trained_sae(
     assert result["rows"] == rows == len(eval_rows)
     assert result["tokens"] == int(keep.sum())
     assert result["ce_tokens"] == int(keep[:, :-1].sum())
-    assert result["config"]["evaluate"] == settings["evaluate"]
-    assert result["config"]["sae"] == settings["sae"]
+    # The record names what made it: the output-changing settings evaluate reads, and the
+    # evaluated SAE's own config (which must be the configured one).
+    m, e = settings["model"], settings["evaluate"]
+    assert result["config"] == {
+        "model": {k: m[k] for k in ("name", "revision", "hookpoint", "dtype")},
+        "evaluate": {k: e[k] for k in ("max_tokens", "dense_threshold")},
+    }
+    assert {k: result["sae_cfg"][k] for k in settings["sae"]} == settings["sae"]
+    assert result["sae_cfg"] == json.loads((trained_layer / "cfg.json").read_text())
     assert result["hookpoint"] == HOOK and result["layer"] == 2
 
 
@@ -233,8 +255,8 @@ def test_fvu_matches_sparsify_on_a_few_rows(model, trained_layer, eval_rows, spe
     sae = load_sae(trained_layer, torch.device("cpu"))
     rows = 3
     ctx = eval_rows.shape[1]
-    spec = EvalSpec(batch_size=2, max_tokens=rows * ctx - 5, logit_chunk=50)  # 2 + 1 rows
-    got = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec)
+    cfg = spec(batch_size=2, max_tokens=rows * ctx - 5, logit_chunk=50)  # 2 + 1 rows
+    got = evaluate_sae(model, sae, HOOK, eval_rows, specials, cfg)
     assert got["rows"] == rows
     ids = torch.from_numpy(eval_rows[:rows].astype(np.int64))
     x = capture(model, HOOK, ids)[keep_mask(ids, specials)].float()
@@ -253,7 +275,7 @@ def test_identity_splice_changes_nothing_and_ablation_does(
 ):
     sae = load_sae(trained_layer, torch.device("cpu"))
     monkeypatch.setattr(ev, "reconstruct", lambda sae, x: (x.clone(), torch.full(x.shape[:1], 8)))
-    got = evaluate_sae(model, sae, HOOK, eval_rows, specials, EvalSpec(4, 4 * 128, 64))
+    got = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(4, 4 * 128, 64))
     assert got["fvu"] == 0 and got["cosine"] == pytest.approx(1.0)
     assert got["ce_loss_spliced"] == pytest.approx(got["ce_loss_clean"], abs=1e-6)
     assert got["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -265,10 +287,10 @@ def test_trained_sae_reconstructs_better_than_an_untrained_one(
     model, trained_layer, eval_rows, specials
 ):
     sae = load_sae(trained_layer, torch.device("cpu"))
-    spec = EvalSpec(batch_size=16, max_tokens=32 * 128)
-    trained = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec)
+    cfg = spec(batch_size=16, max_tokens=32 * 128)
+    trained = evaluate_sae(model, sae, HOOK, eval_rows, specials, cfg)
     fresh = evaluate_sae(
-        model, untrained_like(sae, model, eval_rows[:32], specials), HOOK, eval_rows, specials, spec
+        model, untrained_like(sae, model, eval_rows[:32], specials), HOOK, eval_rows, specials, cfg
     )
     print({k: (trained[k], fresh[k]) for k in ("fvu", "cosine", "kl", "ce_loss_score")})
     assert trained["fvu"] < 0.9 * fresh["fvu"]
@@ -308,18 +330,18 @@ def learned(tmp_path_factory, settings, tiny_model, token_dir):
             shutil.copy(f, root / "model" / f.name)
     s = copy.deepcopy(settings)
     s["model"]["name"] = str(root / "model")
-    train_layer(s, 2, token_dir / "train.npy", root / "layer_2", root / "checkpoints")
+    train_layer(typed(s), 2, token_dir / "train.npy", root / "layer_2", root / "checkpoints")
     return s, root / "layer_2"
 
 
 def test_trained_sae_recovers_the_loss_an_untrained_one_loses(learned, eval_rows, specials):
     s, sae_dir = learned
-    lm = load_causal_lm(s["model"]["name"], torch.device("cpu"))
+    lm = load_model(s["model"]["name"], torch.device("cpu"), head=True)
     sae = load_sae(sae_dir, torch.device("cpu"))
-    spec = EvalSpec(batch_size=16, max_tokens=32 * 128)
-    trained = evaluate_sae(lm, sae, HOOK, eval_rows, specials, spec)
+    cfg = spec(batch_size=16, max_tokens=32 * 128)
+    trained = evaluate_sae(lm, sae, HOOK, eval_rows, specials, cfg)
     fresh = evaluate_sae(
-        lm, untrained_like(sae, lm, eval_rows[:32], specials), HOOK, eval_rows, specials, spec
+        lm, untrained_like(sae, lm, eval_rows[:32], specials), HOOK, eval_rows, specials, cfg
     )
     print({k: (trained[k], fresh[k]) for k in ("fvu", "delta_ce", "ce_loss_score", "kl")})
     # The model learned something, and zeroing layer 2 costs it clearly.
@@ -343,19 +365,19 @@ def test_cli_rejects_stats_of_another_sae_in_one_line(
         "--log",
         str(tmp_path / "evaluate.log"),
         "evaluate",
-        "--settings",
+        "--config",
         json.dumps(settings),
         "--layer",
         "2",
-        "--sae-dir",
-        str(trained_layer),
+        "--sae",
+        str(trained_layer / "sae.safetensors"),
         "--tokens",
         str(token_dir / "eval.npy"),
         "--manifest",
         str(token_dir / "manifest.json"),
         "--stats",
         str(tmp_path / "stats.parquet"),
-        "--out",
+        "--metrics",
         str(tmp_path / "eval.json"),
     ]
     assert cli_main(argv) == 2

@@ -6,6 +6,7 @@ sample size."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,19 +17,19 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import demo_config, typed
 
 from loupe.errors import LoupeError
-from loupe.maxact import (
-    ROW_GROUP_FEATURES,
+from loupe.examples import ROW_GROUP_FEATURES
+from loupe.maxact import sample_layer
+from loupe.model import capture, import_sparsify, load_model, truncate_after
+from loupe.samplers import (
     FiringStats,
-    MaxactSpec,
     TopExamples,
     densify,
-    sample_layer,
     sequence_peaks,
     window_activations,
 )
-from loupe.model import capture, import_sparsify, load_text_model, truncate_after
 
 sparsify = import_sparsify()
 
@@ -94,7 +95,10 @@ def _brute_top(dense: torch.Tensor, n: int, before: int, after: int):
 def test_streaming_top_n_equals_a_full_sort(levels):
     rows, seq, k, features = 23, 9, 3, 6
     acts, indices = _random_topk(rows, seq, k, features, seed=1, levels=levels)
-    spec = MaxactSpec(top_n=4, window_before=3, window_after=2, batch_size=5)
+    spec = dataclasses.replace(
+        typed(demo_config()).maxact, top_n=4, window_before=3, window_after=2, batch_size=5
+    )
+    assert spec.width == 3 + 1 + 2
     top = TopExamples(features, spec, torch.device("cpu"))
     for start, stop in [(0, 5), (5, 6), (6, 15), (15, 23)]:  # uneven batches
         top.update(acts[start:stop], indices[start:stop], first_row=start)
@@ -131,9 +135,20 @@ def test_firing_stats_count_only_positive_activations():
     assert stats.tokens == 2
 
 
-def test_spec_rejects_top_n_below_one():
-    with pytest.raises(LoupeError, match="top_n must be at least 1"):
-        MaxactSpec.from_settings({"maxact": {"top_n": 0}})
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("top_n", 0), ("window_before", -1), ("window_after", -1), ("batch_size", 0)],
+)
+def test_config_rejects_out_of_range_maxact_settings(key, value):
+    raw = demo_config()
+    raw["maxact"][key] = value
+    with pytest.raises(LoupeError) as info:
+        typed(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"config error at maxact/{key}: {value} is less than the minimum")
+    raw["maxact"][key] = value + 1  # the smallest allowed value passes
+    assert getattr(typed(raw).maxact, key) == value + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,13 +163,15 @@ def sampled(tmp_path_factory, settings, token_dir, trained_layer):
     s["maxact"].update(top_n=20, window_before=32, window_after=8, batch_size=8)
     out = tmp_path_factory.mktemp("maxact")
     summary = sample_layer(
-        s,
+        typed(s),
         LAYER,
-        trained_layer,
+        trained_layer / "sae.safetensors",
         token_dir / "sample.npy",
         token_dir / "manifest.json",
         out / "max_activations.parquet",
+        out / "interval_examples.parquet",
         out / "feature_stats.parquet",
+        out / "feature_logits.parquet",
     )
     assert summary["tokens"] == np.load(token_dir / "sample.npy").size
     return s, out / "max_activations.parquet", out / "feature_stats.parquet"
@@ -166,7 +183,7 @@ def reference(sampled, token_dir, trained_layer):
     (computed 32 rows at a time, not in the sampler's batches of 8)."""
     s = sampled[0]
     hookpoint = s["model"]["hookpoint"].format(layer=LAYER)
-    model = load_text_model(s["model"]["name"], torch.device("cpu"))
+    model = load_model(s["model"]["name"], torch.device("cpu"))
     truncate_after(model, hookpoint)
     sae = sparsify.SparseCoder.load_from_disk(trained_layer)
     tokens = torch.from_numpy(np.load(token_dir / "sample.npy").astype(np.int64))
@@ -212,6 +229,20 @@ def test_examples_match_brute_force_for_every_feature(sampled, reference):
     assert len(df) == pl.read_parquet(stats)["examples"].sum() > 0
 
 
+def _token_string(tokenizer, token_id: int) -> str:
+    """What a token shows as: its decoding alone, or, where that is part of a multi-byte
+    character (U+FFFD), its bytes escaped. The demo tokenizer is byte-level BPE: each
+    character of a vocabulary piece stands for one byte (GPT-2's alphabet)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    raw = bytes(byte_of[c] for c in tokenizer.convert_ids_to_tokens(token_id))
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
 def test_every_row_is_self_consistent(sampled, token_dir):
     from transformers import AutoTokenizer
 
@@ -231,8 +262,8 @@ def test_every_row_is_self_consistent(sampled, token_dir):
         assert acts[peak] == np.float32(row["activation"]) > 0
         assert acts[[i not in SPECIAL for i in ids]].max() == acts[peak]
         assert row["token_id"] == ids[peak] not in SPECIAL
-        assert row["token"] == ctx[peak] == tokenizer.decode([ids[peak]])
-        assert ctx == [tokenizer.decode([i]) for i in ids]
+        assert row["token"] == ctx[peak] == _token_string(tokenizer, ids[peak])
+        assert ctx == [_token_string(tokenizer, i) for i in ids]
         assert row["context"] == tokenizer.decode(ids)
     # Specials stay visible in contexts (every window reaching position 0 shows the BOS).
     assert (
@@ -246,7 +277,7 @@ def test_recomputing_the_sae_at_sequence_and_position_gives_the_activation(
     s, examples, _ = sampled
     df = pl.read_parquet(examples).filter(pl.col("rank") == 0).head(40)
     hookpoint = s["model"]["hookpoint"].format(layer=LAYER)
-    model = load_text_model(s["model"]["name"], torch.device("cpu"))
+    model = load_model(s["model"]["name"], torch.device("cpu"))
     sae = sparsify.SparseCoder.load_from_disk(trained_layer)
     seqs = sorted(set(df["sequence"].to_list()))
     ids = torch.from_numpy(np.load(token_dir / "sample.npy")[seqs].astype(np.int64))
@@ -271,6 +302,7 @@ def test_feature_stats_cover_every_feature(sampled, reference, token_dir):
         "mean_activation": pl.Float32,
         "examples": pl.Int64,
         "tokens": pl.Int64,
+        "histogram": pl.List(pl.Int64),
     }
     features = reference.shape[2]
     assert stats["feature"].to_list() == list(range(features))  # dead ones included
@@ -292,6 +324,28 @@ def test_feature_stats_cover_every_feature(sampled, reference, token_dir):
     counts = pl.read_parquet(examples).group_by("feature").len()
     kept = dict(zip(counts["feature"], counts["len"], strict=True))
     assert stats["examples"].to_list() == [kept.get(f, 0) for f in range(features)]
+
+
+def test_activation_histograms_count_every_firing_in_its_bin(sampled, reference):
+    _, _, stats_path = sampled
+    stats = pl.read_parquet(stats_path)
+    meta = json.loads(pq.read_schema(stats_path).metadata[b"loupe"])
+    edges = np.array(meta["histogram_edges"], dtype=np.float32)
+    got = np.array(stats["histogram"].to_list())
+    features = reference.shape[2]
+    assert got.shape == (features, len(edges) + 1)
+    # Brute force: bin 0 below the first edge, bin i in [edges[i-1], edges[i]), the last at
+    # or above the last edge.
+    flat = reference.reshape(-1, features).numpy()
+    rows, feats = np.nonzero(flat > 0)
+    want = np.zeros_like(got)
+    np.add.at(want, (feats, np.searchsorted(edges, flat[rows, feats], side="right")), 1)
+    assert (got.sum(1) == want.sum(1)).all()
+    assert got.sum(1).tolist() == stats["fire_count"].to_list()
+    # The reference is computed in other batches, so a value within float rounding of an edge
+    # may land in the neighbouring bin: a count moved by one place, never more.
+    assert np.abs(np.cumsum(got - want, axis=1)).max() <= 1
+    assert np.abs(got - want).sum() <= 10, np.abs(got - want).sum()
 
 
 def test_parquet_is_sorted_compressed_and_grouped_by_feature(sampled, tmp_path):
@@ -340,13 +394,15 @@ def _cli(settings, trained_layer, token_dir, tmp_path, **override):
     from loupe.cli import main
 
     args = {
-        "settings": json.dumps(settings),
+        "config": json.dumps(settings),
         "layer": str(LAYER),
-        "sae-dir": str(trained_layer),
+        "sae": str(trained_layer / "sae.safetensors"),
         "tokens": str(token_dir / "sample.npy"),
         "manifest": str(token_dir / "manifest.json"),
         "examples": str(tmp_path / "ex.parquet"),
+        "intervals": str(tmp_path / "iv.parquet"),
         "stats": str(tmp_path / "st.parquet"),
+        "logits": str(tmp_path / "lg.parquet"),
         **override,
     }
     return main(["maxact", *[x for k, v in args.items() for x in (f"--{k}", v)]])
@@ -367,7 +423,7 @@ def test_bad_input_is_one_line_each(settings, trained_layer, token_dir, tmp_path
     cfg = sparsify.SparseCoderConfig(expansion_factor=2, k=4)
     sparsify.SparseCoder(32, cfg).save_to_disk(wrong)
     assert _cli(s, wrong, token_dir, tmp_path) == 2
-    _one_line_error(capsys, "has d_in 32, but")
+    _one_line_error(capsys, "reads 32-dim activations, but")
 
     assert _cli(s, trained_layer, token_dir, tmp_path, tokens=str(tmp_path / "none.npy")) == 2
     _one_line_error(capsys, "token split not found")
@@ -378,8 +434,8 @@ def test_bad_input_is_one_line_each(settings, trained_layer, token_dir, tmp_path
 
     s["maxact"]["top_n"] = 0
     assert _cli(s, trained_layer, token_dir, tmp_path) == 2
-    _one_line_error(capsys, "maxact.top_n must be at least 1, got 0")
-    assert not (tmp_path / "ex.parquet").exists() and not (tmp_path / "st.parquet").exists()
+    _one_line_error(capsys, "config error at maxact/top_n: 0 is less than the minimum of 1")
+    assert not list(tmp_path.glob("*.parquet"))  # no output of any failed run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,16 +445,17 @@ _MEMORY_PROBE = """
 import json, sys
 from pathlib import Path
 import numpy as np, torch
-from loupe.maxact import MaxactSpec, load_sae, stream
-from loupe.model import load_text_model, truncate_after
+from loupe.config import MaxactConfig
+from loupe.maxact import stream
+from loupe.model import load_model, load_sae, truncate_after
 
 a = json.loads(sys.argv[1])
 torch.set_num_threads(1)
-model = load_text_model(a["model"], torch.device("cpu"))
+model = load_model(a["model"], torch.device("cpu"))
 truncate_after(model, a["hookpoint"])
-sae = load_sae(Path(a["sae"]), torch.device("cpu"))
+sae = load_sae(Path(a["sae"]), torch.device("cpu"), decoder=False)
 tokens = np.load(a["tokens"], mmap_mode="r")
-spec = MaxactSpec(top_n=20, batch_size=8)
+spec = MaxactConfig(**a["maxact"])
 stream(model, sae, a["hookpoint"], tokens[:16], spec, a["special"])  # warm up the allocator
 
 def kb(key):
@@ -420,6 +477,7 @@ def _peak_growth_mb(settings, trained_layer, tokens_path: Path) -> float:
         "sae": str(trained_layer),
         "tokens": str(tokens_path),
         "special": SPECIAL,
+        "maxact": {**settings["maxact"], "top_n": 20, "batch_size": 8},
     }
     proc = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, json.dumps(args)],

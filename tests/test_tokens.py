@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import re
 
 import numpy as np
 import pytest
+from conftest import typed
 
+from loupe.config import Config
 from loupe.errors import LoupeError
-from loupe.settings import dataset_spec, token_spec, tokenizer_name
-from loupe.tokens import SPLITS, DatasetSpec, TokenSpec, open_split, tokenize
+from loupe.tokens import SPLITS, open_split, read_manifest, special_ids, tokenize
 
 
 def test_rows_start_with_bos_and_hold_no_other(token_dir, settings):
@@ -53,22 +55,31 @@ def tagged_corpus(tmp_path_factory, small_corpus):
     return path
 
 
-def _spec(settings, path, **tokens) -> tuple[DatasetSpec, TokenSpec]:
-    ds = DatasetSpec(path=str(path), text_column="body")
+def _config(settings, dataset: dict | None = None, tokens: dict | None = None, **model) -> Config:
+    """The session's settings with a whole dataset or tokens section replaced (the schema fills
+    the rest of a replaced section with its defaults) and model keys overridden."""
+    s = copy.deepcopy(settings)
+    if dataset is not None:
+        s["dataset"] = dataset
+    if tokens is not None:
+        s["tokens"] = tokens
+    s["model"].update(model)
+    return typed(s)
+
+
+def _tagged(settings, path, **tokens) -> Config:
     t = {**settings["tokens"], "train_tokens": 16384, "sample_tokens": 4096, "eval_tokens": 4096}
-    return ds, TokenSpec(**{**t, **tokens})
+    return _config(settings, {"path": str(path), "text_column": "body"}, {**t, **tokens})
 
 
 def test_splits_share_no_document_and_are_deterministic(tmp_path, settings, tagged_corpus):
     from transformers import AutoTokenizer
 
-    ds, spec = _spec(settings, tagged_corpus)
-    a = tokenize(ds, spec, tokenizer_name(settings), tmp_path / "a")
-    b = tokenize(ds, spec, tokenizer_name(settings), tmp_path / "b")
+    config = _tagged(settings, tagged_corpus)
+    a = tokenize(config, tmp_path / "a")
+    b = tokenize(config, tmp_path / "b")
     assert a["sha256"] == b["sha256"]
-    c = tokenize(
-        ds, TokenSpec(**{**vars(spec), "seed": 1}), tokenizer_name(settings), tmp_path / "c"
-    )
+    c = tokenize(_tagged(settings, tagged_corpus, seed=1), tmp_path / "c")
     assert c["sha256"] != a["sha256"]
 
     tok = AutoTokenizer.from_pretrained(settings["model"]["name"])
@@ -83,31 +94,31 @@ def test_splits_share_no_document_and_are_deterministic(tmp_path, settings, tagg
 
 
 def _no_outputs(out_dir):
-    return (
-        not out_dir.exists() or not any(out_dir.glob("*.npy")) and not any(out_dir.glob(".*tmp*"))
-    )
+    """Nothing written anywhere under out_dir (its split store included), no temporary left."""
+    return not any(out_dir.rglob("*.npy")) and not any(out_dir.rglob(".*tmp*"))
 
 
 def test_missing_dataset_path(tmp_path, settings):
-    ds = DatasetSpec(path=str(tmp_path / "nope.jsonl.gz"))
+    config = _config(settings, {"path": str(tmp_path / "nope.jsonl.gz")})
     with pytest.raises(LoupeError, match="dataset path not found"):
-        tokenize(ds, token_spec(settings), tokenizer_name(settings), tmp_path / "out")
+        tokenize(config, tmp_path / "out")
     assert _no_outputs(tmp_path / "out")
 
 
 def test_missing_text_column(tmp_path, settings, small_corpus):
-    ds = DatasetSpec(path=str(small_corpus), text_column="raw_content")
+    config = _config(settings, {"path": str(small_corpus), "text_column": "raw_content"})
     with pytest.raises(LoupeError, match=r"text column 'raw_content' not in dataset.*'text'"):
-        tokenize(ds, token_spec(settings), tokenizer_name(settings), tmp_path / "out")
+        tokenize(config, tmp_path / "out")
     assert _no_outputs(tmp_path / "out")
 
 
 def test_corpus_too_small_says_found_and_needed(tmp_path, settings, tagged_corpus):
-    ds, spec = _spec(settings, tagged_corpus, train_tokens=50_000_000)
-    with pytest.raises(
-        LoupeError, match=r"corpus too small: .* documents gave [\d,]+ tokens .*need [\d,]+"
-    ):
-        tokenize(ds, spec, tokenizer_name(settings), tmp_path / "out")
+    config = _tagged(settings, tagged_corpus, train_tokens=50_000_000)
+    need = 50_000_000 + 4096 + 4096  # whole rows of 128 tokens: no rounding up here
+    # Found and needed, after reading every one of the corpus's 3,000 documents.
+    found = rf"collected [\d,]+ of {need:,} tokens \(.*\) from 3,000 documents"
+    with pytest.raises(LoupeError, match=rf"corpus too small: {found}"):
+        tokenize(config, tmp_path / "out")
     assert _no_outputs(tmp_path / "out")
 
 
@@ -118,9 +129,7 @@ def test_tokenizer_without_bos(tmp_path, settings, tiny_model):
     tok.bos_token = None
     tok.save_pretrained(tmp_path / "nobos")
     with pytest.raises(LoupeError, match="has no BOS token"):
-        tokenize(
-            dataset_spec(settings), token_spec(settings), str(tmp_path / "nobos"), tmp_path / "out"
-        )
+        tokenize(_config(settings, tokenizer=str(tmp_path / "nobos")), tmp_path / "out")
     assert _no_outputs(tmp_path / "out")
 
 
@@ -132,14 +141,9 @@ def test_local_formats_txt_and_parquet(tmp_path, settings, small_corpus):
         texts = [json.loads(line)["text"] for line in f][:600]
     pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
     (tmp_path / "docs.txt").write_text("\n".join(t.replace("\n", " ") for t in texts))
-    spec = TokenSpec(ctx_len=64, train_tokens=4096, sample_tokens=1024, eval_tokens=1024)
+    tokens = {"ctx_len": 64, "train_tokens": 4096, "sample_tokens": 1024, "eval_tokens": 1024}
     for name in ("docs.parquet", "docs.txt"):
-        m = tokenize(
-            DatasetSpec(path=str(tmp_path / name)),
-            spec,
-            tokenizer_name(settings),
-            tmp_path / name[5:],
-        )
+        m = tokenize(_config(settings, {"path": str(tmp_path / name)}, tokens), tmp_path / name[5:])
         assert m["rows"] == {"train": 64, "sample": 16, "eval": 16}
 
 
@@ -149,6 +153,17 @@ def test_open_split_errors(tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((0, 8), dtype=np.uint32))
     with pytest.raises(LoupeError, match="is empty"):
         open_split(tmp_path / "empty.npy")
+
+
+def test_special_ids_from_the_manifest(token_dir, tmp_path):
+    manifest = read_manifest(token_dir / "manifest.json")
+    # The demo tokenizer: pad 0, eos 1, bos 2 (Gemma's ids).
+    ids = (manifest["pad_token_id"], manifest["eos_token_id"], manifest["bos_token_id"])
+    assert ids == (0, 1, 2)
+    assert special_ids(manifest) == [0, 1, 2]
+    assert special_ids({"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": None}) == [2]
+    with pytest.raises(LoupeError, match="cannot read token manifest"):
+        read_manifest(tmp_path / "missing.json")
 
 
 def test_cli_prints_one_line_for_bad_input(tmp_path, settings):
@@ -166,7 +181,7 @@ def test_cli_prints_one_line_for_bad_input(tmp_path, settings):
             "--log",
             str(log),
             "tokenize",
-            "--settings",
+            "--config",
             json.dumps(bad),
             "--out-dir",
             str(tmp_path / "t"),
@@ -197,12 +212,12 @@ def test_redpajama_code_path_on_local_json_gz(tmp_path, settings, small_corpus):
                     dst.write(
                         json.dumps({"raw_content": json.loads(line)["text"], "doc_id": i}) + "\n"
                     )
-    ds = DatasetSpec(
-        path="json",
-        data_files=[str(tmp_path / f"documents/*/*/en_{p}.json.gz") for p in ("head", "middle")],
-        text_column="raw_content",
+    data_files = [str(tmp_path / f"documents/*/*/en_{p}.json.gz") for p in ("head", "middle")]
+    config = _config(
+        settings,
+        {"path": "json", "data_files": data_files, "text_column": "raw_content"},
+        {"ctx_len": 64, "train_tokens": 8192, "sample_tokens": 2048, "eval_tokens": 2048},
     )
-    spec = TokenSpec(ctx_len=64, train_tokens=8192, sample_tokens=2048, eval_tokens=2048)
-    manifest = tokenize(ds, spec, tokenizer_name(settings), tmp_path / "tokens")
+    manifest = tokenize(config, tmp_path / "tokens")
     assert manifest["rows"] == {"train": 128, "sample": 32, "eval": 32}
-    assert manifest["dataset"]["data_files"] == ds.data_files
+    assert manifest["dataset"]["data_files"] == data_files

@@ -1,7 +1,11 @@
-"""Command line entry points, one subcommand per workflow stage; each rule calls one.
+"""The command line: one subcommand per workflow step, each calling one function of its stage
+module. A command's flags are that function's parameters (`--sae-dir` -> `sae_dir`), which are
+also the names of the rule's inputs and outputs: one name per thing from rule to parameter.
 
-Settings arrive as one JSON object (the config sections the stage needs, passed through the
-rule's params so Snakemake reruns a stage exactly when its settings change)."""
+Every command that reads settings takes `--config`, the whole config as JSON, by default from
+the environment variable LOUPE_CONFIG, which the workflow sets: the environment never triggers
+a rerun, so execution-only keys reach jobs freely, while the rules' `params:` carry only the
+output-changing keys (loupe.config.STAGE_READS)."""
 
 from __future__ import annotations
 
@@ -11,30 +15,137 @@ import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import __version__
 from .errors import LoupeError
 from .progress import setup_logging
 
-# Subcommand -> module. Each stage module defines `add_arguments(parser)` and `run(args)`,
-# so a stage's command line lives beside its logic and the CLI only dispatches.
-STAGES = {
-    "demo-corpus": "loupe.demo_cli:corpus",
-    "demo-model": "loupe.demo_cli:model",
-    "tokenize": "loupe.tokens_cli",
-    "train": "loupe.train_cli",
-    "maxact": "loupe.maxact_cli",
-    "evaluate": "loupe.evaluate_cli",
-    "summary": "loupe.summary_cli",
-    "stage": "loupe.publish_cli",
-    "upload": "loupe.upload_cli",
+CONFIG_ENV = "LOUPE_CONFIG"
+
+
+@dataclass(frozen=True)
+class Command:
+    """`function` ("module:name") is imported only when chosen: torch is slow to import."""
+
+    function: str
+    help: str
+    paths: tuple[str, ...] = ()  # one path each
+    path_lists: tuple[str, ...] = ()  # one or more paths each (one per layer, in layer order)
+    layer: bool = False
+    threads: bool = False
+    config: bool = True
+    port: bool = False
+
+
+COMMANDS = {
+    "demo-corpus": Command(
+        "loupe.demo:build_corpus", "write the demo corpus (Python's own docs)", ("corpus",)
+    ),
+    "demo-model": Command(
+        "loupe.demo:build_model", "build the demo's tiny Gemma 4 model", ("corpus", "model")
+    ),
+    "tokenize": Command(
+        "loupe.tokens:tokenize",
+        "stream the corpus into train/sample/eval token splits",
+        ("out_dir",),
+        threads=True,
+    ),
+    "train": Command(
+        "loupe.train:train_layer",
+        "train one layer's SAE (resumes from its checkpoint)",
+        ("tokens", "out_dir", "checkpoint_dir"),
+        layer=True,
+        threads=True,
+    ),
+    "maxact": Command(
+        "loupe.maxact:sample_layer",
+        "max-activating examples and feature stats of one layer",
+        ("sae", "tokens", "manifest", "examples", "intervals", "stats", "logits"),
+        layer=True,
+        threads=True,
+    ),
+    "evaluate": Command(
+        "loupe.evaluate:evaluate_layer",
+        "reconstruction and next-token-loss metrics of one layer",
+        ("sae", "tokens", "manifest", "stats", "metrics"),
+        layer=True,
+        threads=True,
+    ),
+    "summary": Command(
+        "loupe.summary:summarize",
+        "metrics.csv and plots of the whole suite",
+        ("metrics", "fvu", "delta_ce", "dead", "density", "curves"),
+        path_lists=("evals", "stats", "train_metrics"),
+    ),
+    "stage": Command(
+        "loupe.publish:stage_repo",
+        "assemble the hub repo in one folder",
+        ("manifest", "repo"),
+        path_lists=("sae", "examples", "intervals", "stats", "logits", "summary"),
+        threads=True,
+    ),
+    "upload": Command(
+        "loupe.upload:upload", "publish the staged repo and verify it", ("repo", "receipt")
+    ),
+    "upload-dry-run": Command(
+        "loupe.upload:dry_run", "list what an upload would send; send nothing", ("repo", "plan")
+    ),
+    "browse": Command(
+        "loupe.browse:browse",
+        "serve the staged repo's feature browser on 127.0.0.1 until Ctrl-C",
+        ("repo",),
+        config=False,
+        port=True,
+    ),
 }
 
 
-def _stage(name: str):
-    module, _, attr = STAGES[name].partition(":")
-    mod = importlib.import_module(module)
-    return getattr(mod, attr) if attr else mod
+def _function(command: Command):
+    module, _, name = command.function.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loupe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log", type=Path, default=None, help="append all output to this file")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if command.config:
+            p.add_argument(
+                "--config",
+                default=os.environ.get(CONFIG_ENV),
+                required=CONFIG_ENV not in os.environ,
+                help=f"the config, as JSON (default: ${CONFIG_ENV}, set by the workflow)",
+            )
+        if command.layer:
+            p.add_argument("--layer", type=int, required=True)
+        if command.threads:
+            p.add_argument("--threads", type=int, default=1)
+        if command.port:
+            p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+        for path in command.paths:
+            p.add_argument(_flag(path), dest=path, type=Path, required=True)
+        for paths in command.path_lists:
+            p.add_argument(_flag(paths), dest=paths, type=Path, nargs="+", required=True)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Call the chosen command's function with the parsed arguments, by name."""
+    from .config import Config
+
+    command = COMMANDS[args.command]
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "log", "config")}
+    if command.config:
+        kwargs["config"] = Config.from_json(args.config)
+    _function(command)(**kwargs)
 
 
 @contextlib.contextmanager
@@ -59,23 +170,16 @@ def _log_to(path: Path | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loupe", description=__doc__)
-    parser.add_argument("--log", type=Path, default=None, help="append all output to this file")
-    sub = parser.add_subparsers(dest="command", required=True)
-    # Only the chosen stage is imported (torch and friends are slow to import).
-    chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in STAGES), None)
-    for name in STAGES:
-        p = sub.add_parser(name)
-        if name == chosen:
-            _stage(name).add_arguments(p)
-    args = parser.parse_args(argv)
-    fn = _stage(args.command).run
+    args = build_parser().parse_args(argv)
     terminal = sys.stderr
     try:
         with _log_to(args.log):
             setup_logging()
+            # Which copy of the package runs: the workflow's own (PYTHONPATH), even when
+            # another is installed.
+            logging.getLogger("loupe").info("loupe %s from %s", __version__, Path(__file__).parent)
             try:
-                fn(args)
+                run(args)
             except LoupeError as e:
                 print(f"loupe {args.command}: error: {e}", file=sys.stderr)
                 raise

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Config
 from .io import atomic_dir, atomic_path
 from .progress import progress
 
@@ -241,3 +242,13 @@ def build_tiny_model(out_dir: Path, corpus: Path, spec: TinyModelSpec) -> None:
         log.info(
             "demo model pretrained %d steps: loss %.3f -> %.3f", len(losses), losses[0], losses[-1]
         )
+
+
+def build_corpus(config: Config, corpus: Path) -> dict:
+    """The demo_corpus rule's job: at least demo.min_corpus_bytes of text in `corpus`."""
+    return write_corpus(Path(corpus), config.demo.min_corpus_bytes)
+
+
+def build_model(config: Config, corpus: Path, model: Path) -> None:
+    """The demo_model rule's job: the tiny Gemma 4 model and tokenizer, trained on `corpus`."""
+    build_tiny_model(Path(model), Path(corpus), TinyModelSpec())

@@ -1,15 +1,24 @@
-"""Loading the language model once per job: device choice, text tower only, frozen, and cut
-after the hooked layer so nothing past it (later layers, the 262k-vocab LM head) is computed."""
+"""Loading the language model and the SAEs, once per job: device choice, text tower only,
+frozen, and cut after the hooked layer so nothing past it (later layers, the 262k-vocab LM head)
+is computed."""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import LoupeError
+from .gpus import select_device
+from .layout import SAE_CFG, SAE_WEIGHTS
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -23,23 +32,32 @@ _NON_TEXT_MODULES = (
 )
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks the GPU if one is present; asking for `cuda` without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LoupeError(
-                f"device {name!r} requested but no CUDA GPU is available (use device: auto or cpu)"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise LoupeError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) present")
-    return device
+def is_local_path(name: str) -> bool:
+    """A folder, not a hub id ("owner/name" or "name"): deeper nesting or a path prefix."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+# The sparsify releases loupe's Trainer patches (train.py) were written and tested against:
+# they override its checkpoint and resume internals, which change between releases.
+SPARSIFY_SUPPORTED = ("1.3.3",)
 
 
 def import_sparsify():
-    """Import sparsify; without a GPU its Triton decoder cannot run, so use the eager one."""
+    """Import sparsify, checking its version; without a GPU its Triton decoder cannot run, so
+    use the eager one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("eai-sparsify")
+    except PackageNotFoundError:
+        raise LoupeError(
+            "eai-sparsify is not installed (pip install eai-sparsify==1.3.3)"
+        ) from None
+    if installed not in SPARSIFY_SUPPORTED:
+        raise LoupeError(
+            f"eai-sparsify {installed} is installed, but loupe's training patches are tested with"
+            f" {', '.join(SPARSIFY_SUPPORTED)} only (pip install eai-sparsify=={SPARSIFY_SUPPORTED[-1]})"
+        )
     if not torch.cuda.is_available():
         os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
     import sparsify
@@ -47,29 +65,130 @@ def import_sparsify():
     return sparsify
 
 
-def model_dtype(device: torch.device) -> torch.dtype:
-    # bf16 on GPU (never fp16: Gemma 4's layer-0 MLP overflows it); fp32 on CPU.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def model_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """The model's dtype (config model.dtype): auto = bf16 on GPU, fp32 on CPU. Never fp16:
+    Gemma 4's layer-0 MLP overflows it."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
 
 
-def load_text_model(name: str, device: torch.device, revision: str | None = None):
-    """The base model (no LM head) from a hub id or folder, text tower only, frozen, eval mode."""
-    from transformers import AutoModel
+def load_model(
+    name: str,
+    device: torch.device,
+    revision: str | None = None,
+    dtype: str = "auto",
+    head: bool = False,
+):
+    """The model from a hub id or folder, text tower only, frozen, eval mode: the base model
+    (no LM head), or with `head` the causal LM (Gemma 4: Gemma4ForConditionalGeneration)."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    if is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        # Else transformers tries the hub and reports a connection error instead.
+        raise LoupeError(f"model folder not found: {name} (check model.name)")
+    cls = AutoModelForCausalLM if head else AutoModel
     try:
-        model = AutoModel.from_pretrained(name, revision=revision, dtype=model_dtype(device))
+        model = cls.from_pretrained(name, revision=revision, dtype=model_dtype(device, dtype))
     except Exception as e:
         raise LoupeError(f"cannot load model {name!r}: {type(e).__name__}: {e}") from e
-    for attr in _NON_TEXT_MODULES:
-        if isinstance(getattr(model, attr, None), nn.Module):
-            setattr(model, attr, None)
+    for owner in {id(model): model, id(model.base_model): model.base_model}.values():
+        for attr in _NON_TEXT_MODULES:
+            if isinstance(getattr(owner, attr, None), nn.Module):
+                setattr(owner, attr, None)
     for cfg in {
         id(model.config): model.config,
         id(text_config(model)): text_config(model),
     }.values():
         cfg.use_cache = False  # a KV cache is pure overhead for single full-sequence passes
+    if head and model.get_output_embeddings() is None:
+        raise LoupeError(f"model {name!r} has no LM head: cannot compute next-token loss")
     model.requires_grad_(False)
     return model.eval().to(device)
+
+
+def load_sae(path: Path, device: torch.device, decoder: bool = True):
+    """A trained SAE from its folder (or its sae.safetensors), in fp32, frozen, eval mode."""
+    sparsify = import_sparsify()
+    folder = Path(path)
+    folder = folder.parent if folder.name == SAE_WEIGHTS else folder
+    if not (folder / SAE_CFG).is_file() or not (folder / SAE_WEIGHTS).is_file():
+        raise LoupeError(f"no trained SAE in {folder} (needs {SAE_CFG} and {SAE_WEIGHTS})")
+    try:
+        sae = sparsify.SparseCoder.load_from_disk(folder, device=device, decoder=decoder)
+    except Exception as e:
+        raise LoupeError(f"cannot load SAE from {folder}: {type(e).__name__}: {e}") from e
+    return sae.float().eval().requires_grad_(False)
+
+
+@dataclass
+class LayerJob:
+    """What a per-layer step works with."""
+
+    layer: int
+    hookpoint: str
+    device: torch.device
+    model: nn.Module
+    sae: nn.Module | None = None  # the trained SAE, when the step reads one
+    special_ids: list[int] = field(default_factory=list)  # BOS/EOS/PAD of the token splits
+
+
+def open_layer(
+    config: Config,
+    layer: int,
+    threads: int = 1,
+    *,
+    head: bool = False,
+    truncate: bool = True,
+    sae: Path | None = None,
+    decoder: bool = True,
+    manifest: Path | None = None,
+) -> LayerJob:
+    """The preamble of train, maxact and evaluate: check the layer, pick the device and
+    threads, load the SAE (if `sae`: its folder or sae.safetensors) and the model (with its LM
+    head if `head`; cut after the layer if `truncate`: running the head needs every layer),
+    check that the SAE reads this model's activations and that the token splits (their
+    `manifest`) fit its vocabulary, and read the special token ids."""
+    from .tokens import read_manifest, special_ids
+
+    if layer not in config.model.layers:
+        raise LoupeError(f"layer {layer} is not in model.layers {config.model.layers}")
+    tokens = read_manifest(manifest) if manifest is not None else {}
+    special = special_ids(tokens)
+    # Before the model loads, so a job waiting for a free GPU holds no memory.
+    device = select_device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, threads))
+    trained = load_sae(sae, device, decoder) if sae is not None else None
+    hookpoint = config.model.hookpoint_of(layer)
+    m = config.model
+    model = load_model(m.name, device, m.revision, m.dtype, head=head)
+    if trained is not None and trained.d_in != hidden_size(model):
+        raise LoupeError(
+            f"the SAE in {Path(sae).parent if Path(sae).is_file() else sae} reads"
+            f" {trained.d_in}-dim activations, but {m.name} has hidden size {hidden_size(model)}:"
+            " it was trained on another model"
+        )
+    top, vocab = tokens.get("max_token_id"), model.get_input_embeddings().num_embeddings
+    if top is not None and top >= vocab:
+        raise LoupeError(
+            f"the token splits hold token id {top}, but {m.name} has {vocab} embeddings:"
+            " they were tokenized for another model (check model.tokenizer)"
+        )
+    if truncate:
+        kept = truncate_after(model, hookpoint)
+    else:
+        get_hookpoint(model, hookpoint)  # one clear line before any work
+        kept = -1
+    log.info(
+        "layer %d: hookpoint %s on %s (%s), %s",
+        layer,
+        hookpoint,
+        device,
+        str(model_dtype(device, m.dtype)).removeprefix("torch."),
+        "all layers" if kept < 0 else f"{kept} decoder layers",
+    )
+    return LayerJob(layer, hookpoint, device, model, trained, special)
 
 
 def text_config(model):

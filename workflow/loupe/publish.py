@@ -4,7 +4,6 @@ hub client does not follow) and renamed into place whole, with a manifest of eve
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -18,68 +17,47 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .browse import install_browser
+from .card import collect_facts, render_card
+from .config import Config, TrainConfig
 from .errors import LoupeError
 from .io import atomic_dir
+from .layout import (
+    CARD,
+    MANIFEST,
+    NOTEBOOK,
+    RUN_CONFIG,
+    SAE_CFG,
+    SAE_WEIGHTS,
+    Layout,
+    example_layer,
+)
 from .progress import progress
-from .settings import TRAIN_CONFIG_FIELDS
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-NOTEBOOK = "quickstart.ipynb"
 _NOTEBOOK_TEMPLATE = Path(__file__).with_name("assets") / NOTEBOOK
 _CHUNK = 8 << 20
 _PLACED = {"link": "hard-linked", "copy": "copied"}
 
 # sparsify TrainConfig fields recorded in config.json (sparsify's own run config layout).
-_TRAIN_FIELDS = tuple(f for f in TRAIN_CONFIG_FIELDS if f not in ("save_every", "log_to_wandb"))
+_TRAIN_FIELDS = tuple(
+    f for f in TrainConfig.SPARSIFY_FIELDS if f not in ("save_every", "log_to_wandb")
+)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where each artifact lives in the repo; the SAE folders are sparsify's hookpoint names."""
-
-    prefix: str
-    hookpoint_template: str
-
-    def hookpoint(self, layer: int) -> str:
-        return self.hookpoint_template.format(layer=layer)
-
-    def sae_dir(self, layer: int) -> str:
-        return f"{self.prefix}/{self.hookpoint(layer)}"
-
-    def examples(self, layer: int) -> str:
-        return f"{self.prefix}/max_activations/layer_{layer}.parquet"
-
-    def stats(self, layer: int) -> str:
-        return f"{self.prefix}/feature_stats/layer_{layer}.parquet"
-
-    @property
-    def metrics(self) -> str:
-        return f"{self.prefix}/metrics.csv"
-
-    @property
-    def plots(self) -> str:
-        return f"{self.prefix}/plots"
-
-    @property
-    def run_config(self) -> str:
-        # SAELens' sparsify loader reads config.json from the folder above the SAE folders.
-        return f"{self.prefix}/config.json"
-
-
-def layout_of(settings: dict) -> Layout:
-    return Layout(settings["hub"]["prefix"], settings["model"]["hookpoint"])
+def layout_of(config: Config) -> Layout:
+    return Layout(config.hub.prefix, config.model.hookpoint)
 
 
 @dataclass(frozen=True)
 class LayerInputs:
-    """One layer's results: its SAE folder (cfg.json, sae.safetensors) and parquet files."""
+    """One layer's results: its SAE folder (cfg.json, sae.safetensors) and its parquet file
+    of each kind (layout.PER_LAYER: examples, intervals, stats, logits)."""
 
     layer: int
     sae_dir: Path
-    examples: Path
-    stats: Path
+    parquet: dict[str, Path]
 
 
 @dataclass(frozen=True)
@@ -165,55 +143,47 @@ def read_manifest(root: Path) -> dict:
         raise LoupeError(f"{path} is not valid JSON ({e})") from None
 
 
-def run_config(settings: dict, layout: Layout, d_in: int) -> dict:
+def run_config(config: Config, layout: Layout, d_in: int) -> dict:
     """config.json: the run in sparsify's own run-config shape (TrainConfig fields plus model,
     dataset, ctx_len), the keys SAELens' sparsify loader reads, and loupe's own settings."""
-    model, dataset, tokens, train = (settings[k] for k in ("model", "dataset", "tokens", "train"))
-    layers = list(model["layers"])
+    model, dataset, tokens, train = config.model, config.dataset, config.tokens, config.train
+    settings = config.settings_for("stage")  # output-changing keys only
     return {
-        "model": model["name"],
-        "revision": model.get("revision"),
-        "dataset": dataset.get("hub_id") or dataset["path"],
-        "dataset_description": dataset.get("description", ""),
-        "data_files": dataset.get("data_files"),
-        "split": dataset.get("split", "train"),
-        "text_column": dataset.get("text_column", "text"),
-        "ctx_len": tokens["ctx_len"],
-        "sae": {**settings["sae"], "d_in": d_in},
-        **{k: train[k] for k in _TRAIN_FIELDS if k in train},
+        "model": model.name,
+        "revision": model.revision,
+        "dataset": dataset.hub_id or dataset.path,
+        "dataset_description": dataset.description,
+        "data_files": dataset.data_files,
+        "split": dataset.split,
+        "text_column": dataset.text_column,
+        "ctx_len": tokens.ctx_len,
+        "sae": {**vars(config.sae), "d_in": d_in},
+        **{k: getattr(train, k) for k in _TRAIN_FIELDS},
         "loss_fn": "fvu",
-        "hookpoints": [layout.hookpoint(layer) for layer in layers],
-        "layers": layers,
-        "train_tokens": tokens["train_tokens"],
-        "shuffle_seed": train.get("shuffle_seed", 0),
-        "max_activations": {**settings.get("maxact", {}), "sample_tokens": tokens["sample_tokens"]},
-        "evaluate": {**settings.get("evaluate", {}), "eval_tokens": tokens["eval_tokens"]},
+        "hookpoints": [layout.hookpoint(layer) for layer in model.layers],
+        "layers": list(model.layers),
+        "train_tokens": tokens.train_tokens,
+        "shuffle_seed": train.shuffle_seed,
+        "max_activations": {**settings["maxact"], "sample_tokens": tokens.sample_tokens},
+        "evaluate": {**settings["evaluate"], "eval_tokens": tokens.eval_tokens},
         "loupe_version": __version__,
     }
 
 
-def _check_inputs(inputs: StageInputs, settings: dict) -> None:
-    configured = list(settings["model"]["layers"])
+def _check_inputs(inputs: StageInputs, config: Config) -> None:
+    configured = list(config.model.layers)
     given = [li.layer for li in inputs.layers]
     if given != configured:
         raise LoupeError(f"staging layers {given}, but model.layers is {configured}")
     needed = [inputs.metrics, *inputs.plots]
     for li in inputs.layers:
-        needed += [li.sae_dir / "cfg.json", li.sae_dir / "sae.safetensors", li.examples, li.stats]
+        needed += [li.sae_dir / SAE_CFG, li.sae_dir / SAE_WEIGHTS, *li.parquet.values()]
     names = [Path(p).name for p in inputs.plots]
     if len(set(names)) != len(names):
         raise LoupeError(f"plots share a file name: {sorted(names)}")
     missing = [str(p) for p in needed if not Path(p).is_file()]
     if missing:
         raise LoupeError(f"missing inputs for staging: {', '.join(missing[:5])}")
-
-
-def metrics_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "layer" not in rows[0]:
-        raise LoupeError(f"{path}: expected a CSV with a 'layer' column and one row per layer")
-    return rows
 
 
 def set_notebook_parameters(nb: dict, values: dict) -> dict:
@@ -234,56 +204,99 @@ def set_notebook_parameters(nb: dict, values: dict) -> dict:
     return nb
 
 
-def _notebook(settings: dict, layout: Layout, layer: int) -> str:
+def _notebook(config: Config, layout: Layout, layer: int) -> str:
     """The notebook template with this run's repo, suite, layer and model filled in."""
     nb = json.loads(_NOTEBOOK_TEMPLATE.read_text())
     set_notebook_parameters(
         nb,
         {
-            "REPO": settings["hub"]["repo"],
+            "REPO": config.hub.repo,
             "PREFIX": layout.prefix,
             "HOOKPOINT": layout.hookpoint(layer),
             "LAYER": layer,
-            "MODEL": settings["model"]["name"],
+            "MODEL": config.model.name,
         },
     )
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
-def example_layer(layers: list[int]) -> int:
-    """The layer the quick start shows: the middle one (17 of gemma-loupe's 0..34)."""
-    return sorted(layers)[len(layers) // 2]
+def stage_inputs(
+    config: Config,
+    sae: list[Path],
+    parquet: dict[str, list[Path]],
+    summary: list[Path],
+    manifest: Path | None = None,
+) -> StageInputs:
+    """What staging reads, from the rule's per-layer lists (in model.layers order; `parquet`:
+    a list per kind of layout.PER_LAYER) and the summary's outputs (metrics.csv and plots,
+    files or folders of them)."""
+    layers = list(config.model.layers)
+    for name, paths in (("sae", sae), *parquet.items()):
+        if len(paths) != len(layers):
+            raise LoupeError(f"{name}: {len(paths)} files for {len(layers)} layers {layers}")
+    files = [f for p in map(Path, summary) for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
+    metrics = [p for p in files if p.name == "metrics.csv"]
+    if len(metrics) != 1:
+        raise LoupeError("summary must include exactly one metrics.csv")
+    return StageInputs(
+        layers=[
+            LayerInputs(layer, Path(s).parent, {k: Path(v[i]) for k, v in parquet.items()})
+            for i, (layer, s) in enumerate(zip(layers, sae, strict=True))
+        ],
+        metrics=metrics[0],
+        plots=[p for p in files if p.suffix == ".png"],  # the rule's order
+        tokens_manifest=manifest,
+    )
 
 
-def stage_repo(settings: dict, inputs: StageInputs, out_dir: Path, threads: int = 1) -> dict:
+def stage_repo(
+    config: Config,
+    sae: list[Path],
+    examples: list[Path],
+    intervals: list[Path],
+    stats: list[Path],
+    logits: list[Path],
+    summary: list[Path],
+    repo: Path,
+    manifest: Path | None = None,
+    threads: int = 1,
+) -> dict:
+    """Stage the hub repo in `repo` from the rule's inputs (see stage_inputs)."""
+    parquet = {"examples": examples, "intervals": intervals, "stats": stats, "logits": logits}
+    inputs = stage_inputs(config, sae, parquet, summary, manifest)
+    return stage(config, inputs, Path(repo), threads)
+
+
+def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) -> dict:
     """Assemble the repo in a temporary folder beside `out_dir`, then rename it into place."""
-    from .card import collect_facts, render_card
-
-    _check_inputs(inputs, settings)
-    layout = layout_of(settings)
+    _check_inputs(inputs, config)
+    layout = layout_of(config)
     out_dir = Path(out_dir)
     modes: dict[str, int] = {}
     with atomic_dir(out_dir) as tmp:
         for li in inputs.layers:
-            for name in ("cfg.json", "sae.safetensors"):
+            for name in (SAE_CFG, SAE_WEIGHTS):
                 mode = place(li.sae_dir / name, tmp / layout.sae_dir(li.layer) / name)
                 modes[mode] = modes.get(mode, 0) + 1
-            place(li.examples, tmp / layout.examples(li.layer))
-            place(li.stats, tmp / layout.stats(li.layer))
+            for kind, path in li.parquet.items():
+                place(path, tmp / layout.per_layer(kind, li.layer))
         place(inputs.metrics, tmp / layout.metrics)
         for plot in inputs.plots:
             place(plot, tmp / layout.plots / Path(plot).name)
 
-        first = json.loads((inputs.layers[0].sae_dir / "cfg.json").read_text())
-        config_text = json.dumps(run_config(settings, layout, first["d_in"]), indent=2) + "\n"
+        first = json.loads((inputs.layers[0].sae_dir / SAE_CFG).read_text())
+        config_text = json.dumps(run_config(config, layout, first["d_in"]), indent=2) + "\n"
         (tmp / layout.run_config).write_text(config_text)
-        (tmp / "config.json").write_text(config_text)  # the same, where tools look first
+        (tmp / RUN_CONFIG).write_text(config_text)  # the same, where tools look first
 
-        layer = example_layer(settings["model"]["layers"])
-        (tmp / NOTEBOOK).write_text(_notebook(settings, layout, layer))
+        layer = example_layer(config.model.layers)
+        (tmp / NOTEBOOK).write_text(_notebook(config, layout, layer))
         plots = [Path(p).name for p in inputs.plots]
-        facts = collect_facts(settings, layout, tmp, inputs.tokens_manifest, plots)
-        (tmp / "README.md").write_text(render_card(settings, facts))
+        facts = collect_facts(config, layout, tmp, inputs.tokens_manifest, plots)
+        (tmp / CARD).write_text(render_card(config, facts))
+        install_browser(
+            tmp, layout.prefix, config.model.layers, facts.num_latents, config.model.name
+        )
 
         manifest = build_manifest(tmp, threads)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -291,7 +304,7 @@ def stage_repo(settings: dict, inputs: StageInputs, out_dir: Path, threads: int 
         "staged %d files (%.1f MB) for %s in %s; SAE files: %s",
         len(manifest["files"]),
         manifest["total_size"] / 1e6,
-        settings["hub"]["repo"],
+        config.hub.repo,
         out_dir,
         ", ".join(f"{n} {_PLACED[m]}" for m, n in sorted(modes.items())),
     )

@@ -1,26 +1,39 @@
 """Tokenization: stream documents once, cut them into BOS-led rows of ctx_len tokens, and
-deal whole documents into three disjoint splits (train, sample, eval) written as uint32 .npy."""
+deal whole documents into three disjoint splits (train, sample, eval) written as uint32 .npy.
+
+Finished splits are never lost to a failed rerun. Snakemake deletes a job's outputs before it
+runs, so the splits live in a store keyed by the settings that made them
+(`{out_dir}/.store/{key}/`) and the outputs are hard links into it: a rerun that fails (bad
+data, no disk space) costs the links only, and returning to settings tokenized before relinks
+the stored splits in seconds. Each job that opens a split checks it against the manifest
+(shape, dtype, sha256, token ids within the vocabulary)."""
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import hashlib
 import itertools
+import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .config import Config, DatasetConfig
 from .errors import LoupeError
-from .io import write_json
+from .io import remove_stale_tmp, write_json
 from .progress import progress
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "sample", "eval")
+MANIFEST = "manifest.json"
+STORE = ".store"
 _EXTENSION_BUILDERS = {
     ".json": "json",
     ".jsonl": "json",
@@ -30,33 +43,7 @@ _EXTENSION_BUILDERS = {
     ".txt": "text",
     ".txt.gz": "text",
 }
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    path: str
-    data_files: list[str] | None = None
-    name: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    description: str = ""
-    hub_id: str | None = None
-
-
-@dataclass(frozen=True)
-class TokenSpec:
-    ctx_len: int
-    train_tokens: int
-    sample_tokens: int
-    eval_tokens: int
-    seed: int = 0
-    shuffle_buffer: int = 10000
-    doc_batch_size: int = 1000
-
-    def rows(self) -> dict[str, int]:
-        """Rows per split: whole rows, rounded up so each split has at least its tokens."""
-        want = {"train": self.train_tokens, "sample": self.sample_tokens, "eval": self.eval_tokens}
-        return {s: -(-n // self.ctx_len) for s, n in want.items()}
+_GB = 1e9
 
 
 def _builder_for(path: str) -> str | None:
@@ -67,25 +54,25 @@ def _builder_for(path: str) -> str | None:
     return None
 
 
-def _looks_local(path: str) -> bool:
-    # A hub id is "owner/name"; anything with a known extension, a leading ./ or /, or deeper
-    # nesting is meant as a local path.
+def looks_local(name: str) -> bool:
+    """A local file or folder, not a hub id ("owner/name" or "name"): a path prefix, deeper
+    nesting, a data file extension, or something that exists here."""
     return (
-        path.startswith(("/", "./", "../", "~"))
-        or _builder_for(path) is not None
-        or path.count("/") > 1
-        or os.path.exists(path)
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or _builder_for(name) is not None
+        or os.path.exists(name)
     )
 
 
-def resolve_source(spec: DatasetSpec) -> tuple[str, dict]:
+def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
     """(builder or hub id, load_dataset kwargs) for a dataset spec; checks local paths exist."""
     if spec.data_files:
         for f in spec.data_files:
             if "://" not in f and not any(ch in f for ch in "*?[") and not os.path.exists(f):
                 raise LoupeError(f"dataset file not found: {f}")
         return spec.path, {"data_files": list(spec.data_files)}
-    if _looks_local(spec.path):
+    if looks_local(spec.path):
         path = Path(spec.path).expanduser()
         if not path.exists():
             raise LoupeError(f"dataset path not found: {spec.path}")
@@ -103,28 +90,81 @@ def resolve_source(spec: DatasetSpec) -> tuple[str, dict]:
     return spec.path, {"name": spec.name}
 
 
-def iter_texts(spec: DatasetSpec, seed: int, shuffle_buffer: int) -> Iterator[str]:
-    """Stream document texts; never materialises the dataset."""
+def check_sources(config: Config, built: set[str] = frozenset()) -> None:
+    """Cheap checks of the local inputs before any job runs (Snakemake deletes a job's old
+    outputs before starting it): model and tokenizer folders exist, a local dataset is there,
+    not empty, and its first megabyte reads as text. Paths in `built` are made by the workflow."""
+    m = config.model
+    for key, name in (("model.name", m.name), ("model.tokenizer", m.tokenizer)):
+        if name and name not in built and looks_local(name):
+            if not os.path.isdir(os.path.expanduser(name)):
+                raise LoupeError(f"{key}: model folder not found: {name}")
+    d = config.dataset
+    if d.path is None or d.path in built or not (d.data_files or looks_local(d.path)):
+        return
+    _, kwargs = resolve_source(d)
+    for f in kwargs.get("data_files", []):
+        if "://" not in f and not any(ch in f for ch in "*?["):
+            _check_readable(Path(f))
+
+
+def _check_readable(path: Path, size: int = 1 << 20) -> None:
+    if path.stat().st_size == 0:
+        raise LoupeError(f"dataset file {path} is empty")
+    if _builder_for(path.name) == "parquet":
+        return  # binary: pyarrow checks its own footer when the job opens it
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(size)
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except (OSError, EOFError) as e:
+        raise LoupeError(f"dataset file {path} cannot be read: {e}") from None
+    except UnicodeDecodeError as e:
+        raise LoupeError(
+            f"dataset file {path} is not UTF-8 text (byte {e.start}: {head[e.start : e.start + 4]!r})"
+        ) from None
+    if not text.strip():
+        raise LoupeError(f"dataset file {path} holds no text")
+
+
+def iter_texts(spec: DatasetConfig, seed: int, shuffle_buffer: int, stats=None) -> Iterator[str]:
+    """Stream document texts; never materialises the dataset. `stats`: a
+    redpajama.StreamStats the RedPajama source fills (files read and skipped, current file)."""
+    if spec.redpajama is not None:
+        from .redpajama import RedPajamaSource, iter_documents
+
+        rp = spec.redpajama
+        source = RedPajamaSource(**{k: v for k, v in vars(rp).items() if k != "open_files"})
+        yield from iter_documents(source, spec.text_column, seed, rp.open_files, stats)
+        return
     from datasets import load_dataset
 
     source, kwargs = resolve_source(spec)
+    files = kwargs.get("data_files") or []
+    where = f"dataset {spec.path!r}" + (
+        f" ({', '.join(map(str, files))})" if 0 < len(files) <= 3 else ""
+    )
     try:
         ds = load_dataset(source, split=spec.split, streaming=True, **kwargs)
-    except Exception as e:  # network, missing hub repo, bad builder: one line for the user
-        raise LoupeError(f"cannot open dataset {spec.path!r}: {type(e).__name__}: {e}") from e
-    if shuffle_buffer > 0:
-        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-    column = spec.text_column
-    for i, record in enumerate(ds):
-        if column not in record:
-            raise LoupeError(
-                f"text column {column!r} not in dataset {spec.path!r} (columns: {sorted(record)})"
-            )
-        if i == 0 and not isinstance(record[column], str):
-            raise LoupeError(
-                f"text column {column!r} holds {type(record[column]).__name__}, not text"
-            )
-        yield record[column]
+        if shuffle_buffer > 0:
+            ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        column = spec.text_column
+        for i, record in enumerate(ds):
+            if column not in record:
+                raise LoupeError(
+                    f"text column {column!r} not in {where} (columns: {sorted(record)})"
+                )
+            if i == 0 and not isinstance(record[column], str):
+                raise LoupeError(
+                    f"text column {column!r} holds {type(record[column]).__name__}, not text"
+                )
+            yield record[column]
+    except LoupeError:
+        raise
+    except Exception as e:  # network, missing hub repo, bad builder, a broken record or file
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise LoupeError(f"cannot read {where}: {type(e).__name__}: {first}") from e
 
 
 class _SplitWriter:
@@ -136,9 +176,15 @@ class _SplitWriter:
         self.array = np.lib.format.open_memmap(
             self.tmp, mode="w+", dtype=np.uint32, shape=(rows, ctx_len)
         )
+        # Reserve the whole file now: a memory map over a sparse file that cannot grow on a
+        # full disk dies by SIGBUS mid-run; reserving fails at once with ENOSPC instead.
+        if hasattr(os, "posix_fallocate"):
+            with open(self.tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(self.tmp))
         self.filled = 0
         self.pending = np.empty(0, dtype=np.uint32)
         self.hash = hashlib.sha256()
+        self.max_id = 0
 
     @property
     def full(self) -> bool:
@@ -155,6 +201,7 @@ class _SplitWriter:
             block[:, 1:] = stream[: n * body].reshape(n, body)
             self.array[self.filled : self.filled + n] = block
             self.hash.update(block.tobytes())
+            self.max_id = max(self.max_id, int(block.max()))
             self.filled += n
         self.pending = stream[n * body :] if not self.full else np.empty(0, dtype=np.uint32)
         return n
@@ -184,39 +231,117 @@ def load_tokenizer(name: str, revision: str | None = None):
     return tok
 
 
-def tokenize(
-    dataset: DatasetSpec,
-    spec: TokenSpec,
-    tokenizer_name: str,
-    out_dir: Path,
-    threads: int = 1,
-    revision: str | None = None,
-) -> dict:
+def store_key(config: Config) -> str:
+    """The settings that make the splits (loupe.config.STAGE_READS['tokenize']), hashed."""
+    blob = json.dumps(config.settings_for("tokenize"), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def link_into(store: Path, out_dir: Path) -> None:
+    """Hard-link the stored splits and manifest into out_dir (the manifest last: it is what
+    marks the set complete). Links keep the files' mtimes: nothing downstream looks changed."""
+    for name in (*(f"{s}.npy" for s in SPLITS), MANIFEST):
+        dst = out_dir / name
+        tmp = dst.with_name(f".{name}.tmp{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(store / name, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copy2(store / name, tmp)
+        os.replace(tmp, dst)
+
+
+def _stored(store: Path, rows: dict[str, int], ctx_len: int) -> bool:
+    """A complete split set in `store`: its manifest, and every split of the right shape."""
+    if not (store / MANIFEST).is_file():
+        return False
+    try:
+        return all(
+            np.load(store / f"{s}.npy", mmap_mode="r").shape == (rows[s], ctx_len) for s in SPLITS
+        )
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise LoupeError(
+            f"not enough disk space in {folder}: the token splits need {needed / _GB:.2f} GB,"
+            f" {free / _GB:.2f} GB are free"
+        )
+
+
+def tokenize(config: Config, out_dir: Path, threads: int = 1) -> dict:
     """Write {train,sample,eval}.npy ([rows, ctx_len] uint32) and manifest.json to out_dir.
 
     Whole documents are dealt to splits at random (seeded), in proportion to the tokens each
     split still needs, so no document is shared between training and evaluation."""
+    spec, out_dir = config.tokens, Path(out_dir)
+    rows = spec.rows()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = store_key(config)
+    store = out_dir / STORE / key
+    store.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_tmp(store) + remove_stale_tmp(out_dir)
+    if removed:
+        log.info("removed %d temporary files of killed tokenize jobs", removed)
+    if _stored(store, rows, spec.ctx_len):
+        link_into(store, out_dir)
+        log.info("reused the token splits tokenized before with these settings (%s)", store)
+        return read_manifest(out_dir / MANIFEST)
+    _check_disk(store, sum(rows.values()) * spec.ctx_len * 4)
+    manifest = _tokenize_into(config, store, threads)
+    write_json(store / MANIFEST, manifest)
+    link_into(store, out_dir)
+    return manifest
+
+
+def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
+    dataset, spec = config.dataset, config.tokens
+    tokenizer_name, revision = config.model.tokenizer_name, config.model.revision
     # The fast tokenizer parallelises batched calls over this many threads.
     os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
     tok = load_tokenizer(tokenizer_name, revision)
     bos, eos = tok.bos_token_id, tok.eos_token_id
     rows = spec.rows()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {s: _SplitWriter(out_dir / f"{s}.npy", rows[s], spec.ctx_len, bos) for s in SPLITS}
     rng = np.random.default_rng(spec.seed)
     total_rows = sum(rows.values())
     docs = tokens_seen = 0
     start = time.perf_counter()
+    stream_stats = None
+    if dataset.redpajama is not None:
+        from .redpajama import StreamStats
+
+        stream_stats = StreamStats()
+    try:
+        writers = {s: _SplitWriter(store / f"{s}.npy", rows[s], spec.ctx_len, bos) for s in SPLITS}
+    except OSError as e:
+        for f in store.glob(".*.tmp*"):
+            f.unlink()
+        raise LoupeError(f"cannot reserve the token splits in {store}: {e}") from None
+
+    def filled() -> str:
+        return ", ".join(
+            f"{s} {_tokens(writers[s].filled * spec.ctx_len)}/{_tokens(rows[s] * spec.ctx_len)}"
+            for s in SPLITS
+        )
+
     try:
         bar = progress(total=total_rows, desc="tokenize", unit="row")
-        texts = iter_texts(dataset, spec.seed, spec.shuffle_buffer)
+        texts = iter_texts(dataset, spec.seed, spec.shuffle_buffer, stream_stats)
         while not all(w.full for w in writers.values()):
             batch = list(itertools.islice(texts, spec.doc_batch_size))
             if not batch:
                 found = sum(w.filled for w in writers.values()) * spec.ctx_len
+                more = (
+                    f"; {stream_stats.summary()}; {_hint(dataset)}"
+                    if stream_stats is not None
+                    else "; add documents or lower tokens.*_tokens"
+                )
                 raise LoupeError(
-                    f"corpus too small: {docs:,} documents gave {found:,} tokens in rows, "
-                    f"need {total_rows * spec.ctx_len:,} ({', '.join(f'{s} {rows[s]:,} rows' for s in SPLITS)})"
+                    f"corpus too small: collected {found:,} of {total_rows * spec.ctx_len:,}"
+                    f" tokens ({filled()}) from {docs:,} documents{more}"
                 )
             encoded = tok(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
             for ids in encoded:
@@ -230,6 +355,8 @@ def tokenize(
                 arr = arr[arr != bos]  # BOS only ever starts a row
                 tokens_seen += len(arr) + 1
                 bar.update(writers[split].add(np.append(arr, np.uint32(eos))))
+            current = getattr(stream_stats, "current", None)
+            bar.set_postfix_str(filled() + (f"; reading {current}" if current else ""), False)
         bar.close()
         hashes = {s: writers[s].commit() for s in SPLITS}
     except BaseException:
@@ -237,23 +364,6 @@ def tokenize(
             w.discard()
         raise
     elapsed = time.perf_counter() - start
-    manifest = {
-        "ctx_len": spec.ctx_len,
-        "rows": rows,
-        "tokens": {s: rows[s] * spec.ctx_len for s in SPLITS},
-        "sha256": hashes,
-        "documents_read": docs,
-        "tokenizer": tokenizer_name,
-        "vocab_size": len(tok),
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": tok.pad_token_id,
-        "dataset": {k: v for k, v in vars(dataset).items()},
-        "seed": spec.seed,
-        "shuffle_buffer": spec.shuffle_buffer,
-        "dtype": "uint32",
-    }
-    write_json(out_dir / "manifest.json", manifest)
     log.info(
         "tokenized %s documents into %s rows (%s tokens) in %.1fs: %.0f tokens/s",
         f"{docs:,}",
@@ -262,15 +372,101 @@ def tokenize(
         elapsed,
         tokens_seen / max(elapsed, 1e-9),
     )
-    return manifest
+    return {
+        "ctx_len": spec.ctx_len,
+        "rows": rows,
+        "tokens": {s: rows[s] * spec.ctx_len for s in SPLITS},
+        "sha256": hashes,
+        "documents_read": docs,
+        "tokenizer": tokenizer_name,
+        "vocab_size": len(tok),
+        "max_token_id": max(w.max_id for w in writers.values()),
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": tok.pad_token_id,
+        # What made these tokens: the keys tokenize reads (loupe.config.STAGE_READS).
+        "dataset": config.settings_for("tokenize")["dataset"],
+        "sources": stream_stats.sources() if stream_stats is not None else None,
+        "seed": spec.seed,
+        "shuffle_buffer": spec.shuffle_buffer,
+        "dtype": "uint32",
+    }
 
 
-def open_split(path: str | Path) -> np.ndarray:
-    """Memory-map a split ([rows, ctx_len] uint32); one clear error if missing or empty."""
+def _tokens(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def _hint(dataset: DatasetConfig) -> str:
+    rp = dataset.redpajama
+    room = 5000 - rp.shard_start
+    return (
+        f"to read more, raise dataset.redpajama.shard_count (now {rp.shard_count} per snapshot,"
+        f" at most {room}) or add snapshots"
+    )
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The token manifest (tokenize's manifest.json)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LoupeError(f"cannot read token manifest {path}: {e}") from e
+
+
+def special_ids(manifest: dict) -> list[int]:
+    """BOS, EOS and PAD ids of the tokenized splits: never a peak, never counted or scored."""
+    ids = {manifest.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return sorted(i for i in ids if i is not None)
+
+
+def open_split(path: str | Path, manifest: dict | None = None) -> np.ndarray:
+    """Memory-map a split ([rows, ctx_len] uint32); one clear error if it is missing, empty,
+    truncated, or (with its `manifest`) not the split the manifest describes: shape, dtype,
+    sha256 and token ids below the vocabulary size are checked (about 1 s per GB)."""
     path = Path(path)
     if not path.exists():
         raise LoupeError(f"token split not found: {path} (run the tokenize rule first)")
-    arr = np.load(path, mmap_mode="r")
+    rerun = f"rerun tokenize (delete {path.parent / MANIFEST})"
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise LoupeError(f"token split {path} is truncated or corrupt ({e}): {rerun}") from None
     if arr.ndim != 2 or arr.shape[0] == 0:
         raise LoupeError(f"token split {path} is empty (shape {arr.shape})")
+    if manifest is not None:
+        _verify(arr, path, manifest, rerun)
     return arr
+
+
+def _verify(arr: np.ndarray, path: Path, manifest: dict, rerun: str) -> None:
+    split = path.stem
+    try:
+        shape = (manifest["rows"][split], manifest["ctx_len"])
+        dtype, digest, vocab = manifest["dtype"], manifest["sha256"][split], manifest["vocab_size"]
+    except (KeyError, TypeError) as e:
+        raise LoupeError(f"token manifest of {path} lacks {e}: {rerun}") from None
+    if arr.shape != shape or arr.dtype != np.dtype(dtype):
+        raise LoupeError(
+            f"token split {path} is {arr.dtype} {arr.shape}, its manifest says {dtype} {shape}:"
+            f" {rerun}"
+        )
+    h, top = hashlib.sha256(), 0
+    step = max(1, (64 << 20) // (arr.shape[1] * arr.itemsize))  # 64 MB at a time
+    for start in range(0, len(arr), step):
+        block = np.ascontiguousarray(arr[start : start + step])
+        h.update(block.data)
+        top = max(top, int(block.max()))
+    if h.hexdigest() != digest:
+        raise LoupeError(f"token split {path} does not match its manifest's sha256: {rerun}")
+    if top > manifest.get("max_token_id", top):
+        raise LoupeError(
+            f"token split {path} holds token id {top}, above its manifest's max_token_id: {rerun}"
+        )
+    if top >= vocab:
+        raise LoupeError(
+            f"token split {path} holds token id {top}, beyond the vocabulary ({vocab}): {rerun}"
+        )

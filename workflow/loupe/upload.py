@@ -12,12 +12,13 @@ import glob
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Config, HubConfig
 from .errors import LoupeError
 from .io import write_json
-from .publish import MANIFEST, read_manifest, sha256_file
+from .layout import MANIFEST
+from .publish import read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,6 @@ def token_source() -> str | None:
     if Path(constants.HF_TOKEN_PATH).is_file():
         return "login"
     return None
-
-
-@dataclass(frozen=True)
-class Settings:
-    repo: str
-    revision: str = "main"
-    private: bool = False
-    dry_run: bool = False
-
-
-def hub_settings(settings: dict) -> Settings:
-    hub = settings["hub"]
-    return Settings(
-        hub["repo"],
-        hub.get("revision", "main"),
-        hub.get("private", False),
-        hub.get("dry_run", False),
-    )
 
 
 def local_files(staged: Path) -> list[dict]:
@@ -116,7 +99,7 @@ def same_content(remote, local: dict, staged: Path) -> bool:
     return remote.blob_id == _file_blob_sha1(Path(staged) / local["path"])
 
 
-def remote_files(api, s: Settings, revision: str) -> dict:
+def remote_files(api, s: HubConfig, revision: str) -> dict:
     """Path -> RepoFile for every file of the repo at `revision`."""
     tree = api.list_repo_tree(s.repo, recursive=True, revision=revision, repo_type=REPO_TYPE)
     return {f.path: f for f in tree if hasattr(f, "blob_id")}  # folders have no blob
@@ -134,7 +117,15 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
-def dry_run_plan(s: Settings, files: list[dict], token: str | None) -> tuple[dict, str]:
+def dry_run(config: Config, repo: Path, plan: Path) -> dict:
+    """Write to `plan` (and log) what `upload` would send from the staged `repo`; send nothing."""
+    result, text = dry_run_plan(config.hub, local_files(Path(repo)), token_source())
+    write_json(plan, result)
+    log.info("%s", text)
+    return result
+
+
+def dry_run_plan(s: HubConfig, files: list[dict], token: str | None) -> tuple[dict, str]:
     """What a real upload would consider sending (it skips what the remote already holds)."""
     total = sum(f["size"] for f in files)
     lines = [
@@ -158,7 +149,7 @@ def dry_run_plan(s: Settings, files: list[dict], token: str | None) -> tuple[dic
     return plan, "\n".join(lines)
 
 
-def _send(api, s: Settings, staged: Path, paths: list[str]) -> None:
+def _send(api, s: HubConfig, staged: Path, paths: list[str]) -> None:
     # Exact paths as patterns: escape the glob characters a file name may hold.
     patterns = [glob.escape(p) for p in paths]
     if hasattr(api, "upload_large_folder"):
@@ -182,15 +173,15 @@ def _send(api, s: Settings, staged: Path, paths: list[str]) -> None:
         )
 
 
-def _hub_error(e: Exception, s: Settings, token: str) -> LoupeError:
+def _hub_error(e: Exception, s: HubConfig, token: str) -> LoupeError:
     message = (str(e).strip().splitlines() or [""])[0].replace(token, "***")
     return LoupeError(f"upload to {s.repo} failed: {type(e).__name__}: {message}")
 
 
-def upload(settings: dict, staged: Path, receipt: Path) -> dict:
-    """Publish `staged` to the configured repo; returns the receipt written to `receipt`."""
-    s = hub_settings(settings)
-    staged, receipt = Path(staged), Path(receipt)
+def upload(config: Config, repo: Path, receipt: Path) -> dict:
+    """Publish the staged `repo` to config.hub.repo; returns the receipt written to `receipt`."""
+    s = config.hub
+    staged, receipt = Path(repo), Path(receipt)
     receipt.unlink(missing_ok=True)  # a receipt only ever describes a verified upload
     files = local_files(staged)
     token = find_token()

@@ -1,48 +1,57 @@
 import json
 import os
+import sys
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.21")
 
+# The loupe package sits beside the rules (workflow/loupe): Snakemake imports it from there,
+# and every job runs it from there (PYTHONPATH, set below), so a conda env (--sdm conda) needs
+# only the package's dependencies, not an install of loupe itself.
+PACKAGE_ROOT = os.path.join(workflow.basedir, "workflow")
+sys.path.insert(0, PACKAGE_ROOT)
 
-def _validate_config():
-    # One line naming the offending key, instead of jsonschema's multi-line report.
-    try:
-        validate(config, workflow.source_path("../schemas/config.schema.yaml"))
-    except WorkflowError as e:
-        cause = e.__context__  # the jsonschema ValidationError that validate() caught
-        if not hasattr(cause, "absolute_path"):
-            raise
-        key = "/".join(str(p) for p in cause.absolute_path)
-        if cause.validator == "additionalProperties":
-            known = cause.schema.get("properties", {})
-            unknown = sorted(set(cause.instance) - set(known))
-            raise WorkflowError(
-                f"config error: unknown key {'/'.join(filter(None, [key, unknown[0]]))}"
-                f" (known keys here: {', '.join(known)})"
-            ) from None
-        raise WorkflowError(f"config error at {key or '(top level)'}: {cause.message}") from None
+from loupe.config import Config, check_train_settings, stage_settings  # noqa: E402
+from loupe.errors import LoupeError  # noqa: E402
+from loupe.tokens import check_sources  # noqa: E402
 
-
-_validate_config()
+# Validated once (one line naming the key on error); the schema's defaults filled in. The local
+# inputs are checked here, before any job: Snakemake deletes a job's old outputs before it
+# starts, so a typo found inside the tokenize job would already have cost the token files.
+try:
+    config.update(Config.from_dict(config).to_dict())
+    BUILT = [p for p in (config.get("demo") or {}).values() if isinstance(p, str)]
+    check_sources(Config.from_dict(config), built=set(BUILT))
+    check_train_settings(Config.from_dict(config))
+except LoupeError as e:
+    raise WorkflowError(str(e)) from None
 
 LAYERS = config["model"]["layers"]
 TOKENS = "results/tokens"
 LAYER_DIR = "results/layer_{layer}"
+SUMMARY = "results/summary"
+HUB = "results/hub"
 ENV = "../../envs/loupe.yaml"
 
+# Every job gets the whole config as JSON in LOUPE_CONFIG, read from the environment rather
+# than params: the environment never triggers a rerun, so execution-only keys (device, batch
+# sizes, logging) reach the job without rerunning anything. Local jobs inherit it; a cluster
+# job parses this file again on its node and sets it there.
+os.environ.update(
+    LOUPE_CONFIG=json.dumps(config, sort_keys=True),
+    PYTHONPATH=os.pathsep.join(
+        filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])
+    ),
+)
 
-def settings(*sections, layers=False):
-    """The config sections a step depends on, as one JSON string (its params), so Snakemake
-    reruns the rule exactly when one of them changes. `model.layers` is left out unless the
-    step covers every layer: adding a layer must not retrain the others. A function, so the
-    hookpoint template's `{layer}` is not taken for a wildcard."""
-    chosen = {s: config.get(s) for s in sections}
-    if "model" in chosen and not layers:
-        chosen["model"] = {k: v for k, v in chosen["model"].items() if k != "layers"}
-    text = json.dumps(chosen, sort_keys=True)
+
+def settings_for(stage):
+    """The output-changing config keys `stage` reads (loupe.config.STAGE_READS) as one JSON
+    string: the rule's params, so Snakemake reruns it exactly when one of them changes. A
+    function, so the hookpoint template's `{layer}` is not taken for a wildcard."""
+    text = json.dumps(stage_settings(config, stage), sort_keys=True)
     return lambda wildcards: text
 
 
@@ -58,14 +67,27 @@ def checked_layer(wildcards):
 def built_by_workflow(path):
     """[path] if a rule of this workflow makes it (the demo model/corpus), else [] (a hub id
     or a file the user provides is never a DAG input, so planning needs no network)."""
-    demo = config.get("demo") or {}
-    return [path] if path in (demo.get("model"), demo.get("corpus")) else []
+    return [path] if path in BUILT else []
 
 
 def model_inputs(wildcards=None):
-    names = [config["model"]["name"], config["model"].get("tokenizer") or config["model"]["name"]]
+    names = [
+        config["model"]["name"],
+        config["model"]["tokenizer"] or config["model"]["name"],
+    ]
     return sorted({p for n in names for p in built_by_workflow(n)})
 
 
-# What the default target builds; each stage's .smk adds its own final outputs.
-TARGETS = [f"{TOKENS}/manifest.json"]
+def get_final_output():
+    """What `snakemake` builds by default: every layer's results, the summary, the staged repo."""
+    per_layer = [
+        rules.train.output.sae,
+        *rules.maxact.output,
+        rules.evaluate.output.metrics,
+    ]
+    return [
+        rules.tokenize.output.manifest,
+        *expand(per_layer, layer=LAYERS),
+        *rules.summary.output,
+        rules.stage.output.repo,
+    ]

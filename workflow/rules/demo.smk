@@ -6,14 +6,17 @@ if config.get("demo"):
     rule demo_corpus:
         output:
             corpus=config["demo"]["corpus"],
-        params:
-            min_bytes=config["demo"].get("min_corpus_bytes", 3_000_000),
         log:
             "results/logs/demo_corpus.log",
         conda:
             ENV
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        params:
+            settings=settings_for("demo_corpus"),
         shell:
-            "python -m loupe --log {log} demo-corpus --out {output.corpus} --min-bytes {params.min_bytes}"
+            "python -m loupe --log {log} demo-corpus --corpus {output.corpus}"
 
     rule demo_model:
         input:
@@ -24,5 +27,9 @@ if config.get("demo"):
             "results/logs/demo_model.log",
         conda:
             ENV
+        resources:
+            mem_mb=4000,
+            runtime=60,
         shell:
-            "python -m loupe --log {log} demo-model --corpus {input.corpus} --out {output.model}"
+            "python -m loupe --log {log} demo-model --corpus {input.corpus}"
+            " --model {output.model}"

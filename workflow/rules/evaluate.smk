@@ -7,24 +7,21 @@ rule evaluate:
         stats=rules.maxact.output.stats,
         model=model_inputs,
     output:
-        eval=f"{LAYER_DIR}/eval.json",
-    params:
-        layer=checked_layer,
-        settings=settings("model", "device", "sae", "evaluate"),
-        sae_dir=lambda wildcards, input: os.path.dirname(input.sae),
+        metrics=f"{LAYER_DIR}/eval.json",
     log:
         f"{LAYER_DIR}/evaluate.log",
+    conda:
+        ENV
     threads: 8
     resources:
         gpu=1,
+        cpus_per_gpu=8,
         mem_mb=32000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        layer=checked_layer,
+        settings=settings_for("evaluate"),
     shell:
-        "python -m loupe --log {log} evaluate --settings {params.settings:q} --threads {threads}"
-        " --layer {params.layer} --sae-dir {params.sae_dir} --tokens {input.tokens}"
-        " --manifest {input.manifest} --stats {input.stats} --out {output.eval}"
-
-
-TARGETS.extend(expand(rules.evaluate.output.eval, layer=LAYERS))
+        "python -m loupe --log {log} evaluate --threads {threads}"
+        " --layer {params.layer} --sae {input.sae} --tokens {input.tokens}"
+        " --manifest {input.manifest} --stats {input.stats} --metrics {output.metrics}"

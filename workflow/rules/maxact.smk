@@ -1,34 +1,35 @@
-# Max-activating examples: one streaming pass over the sample split per layer, keeping the top
-# examples of every feature and its firing statistics (logic in workflow/loupe/maxact.py).
+# Max-activating examples: one streaming pass over the sample split per layer, keeping every
+# feature's top examples, examples across its activation range, its firing statistics and an
+# activation histogram; then its top logits (logic in workflow/loupe/maxact.py).
+
 
 rule maxact:
     input:
         sae=rules.train.output.sae,
         cfg=rules.train.output.cfg,
-        sample=rules.tokenize.output.sample,
+        tokens=rules.tokenize.output.sample,
         manifest=rules.tokenize.output.manifest,
         model=model_inputs,
     output:
         examples=f"{LAYER_DIR}/max_activations.parquet",
+        intervals=f"{LAYER_DIR}/interval_examples.parquet",
         stats=f"{LAYER_DIR}/feature_stats.parquet",
-    params:
-        layer=checked_layer,
-        settings=settings("model", "device", "maxact"),
-        sae_dir=lambda wildcards, input: os.path.dirname(input.sae),
+        logits=f"{LAYER_DIR}/feature_logits.parquet",
     log:
         f"{LAYER_DIR}/maxact.log",
+    conda:
+        ENV
     threads: 8
     resources:
         gpu=1,
+        cpus_per_gpu=8,
         mem_mb=32000,
         runtime=360,
-    conda:
-        ENV
+    params:
+        layer=checked_layer,
+        settings=settings_for("maxact"),
     shell:
-        "python -m loupe --log {log} maxact --settings {params.settings:q} --threads {threads}"
-        " --layer {params.layer} --sae-dir {params.sae_dir} --tokens {input.sample}"
-        " --manifest {input.manifest} --examples {output.examples} --stats {output.stats}"
-
-
-TARGETS.extend(expand(rules.maxact.output.examples, layer=LAYERS))
-TARGETS.extend(expand(rules.maxact.output.stats, layer=LAYERS))
+        "python -m loupe --log {log} maxact --threads {threads}"
+        " --layer {params.layer} --sae {input.sae} --tokens {input.tokens}"
+        " --manifest {input.manifest} --examples {output.examples}"
+        " --intervals {output.intervals} --stats {output.stats} --logits {output.logits}"

@@ -1,24 +1,13 @@
 # Stage 'publish': `stage` assembles the hub repo in results/hub/ (default target); `upload`
-# publishes it (never by default: `snakemake upload`). Both are cheap, so they run locally.
-
-HUB = "results/hub"
-
-
-# What staging reads: every section the card and config.json state, but only the hub keys that
-# change the staged files (a dry-run or visibility switch must not re-stage, which re-hashes
-# every file). Passed through a lambda, like settings(), so `{layer}` is no wildcard.
-STAGE_SETTINGS = json.dumps(
-    {
-        **{s: config.get(s) for s in ("model", "dataset", "tokens", "sae", "train", "maxact", "evaluate")},
-        "hub": {k: (config.get("hub") or {}).get(k) for k in ("repo", "prefix", "license", "language", "authors")},
-    },
-    sort_keys=True,
-)
+# publishes it and `upload_dry_run` lists what it would send (never by default: name them).
+# All three are cheap, so they run locally.
 
 
 localrules:
     stage,
     upload,
+    upload_dry_run,
+    browse,
 
 
 rule stage:
@@ -26,43 +15,67 @@ rule stage:
         sae=expand(rules.train.output.sae, layer=LAYERS),
         cfg=expand(rules.train.output.cfg, layer=LAYERS),
         examples=expand(rules.maxact.output.examples, layer=LAYERS),
+        intervals=expand(rules.maxact.output.intervals, layer=LAYERS),
         stats=expand(rules.maxact.output.stats, layer=LAYERS),
+        logits=expand(rules.maxact.output.logits, layer=LAYERS),
         summary=rules.summary.output,
-        tokens=rules.tokenize.output.manifest,
+        manifest=rules.tokenize.output.manifest,
     output:
         repo=directory(HUB),
-    params:
-        settings=lambda wildcards: STAGE_SETTINGS,
     log:
         "results/logs/stage.log",
-    threads: 4
     conda:
         ENV
+    threads: 4
+    params:
+        settings=settings_for("stage"),
     shell:
-        "python -m loupe --log {log} stage --settings {params.settings:q} --threads {threads}"
-        " --sae {input.sae:q} --examples {input.examples:q} --stats {input.stats:q}"
-        " --summary {input.summary:q} --tokens-manifest {input.tokens} --out-dir {output.repo}"
+        "python -m loupe --log {log} stage --threads {threads}"
+        " --sae {input.sae:q} --examples {input.examples:q} --intervals {input.intervals:q}"
+        " --stats {input.stats:q} --logits {input.logits:q}"
+        " --summary {input.summary:q} --manifest {input.manifest} --repo {output.repo}"
 
 
 rule upload:
     input:
         repo=rules.stage.output.repo,
     output:
-        # A dry run writes its plan, never a receipt: a receipt means a verified upload.
-        receipt=(
-            "results/upload_dry_run.json"
-            if (config.get("hub") or {}).get("dry_run")
-            else "results/upload.json"
-        ),
-    params:
-        settings=settings("hub"),
+        receipt="results/upload.json",
     log:
         "results/logs/upload.log",
     conda:
         ENV
+    params:
+        settings=settings_for("upload"),
     shell:
-        "python -m loupe --log {log} upload --settings {params.settings:q} --staged {input.repo}"
-        " --out {output.receipt}"
+        "python -m loupe --log {log} upload --repo {input.repo}"
+        " --receipt {output.receipt}"
 
 
-TARGETS.append(rules.stage.output.repo)
+# Sends nothing, so it can be rerun at will: its plan is also printed in its log.
+rule upload_dry_run:
+    input:
+        repo=rules.stage.output.repo,
+    output:
+        plan="results/upload_dry_run.json",
+    log:
+        "results/logs/upload_dry_run.log",
+    conda:
+        ENV
+    params:
+        settings=settings_for("upload"),
+    shell:
+        "python -m loupe --log {log} upload-dry-run --repo {input.repo}"
+        " --plan {output.plan}"
+
+
+# Serves results/hub/ on 127.0.0.1 until Ctrl-C (the page reads the parquet files itself).
+rule browse:
+    input:
+        repo=rules.stage.output.repo,
+    log:
+        "results/logs/browse.log",
+    conda:
+        ENV
+    shell:
+        "python -m loupe browse --repo {input.repo} 2>&1 | tee {log}"

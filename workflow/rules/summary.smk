@@ -1,5 +1,4 @@
 # The suite at a glance, and the description of `snakemake --report report.html`.
-SUMMARY = "results/summary"
 
 
 report: "../report/workflow.rst"
@@ -11,12 +10,14 @@ localrules:
 
 rule summary:
     input:
-        evals=expand(rules.evaluate.output.eval, layer=LAYERS),
+        evals=expand(rules.evaluate.output.metrics, layer=LAYERS),
         stats=expand(rules.maxact.output.stats, layer=LAYERS),
-        train=expand(rules.train.output.metrics, layer=LAYERS),
+        train_metrics=expand(rules.train.output.metrics, layer=LAYERS),
     output:
         metrics=report(
-            f"{SUMMARY}/metrics.csv", caption="../report/metrics.rst", category="Summary"
+            f"{SUMMARY}/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Summary",
         ),
         fvu=report(
             f"{SUMMARY}/fvu_by_layer.png",
@@ -43,19 +44,14 @@ rule summary:
             caption="../report/training_curves.rst",
             category="Training",
         ),
-    params:
-        settings=settings("model", layers=True),
-        layers=LAYERS,
     log:
         f"{SUMMARY}/summary.log",
     conda:
         ENV
+    params:
+        settings=settings_for("summary"),
     shell:
-        "python -m loupe --log {log} summary --settings {params.settings:q}"
-        " --layers {params.layers} --evals {input.evals} --stats {input.stats}"
-        " --train-metrics {input.train} --metrics {output.metrics} --fvu {output.fvu}"
-        " --delta-ce {output.delta_ce} --dead {output.dead} --density {output.density}"
-        " --curves {output.curves}"
-
-
-TARGETS.extend(rules.summary.output)
+        "python -m loupe --log {log} summary"
+        " --evals {input.evals} --stats {input.stats} --train-metrics {input.train_metrics}"
+        " --metrics {output.metrics} --fvu {output.fvu} --delta-ce {output.delta_ce}"
+        " --dead {output.dead} --density {output.density} --curves {output.curves}"

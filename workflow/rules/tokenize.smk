@@ -7,17 +7,17 @@ rule tokenize:
         sample=f"{TOKENS}/sample.npy",
         eval=f"{TOKENS}/eval.npy",
         manifest=f"{TOKENS}/manifest.json",
-    params:
-        settings=settings("model", "dataset", "tokens"),
-        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     log:
         f"{TOKENS}/tokenize.log",
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=8000,
         runtime=720,
-    conda:
-        ENV
+    params:
+        settings=settings_for("tokenize"),
+        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     shell:
-        "python -m loupe --log {log} tokenize --settings {params.settings:q} --threads {threads}"
+        "python -m loupe --log {log} tokenize --threads {threads}"
         " --out-dir {params.out_dir}"

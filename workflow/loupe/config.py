@@ -1,0 +1,445 @@
+"""The configuration: validated against the schema (the only place a default is written), then
+built once into one frozen dataclass per section. Field names are the config keys, which are
+sparsify's names where the setting is sparsify's.
+
+Every key is classified in the schema: `x-affects-output: false` marks execution-only keys
+(device, batch sizes, logging, checkpoint cadence), which may change between runs without
+changing any result. `STAGE_READS` names the output-changing keys each stage reads; only those
+reach a rule's `params:`, so Snakemake reruns a stage exactly when one of its results would
+change.
+
+This module imports no torch: the Snakefile imports it to validate the config at start."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import LoupeError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+AFFECTS_OUTPUT = "x-affects-output"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    revision: str
+    tokenizer: str | None
+    hookpoint: str
+    layers: list[int]
+    dtype: str
+
+    def hookpoint_of(self, layer: int) -> str:
+        return self.hookpoint.format(layer=layer)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or self.name
+
+
+@dataclass(frozen=True)
+class RedPajamaConfig:
+    """RedPajama v2 documents named the way its publishers do (loupe.redpajama)."""
+
+    snapshots: list[str]
+    language: str
+    partition: str
+    shard_start: int
+    shard_count: int
+    open_files: int
+    base_url: str
+    missing_list_url: str | None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    path: str | None
+    redpajama: RedPajamaConfig | None = field(metadata={"section": RedPajamaConfig})
+    data_files: list[str] | None
+    name: str | None
+    split: str
+    text_column: str
+    description: str
+    hub_id: str | None
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    ctx_len: int
+    train_tokens: int
+    sample_tokens: int
+    eval_tokens: int
+    seed: int
+    shuffle_buffer: int
+    doc_batch_size: int
+
+    def rows(self) -> dict[str, int]:
+        """Rows per split: whole rows, rounded up so each split has at least its tokens."""
+        want = {"train": self.train_tokens, "sample": self.sample_tokens, "eval": self.eval_tokens}
+        return {s: -(-n // self.ctx_len) for s, n in want.items()}
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """sparsify's SparseCoderConfig, field for field."""
+
+    activation: str
+    expansion_factor: int
+    num_latents: int
+    k: int
+    multi_topk: bool
+    normalize_decoder: bool
+    skip_connection: bool
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """sparsify's TrainConfig fields, plus loupe's own (log_every, shuffle_seed, and the
+    grouping of layers into jobs)."""
+
+    batch_size: int
+    grad_acc_steps: int
+    micro_acc_steps: int
+    optimizer: str
+    lr: float
+    lr_warmup_steps: int
+    auxk_alpha: float
+    dead_feature_threshold: int
+    exclude_tokens: list[int]
+    init_seeds: list[int]
+    save_every: int
+    log_every: int
+    log_to_wandb: bool
+    shuffle_seed: int
+    layers_per_job: int
+    layer_groups: list[list[int]] | None
+
+    # The fields sparsify's TrainConfig takes; the rest are loupe's.
+    SPARSIFY_FIELDS = (
+        "batch_size",
+        "grad_acc_steps",
+        "micro_acc_steps",
+        "optimizer",
+        "lr",
+        "lr_warmup_steps",
+        "auxk_alpha",
+        "dead_feature_threshold",
+        "exclude_tokens",
+        "init_seeds",
+        "save_every",
+        "log_to_wandb",
+    )
+
+    def sparsify_kwargs(self) -> dict:
+        return {k: getattr(self, k) for k in self.SPARSIFY_FIELDS}
+
+
+@dataclass(frozen=True)
+class MaxactConfig:
+    top_n: int
+    window_before: int
+    window_after: int
+    intervals: int
+    per_interval: int
+    top_logits: int
+    batch_size: int
+
+    @property
+    def width(self) -> int:
+        return self.window_before + 1 + self.window_after
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int
+    max_tokens: int
+    logit_chunk: int
+    dense_threshold: float
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    repo: str
+    prefix: str
+    revision: str
+    private: bool
+    license: str
+    language: str
+    authors: str | None
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    corpus: str
+    model: str
+    min_corpus_bytes: int
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    device: str
+    dataset: DatasetConfig
+    tokens: TokensConfig
+    sae: SaeConfig
+    train: TrainConfig
+    maxact: MaxactConfig
+    evaluate: EvaluateConfig
+    hub: HubConfig
+    demo: DemoConfig | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Config:
+        """Validate `raw` (a copy gets the schema's defaults) and build the typed config."""
+        data = validate(copy.deepcopy(raw))
+        built = {}
+        for f in fields(cls):
+            section = SECTIONS.get(f.name)
+            value = data.get(f.name)
+            built[f.name] = _build(section, value) if section and value is not None else value
+        return cls(**built)
+
+    def to_dict(self) -> dict:
+        """The config as the plain dict it was built from (an absent demo stays absent)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def settings_for(self, stage: str) -> dict:
+        """The output-changing keys `stage` reads (what its rule's params carry)."""
+        return stage_settings(self.to_dict(), stage)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LoupeError(f"--config is not valid JSON: {e}") from None
+        return cls.from_dict(raw)
+
+
+def _build(cls, values: dict):
+    """A section's dataclass from its validated dict, nested sections included."""
+    kwargs = dict(values)
+    for f in fields(cls):
+        nested = f.metadata.get("section")
+        if nested and kwargs.get(f.name) is not None:
+            kwargs[f.name] = _build(nested, kwargs[f.name])
+    return cls(**kwargs)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "dataset": DatasetConfig,
+    "tokens": TokensConfig,
+    "sae": SaeConfig,
+    "train": TrainConfig,
+    "maxact": MaxactConfig,
+    "evaluate": EvaluateConfig,
+    "hub": HubConfig,
+    "demo": DemoConfig,
+}
+
+# The output-changing keys each stage reads ("section" = all of its output-changing keys,
+# "section.key" = one key). A stage reads its other inputs (tokens, SAE, stats) as files,
+# which Snakemake tracks itself. model.layers is read only by the stages that cover every
+# layer: adding a layer must not retrain the others.
+STAGE_READS: dict[str, tuple[str, ...]] = {
+    "demo_corpus": ("demo.min_corpus_bytes",),
+    "demo_model": (),
+    "tokenize": (
+        "model.name",
+        "model.revision",
+        "model.tokenizer",
+        "dataset.path",
+        "dataset.redpajama",
+        "dataset.data_files",
+        "dataset.name",
+        "dataset.split",
+        "dataset.text_column",
+        "tokens",
+    ),
+    "train": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "sae", "train"),
+    "maxact": (
+        "model.name",
+        "model.revision",
+        "model.tokenizer",
+        "model.hookpoint",
+        "model.dtype",
+        "maxact",
+    ),
+    "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
+    "summary": ("model.name", "model.layers"),
+    "stage": (
+        "model",
+        "dataset",
+        "tokens",
+        "sae",
+        "train",
+        "maxact",
+        "evaluate",
+        "hub.repo",
+        "hub.prefix",
+        "hub.license",
+        "hub.language",
+        "hub.authors",
+    ),
+    "upload": ("hub.repo", "hub.revision"),
+}
+
+
+def check_train_settings(
+    config: Config, d_in: int | None = None, rows: int | None = None, vocab: int | None = None
+) -> None:
+    """One LoupeError line for a value the schema accepts but sparsify cannot train with.
+
+    Needs no model and no torch: at workflow start, call it with the config alone (the split's
+    rows follow from `tokens`); train_layer calls it again with the hookpoint's width `d_in`,
+    the split's `rows` and the model's `vocab`, before it touches the checkpoint folder."""
+    sae, train = config.sae, config.train
+    rows = config.tokens.rows()["train"] if rows is None else rows
+    if rows < train.batch_size:
+        raise LoupeError(
+            f"train.batch_size {train.batch_size} exceeds the {rows} rows of the training split"
+        )
+    batches = rows // train.batch_size
+    if batches < train.grad_acc_steps:
+        raise LoupeError(
+            f"train.grad_acc_steps {train.grad_acc_steps} exceeds the {batches} batches of the"
+            f" training split (train.batch_size {train.batch_size}): no optimizer step would run"
+        )
+    latents = sae.num_latents or (d_in * sae.expansion_factor if d_in else 0)
+    if latents:  # with num_latents 0 the count needs the hookpoint's width
+        made_of = (
+            "sae.num_latents"
+            if sae.num_latents
+            else f"{d_in} inputs x sae.expansion_factor {sae.expansion_factor}"
+        )
+        # sparsify's encoder takes the top k latents, its Multi-TopK loss the top 4k, and
+        # groupmax splits the latents into k equal groups: each fails inside torch otherwise.
+        if sae.k > latents:
+            raise LoupeError(f"sae.k {sae.k} exceeds the SAE's {latents} latents ({made_of})")
+        if sae.multi_topk and 4 * sae.k > latents:
+            raise LoupeError(
+                f"sae.multi_topk needs 4 x sae.k = {4 * sae.k} latents, but the SAE has"
+                f" {latents} ({made_of}): lower sae.k or turn multi_topk off"
+            )
+        if sae.activation == "groupmax" and latents % sae.k:
+            raise LoupeError(
+                f"sae.activation groupmax needs sae.k {sae.k} to divide the SAE's {latents}"
+                f" latents ({made_of})"
+            )
+    if vocab is not None and (outside := [t for t in train.exclude_tokens if t >= vocab]):
+        raise LoupeError(f"train.exclude_tokens {outside} outside the vocabulary ({vocab} ids)")
+
+
+# --- the schema -------------------------------------------------------------------------------
+
+
+def load_schema() -> dict:
+    import yaml
+
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema_keys(schema: dict | None = None) -> dict[str, bool]:
+    """Every leaf key as a dotted path ("sae.k", "device", "dataset.redpajama.shard_count") ->
+    whether it affects outputs (a nested section's keys inherit its annotation)."""
+
+    def walk(node: dict, prefix: str, affects: bool) -> dict[str, bool]:
+        affects = affects and node.get(AFFECTS_OUTPUT, True)
+        children = node.get("properties")
+        if not children:
+            return {prefix: affects}
+        out = {}
+        for key, sub in children.items():
+            out |= walk(sub, f"{prefix}.{key}" if prefix else key, affects)
+        return out
+
+    return walk(schema or load_schema(), "", True)
+
+
+def _validator(schema: dict):
+    """A jsonschema validator that fills defaults as it descends (the jsonschema FAQ's way),
+    so a section's default ({}) is filled with its keys' defaults too."""
+    from jsonschema import Draft202012Validator, validators
+
+    properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def fill_defaults(validator, props, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if "default" in sub:
+                    instance.setdefault(key, copy.deepcopy(sub["default"]))
+        yield from properties(validator, props, instance, schema)
+
+    cls = validators.extend(Draft202012Validator, {"properties": fill_defaults})
+    return cls(schema)
+
+
+def validate(data: dict, schema: dict | None = None) -> dict:
+    """Fill the schema's defaults into `data` and check it; one line naming the key on error."""
+    schema = schema or load_schema()
+    error = next(iter(_validator(schema).iter_errors(data)), None)
+    if error is None:
+        dataset = data.get("dataset") or {}
+        if (dataset.get("path") is None) == (dataset.get("redpajama") is None):
+            raise LoupeError("config error at dataset: give exactly one of path and redpajama")
+        return data
+    key = "/".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = error.schema.get("properties", {})
+        unknown = sorted(set(error.instance) - set(known))
+        raise LoupeError(
+            f"config error: unknown key {'/'.join(filter(None, [key, unknown[0]]))}"
+            f" (known keys here: {', '.join(known)})"
+        )
+    raise LoupeError(f"config error at {key or '(top level)'}: {error.message}")
+
+
+def stage_settings(data: dict, stage: str, schema: dict | None = None) -> dict:
+    """The output-changing keys `stage` reads, from a validated config dict: its params."""
+    out: dict[str, Any] = {}
+    for dotted, affects in schema_keys(schema).items():
+        if affects and any(dotted == r or dotted.startswith(f"{r}.") for r in STAGE_READS[stage]):
+            *parents, key = dotted.split(".")
+            source, target = data, out
+            for p in parents:
+                source = source.get(p) if isinstance(source, dict) else None
+                target = target.setdefault(p, {})
+            target[key] = source.get(key) if isinstance(source, dict) else None
+    return out
+
+
+def layer_groups(config: Config) -> list[list[int]]:
+    """The layers each training job trains together on one shared forward pass, each group in
+    depth order: train.layer_groups, or model.layers in runs of train.layers_per_job filled
+    from the deepest layer up, so that the one smaller run (if any) is the shallowest, whose
+    forward is the cheapest. One LoupeError line if a layer is in no group or in two."""
+    train, layers = config.train, sorted(config.model.layers)
+    where = "config error at train/layer_groups"
+    if train.layer_groups is None:
+        n = train.layers_per_job
+        return [layers[max(0, end - n) : end] for end in range(len(layers), 0, -n)][::-1]
+    if train.layers_per_job != 1:
+        raise LoupeError(
+            f"config error at train: give layers_per_job ({train.layers_per_job}) or"
+            " layer_groups, not both"
+        )
+    group_of: dict[int, list[int]] = {}
+    for group in train.layer_groups:
+        for layer in group:
+            if layer not in layers:
+                raise LoupeError(f"{where}: layer {layer} is not in model.layers {layers}")
+            if layer in group_of:
+                raise LoupeError(
+                    f"{where}: layer {layer} is in two groups, {group_of[layer]} and {group}"
+                )
+            group_of[layer] = group
+    if missing := [layer for layer in layers if layer not in group_of]:
+        raise LoupeError(
+            f"{where}: model.layers {missing} are in no group (every layer must be in one)"
+        )
+    return [sorted(group) for group in train.layer_groups]

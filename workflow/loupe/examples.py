@@ -1,0 +1,287 @@
+"""The sampled examples as parquet: max_activations (the top N per feature), interval_examples
+(examples spread over each feature's activation range) and feature_stats (one row per feature,
+with its activation histogram). Rows come from CPU arrays in TopExamples' layout: values,
+sequences (-1 for an empty slot), positions [F, S] and windows [F, S, W].
+
+Token strings: each id's own decoding, except where a byte-level token holds part of a
+multi-byte character, which decodes alone to U+FFFD: such tokens show their bytes as escapes
+(`\\xe2\\x80`); `context` stays the exact decoded text of the window."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .config import MaxactConfig
+from .io import atomic_path
+
+# Features per parquet row group: a reader after one feature fetches ~N x 64 rows, and each
+# group is still big enough for zstd to compress the string columns well.
+ROW_GROUP_FEATURES = 64
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback (Gemma)
+
+
+def examples_schema():
+    import pyarrow as pa
+
+    # The published columns first, exactly as the model card names them.
+    return pa.schema(
+        [
+            ("feature", pa.int64()),
+            ("activation", pa.float32()),
+            ("token", pa.string()),
+            ("context", pa.string()),
+            ("context_tokens", pa.string()),
+            ("token_activations", pa.string()),
+            ("layer", pa.int64()),
+            ("rank", pa.int64()),
+            ("peak_index", pa.int64()),
+            ("token_id", pa.int64()),
+            ("sequence", pa.int64()),
+            ("position", pa.int64()),
+        ]
+    )
+
+
+def interval_examples_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            *examples_schema(),
+            ("interval", pa.int64()),
+            ("interval_low", pa.float32()),
+            ("interval_high", pa.float32()),
+            ("interval_count", pa.int64()),
+        ]
+    )
+
+
+def decode_many(tokenizer, sequences: list[list[int]]) -> list[str]:
+    """tokenizer.decode(ids) of each sequence, special tokens kept. Straight to the Rust
+    tokenizer's batched decode when that gives the same text: transformers' batch_decode
+    checks every id in Python, the slowest part of writing a million examples."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return backend.decode_batch(sequences, skip_special_tokens=False)
+    return tokenizer.batch_decode(sequences, skip_special_tokens=False)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character that stands for each byte."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTES = _byte_decoder()
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """The raw bytes a token stands for, where the tokenizer's vocabulary shows them (byte
+    fallback pieces like <0xE2>, or GPT-2 style byte-level pieces); None otherwise."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(piece, str) or not piece:
+        return None
+    if m := _BYTE_TOKEN.fullmatch(piece):
+        return bytes([int(m.group(1), 16)])
+    if all(ch in _BYTES for ch in piece):
+        return bytes(_BYTES[ch] for ch in piece)
+    return None
+
+
+class TokenStrings:
+    """Each id's string (the tokenizer's decoding of that id alone, or its bytes escaped
+    where that decoding is a partial character) and its JSON encoding, computed once per id."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text: dict[int, str] = {}
+        self.json: dict[int, str] = {}
+
+    def _fill(self, ids: np.ndarray) -> list[int]:
+        ids = [int(i) for i in ids]
+        missing = [i for i in ids if i not in self.text]
+        for i, text in zip(
+            missing, decode_many(self.tokenizer, [[i] for i in missing]), strict=True
+        ):
+            if "\ufffd" in text and (raw := token_bytes(self.tokenizer, i)) is not None:
+                # Part of a multi-byte character: show its bytes, not U+FFFD.
+                text = raw.decode("utf-8", errors="backslashreplace")
+            self.text[i], self.json[i] = text, json.dumps(text, ensure_ascii=False)
+        return ids
+
+    def __call__(self, ids: np.ndarray) -> list[str]:
+        return [self.text[i] for i in self._fill(ids)]
+
+    def as_json(self, ids: np.ndarray) -> list[str]:
+        return [self.json[i] for i in self._fill(ids)]
+
+
+def _json_lists(values, offsets: np.ndarray):
+    """'[v0,v1,...]' per list, from flat JSON-ready strings and list offsets."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+    return pc.binary_join_element_wise("[", pc.binary_join(lists, ","), "]", "")
+
+
+def example_table(
+    top: dict[str, np.ndarray],
+    features: np.ndarray,
+    ranks: np.ndarray,
+    tokens: np.ndarray,
+    strings: TokenStrings,
+    tokenizer,
+    spec: MaxactConfig,
+    layer: int,
+):
+    """The rows of the given (feature, rank) examples, from CPU copies of TopExamples."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    seq_len = tokens.shape[1]
+    seqs = top["sequences"][features, ranks]
+    pos = top["positions"][features, ranks]
+    t = pos[:, None] + np.arange(-spec.window_before, spec.window_after + 1)
+    inside = (t >= 0) & (t < seq_len)  # windows are clipped at row edges
+    ids = np.asarray(tokens[seqs[:, None], t.clip(0, seq_len - 1)]).astype(np.int64)
+    lengths = inside.sum(1)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat_ids = ids[inside]
+    flat_acts = top["windows"][features, ranks][inside].astype(np.float32)
+
+    uniq, inverse = np.unique(flat_ids, return_inverse=True)
+    as_json = pa.array(strings.as_json(uniq))
+    token_ids = ids[:, spec.window_before]  # the unclipped window is centred on the peak
+    peak_index = np.minimum(pos, spec.window_before)  # positions clipped off the row start
+    windows = [w.tolist() for w in np.split(flat_ids, offsets[1:-1])]
+    return pa.table(
+        {
+            "feature": pa.array(features.astype(np.int64)),
+            "activation": pa.array(top["values"][features, ranks].astype(np.float32)),
+            "token": pa.array(strings(token_ids)),
+            "context": pa.array(decode_many(tokenizer, windows)),
+            "context_tokens": _json_lists(as_json.take(pa.array(inverse)), offsets),
+            "token_activations": _json_lists(pc.cast(pa.array(flat_acts), pa.string()), offsets),
+            "layer": pa.array(np.full(len(features), layer, dtype=np.int64)),
+            "rank": pa.array(ranks.astype(np.int64)),
+            "peak_index": pa.array(peak_index.astype(np.int64)),
+            "token_id": pa.array(token_ids.astype(np.int64)),
+            "sequence": pa.array(seqs.astype(np.int64)),
+            "position": pa.array(pos.astype(np.int64)),
+        },
+        schema=examples_schema(),
+    )
+
+
+def write_examples(
+    path: Path,
+    top: dict[str, np.ndarray],
+    tokens: np.ndarray,
+    tokenizer,
+    spec: MaxactConfig,
+    layer: int,
+    metadata: dict,
+    intervals: bool = False,
+) -> int:
+    """max_activations.parquet (or, with `intervals`, interval_examples.parquet from
+    IntervalExamples.cpu()): sorted by feature, then (interval and) activation desc; zstd;
+    one row group per ROW_GROUP_FEATURES features, built and written group by group.
+    Returns rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    strings = TokenStrings(tokenizer)
+    schema = interval_examples_schema() if intervals else examples_schema()
+    schema = schema.with_metadata({"loupe": json.dumps(metadata, sort_keys=True)})
+    sort = [pq.SortingColumn(0)] + [pq.SortingColumn(12)] * intervals
+    sort.append(pq.SortingColumn(1, descending=True))
+    num_latents = top["values"].shape[0]
+    written = 0
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(
+            tmp, schema, compression="zstd", write_page_index=True, sorting_columns=sort
+        ) as writer:
+            for first in range(0, num_latents, ROW_GROUP_FEATURES):
+                kept = top["sequences"][first : first + ROW_GROUP_FEATURES] >= 0
+                features, slots = np.nonzero(kept)  # row-major: feature, then slot
+                if not len(features):
+                    continue
+                features += first
+                table = example_table(top, features, slots, tokens, strings, tokenizer, spec, layer)
+                if intervals:
+                    per = top["values"].shape[1] // top["lower"].shape[1]
+                    bucket = top["interval"][features, slots]
+                    table = table.set_column(
+                        table.schema.get_field_index("rank"),
+                        "rank",
+                        pa.array((slots % per).astype(np.int64)),
+                    )
+                    for name, values in (
+                        ("interval", bucket),
+                        ("interval_low", top["lower"][features, bucket].astype(np.float32)),
+                        ("interval_high", top["upper"][features, bucket].astype(np.float32)),
+                        ("interval_count", top["count"][features, bucket].astype(np.int64)),
+                    ):
+                        table = table.append_column(name, pa.array(values))
+                writer.write_table(table.cast(schema), row_group_size=len(table))
+                written += len(table)
+    return written
+
+
+def write_stats(
+    path: Path,
+    kept: np.ndarray,
+    count: np.ndarray,
+    total: np.ndarray,
+    peak: np.ndarray,
+    tokens: int,
+    histogram: dict[str, np.ndarray],
+    metadata: dict,
+) -> dict:
+    """feature_stats.parquet: one row per feature, dead ones included; `histogram` counts
+    activations per bin (edges in the file's metadata, `histogram_edges`: bin 0 is below the
+    first edge, the last at or above the last edge). One row group per ROW_GROUP_FEATURES."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    firing = count > 0
+    mean = np.zeros(count.shape, dtype=np.float64)
+    mean[firing] = total[firing] / count[firing]
+    counts = histogram["counts"].astype(np.int64)
+    lists = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, counts.size + 1, counts.shape[1], dtype=np.int32)),
+        pa.array(counts.reshape(-1)),
+    )
+    meta = {**metadata, "histogram_edges": [float(e) for e in histogram["edges"]]}
+    table = pa.table(
+        {
+            "feature": pa.array(np.arange(count.size, dtype=np.int64)),
+            "fire_count": pa.array(count.astype(np.int64)),
+            "density": pa.array(count / tokens if tokens else np.zeros(count.size)),
+            "max_activation": pa.array(peak.astype(np.float32)),
+            "mean_activation": pa.array(mean.astype(np.float32)),
+            "examples": pa.array(kept.astype(np.int64)),
+            "tokens": pa.array(np.full(count.size, tokens, dtype=np.int64)),
+            "histogram": lists,
+        }
+    ).replace_schema_metadata({"loupe": json.dumps(meta, sort_keys=True)})
+    with atomic_path(path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            row_group_size=ROW_GROUP_FEATURES,
+            write_page_index=True,
+        )
+    return {"dead": int((~firing).sum()), "examples": int(kept.sum())}

@@ -1,0 +1,70 @@
+"""Names of every published file and where each lives in the hub repo: written once here,
+imported everywhere else. A leaf module: it imports nothing of the package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# An SAE folder, in sparsify's on-disk format.
+SAE_CFG = "cfg.json"
+SAE_WEIGHTS = "sae.safetensors"
+# Beside the SAE in results/layer_N/ (not published in the SAE folder).
+TRAIN_METRICS = "train_metrics.jsonl"
+# The repo root.
+CARD = "README.md"
+RUN_CONFIG = "config.json"
+MANIFEST = "manifest.json"
+NOTEBOOK = "quickstart.ipynb"
+BROWSER = "browser"
+# The suite's per-layer parquet files: kind -> folder (under the prefix), each
+# `{folder}/layer_N.parquet`. max_activations/ is the seed's published layout.
+PER_LAYER = {
+    "examples": "max_activations",
+    "intervals": "interval_examples",
+    "stats": "feature_stats",
+    "logits": "feature_logits",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each artifact lives in the repo. The SAE folders are sparsify's hookpoint names
+    under the suite's prefix; everything else of the suite sits beside them in the prefix, so
+    several suites can share a repo."""
+
+    prefix: str
+    hookpoint_template: str
+
+    def hookpoint(self, layer: int) -> str:
+        return self.hookpoint_template.format(layer=layer)
+
+    def sae_dir(self, layer: int) -> str:
+        return f"{self.prefix}/{self.hookpoint(layer)}"
+
+    def per_layer(self, kind: str, layer: int) -> str:
+        """Layer `layer`'s parquet file of `kind` (a PER_LAYER key)."""
+        return f"{self.prefix}/{PER_LAYER[kind]}/layer_{layer}.parquet"
+
+    def examples(self, layer: int) -> str:
+        return self.per_layer("examples", layer)
+
+    def stats(self, layer: int) -> str:
+        return self.per_layer("stats", layer)
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}/metrics.csv"
+
+    @property
+    def plots(self) -> str:
+        return f"{self.prefix}/plots"
+
+    @property
+    def run_config(self) -> str:
+        # SAELens' sparsify loader reads config.json from the folder above the SAE folders.
+        return f"{self.prefix}/{RUN_CONFIG}"
+
+
+def example_layer(layers: list[int]) -> int:
+    """The layer the quick start shows: the middle one (17 of gemma-loupe's 0..34)."""
+    return sorted(layers)[len(layers) // 2]
