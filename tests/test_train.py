@@ -14,17 +14,19 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import typed
 
 from loupe.errors import LoupeError
-from loupe.model import capture, import_sparsify, load_text_model, resolve_device, truncate_after
-from loupe.train import train_layer
+from loupe.gpus import select_device
+from loupe.model import capture, import_sparsify, load_model, truncate_after
+from loupe.train import train_config, train_layer
 
 sparsify = import_sparsify()
 
 
 def _eval_activations(settings, token_dir, layer: int, rows: int = 32) -> torch.Tensor:
     """Layer activations on held-out eval rows, BOS positions dropped: [tokens, d]."""
-    model = load_text_model(settings["model"]["name"], torch.device("cpu"))
+    model = load_model(settings["model"]["name"], torch.device("cpu"))
     ids = torch.from_numpy(np.load(token_dir / "eval.npy")[:rows].astype(np.int64))
     acts = capture(model, settings["model"]["hookpoint"].format(layer=layer), ids)
     return acts[:, 1:].reshape(-1, acts.shape[-1]).float()
@@ -57,6 +59,33 @@ def test_cfg_json_matches_config(trained_layer, settings):
     assert cfg["d_in"] == 64  # the tiny model's hidden size
     sae = sparsify.SparseCoder.load_from_disk(trained_layer, device="cpu")
     assert sae.num_latents == 64 * settings["sae"]["expansion_factor"]
+
+
+def test_train_config_passes_every_sparsify_field_from_the_config(tmp_path, settings):
+    from dataclasses import fields
+
+    cfg = train_config(typed(settings), 4, tmp_path / "ckpt")
+    assert isinstance(cfg, sparsify.TrainConfig)
+    assert cfg.hookpoints == ["language_model.layers.4"]
+    assert cfg.save_dir == str(tmp_path / "ckpt")
+    assert {key: getattr(cfg.sae, key) for key in settings["sae"]} == settings["sae"]
+    # Every key of `train:` that sparsify's TrainConfig has is passed on unchanged.
+    sparsify_fields = {f.name for f in fields(sparsify.TrainConfig)}
+    passed = {key for key in settings["train"] if key in sparsify_fields}
+    for key in passed:
+        assert getattr(cfg, key) == settings["train"][key], key
+    assert passed >= {
+        "batch_size",
+        "grad_acc_steps",
+        "micro_acc_steps",
+        "optimizer",
+        "lr",
+        "auxk_alpha",
+        "dead_feature_threshold",
+        "exclude_tokens",
+        "init_seeds",
+        "save_every",
+    }
 
 
 def test_metrics_record_every_logged_step_and_bos_never_reaches_the_sae(trained_layer, settings):
@@ -98,45 +127,45 @@ def test_without_bos_exclusion_the_sae_sees_bos(tmp_path, settings, token_dir):
     s["tokens"]["train_tokens"] = 8192
     ids = np.load(token_dir / "train.npy")[:64]
     np.save(tmp_path / "train.npy", ids)
-    train_layer(s, 1, tmp_path / "train.npy", tmp_path / "out", tmp_path / "ckpt")
+    train_layer(typed(s), 1, tmp_path / "train.npy", tmp_path / "out", tmp_path / "ckpt")
     last = json.loads((tmp_path / "out" / "train_metrics.jsonl").read_text().splitlines()[-1])
     assert last["trained_tokens"] == last["tokens"]
 
 
 def test_truncated_forward_equals_full_forward(tiny_model, token_dir):
     ids = torch.from_numpy(np.load(token_dir / "eval.npy")[:4].astype(np.int64))
-    full = load_text_model(str(tiny_model), torch.device("cpu"))
+    full = load_model(str(tiny_model), torch.device("cpu"))
     layers = full.config.get_text_config().num_hidden_layers
     for layer in range(layers):
         hook = f"language_model.layers.{layer}"
-        cut = load_text_model(str(tiny_model), torch.device("cpu"))
+        cut = load_model(str(tiny_model), torch.device("cpu"))
         assert truncate_after(cut, hook) == layer + 1
         assert len(cut.language_model.layers) == layer + 1
         assert torch.equal(capture(cut, hook, ids), capture(full, hook, ids)), layer
 
 
 def test_device_choice():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(LoupeError, match="no CUDA GPU is available"):
-            resolve_device("cuda")
+            select_device("cuda")
 
 
 def test_unconfigured_layer_and_bad_hookpoint(tmp_path, settings, token_dir):
     with pytest.raises(LoupeError, match="layer 99 is not in model.layers"):
-        train_layer(settings, 99, token_dir / "train.npy", tmp_path / "o", tmp_path / "c")
+        train_layer(typed(settings), 99, token_dir / "train.npy", tmp_path / "o", tmp_path / "c")
     s = copy.deepcopy(settings)
     s["model"]["hookpoint"] = "model.blocks.{layer}"
     with pytest.raises(LoupeError, match="hookpoint 'model.blocks.1' not found"):
-        train_layer(s, 1, token_dir / "train.npy", tmp_path / "o", tmp_path / "c")
+        train_layer(typed(s), 1, token_dir / "train.npy", tmp_path / "o", tmp_path / "c")
     assert not (tmp_path / "o" / "sae.safetensors").exists()
 
 
 def _train_cmd(settings, layer, tokens, out, ckpt, log):
     return [
         sys.executable, "-m", "loupe", "--log", str(log), "train",
-        "--settings", json.dumps(settings), "--layer", str(layer),
+        "--config", json.dumps(settings), "--layer", str(layer),
         "--tokens", str(tokens), "--out-dir", str(out), "--checkpoint-dir", str(ckpt),
     ]  # fmt: skip
 
@@ -165,7 +194,7 @@ def test_resume_after_kill_continues_and_matches_uninterrupted(tmp_path, setting
     resumed_at = int(text.split("resumed layer 3 at batch ")[1].split()[0])
     assert 0 < resumed_at < 512 and resumed_at % 2 == 0  # a step boundary, not batch 0
 
-    train_layer(s, 3, tokens, tmp_path / "ref", tmp_path / "ref_ckpt")
+    train_layer(typed(s), 3, tokens, tmp_path / "ref", tmp_path / "ref_ckpt")
     resumed = [
         json.loads(x) for x in (tmp_path / "out" / "train_metrics.jsonl").read_text().splitlines()
     ]
@@ -198,7 +227,7 @@ def test_second_architecture_llama(tmp_path, settings, tiny_model, token_dir):
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "llama")
     s = copy.deepcopy(settings)
     s["model"].update(name=str(tmp_path / "llama"), hookpoint="layers.{layer}", layers=[0, 1, 2])
-    summary = train_layer(s, 1, token_dir / "train.npy", tmp_path / "out", tmp_path / "ckpt")
+    summary = train_layer(typed(s), 1, token_dir / "train.npy", tmp_path / "out", tmp_path / "ckpt")
     assert summary["hookpoint"] == "layers.1"
     sae = sparsify.SparseCoder.load_from_disk(tmp_path / "out", device="cpu")
     assert sae.d_in == 48 and sae.num_latents == 48 * s["sae"]["expansion_factor"]
@@ -207,20 +236,24 @@ def test_second_architecture_llama(tmp_path, settings, tiny_model, token_dir):
 
 def test_checkpoint_swap_never_leaves_a_torn_checkpoint(tmp_path):
     """A kill between the two renames of a checkpoint swap keeps the previous checkpoint."""
-    from loupe.train import _prepare_checkpoint_dir, swap_in
+    from loupe.train import OTHER, RUN_RECORD, STATE, _prepare_checkpoint_dir, swap_in
 
     ckpt = tmp_path / "ckpt"
-    assert not _prepare_checkpoint_dir(ckpt, "fp")
+    run, other_run = {"layer": 1, "settings": {"sae": {"k": 8}}}, {"layer": 1, "settings": {}}
+    assert not _prepare_checkpoint_dir(ckpt, run)
     for step in (1, 2):
         new = ckpt / ".state.tmp"
         new.mkdir()
         (new / "state.pt").write_text(str(step))
-        swap_in(new, ckpt / "state")
-    assert (ckpt / "state" / "state.pt").read_text() == "2" and not list(ckpt.glob(".state.*"))
+        (new / RUN_RECORD).write_text(json.dumps(run))
+        swap_in(new, ckpt / STATE)
+    assert (ckpt / STATE / "state.pt").read_text() == "2" and not list(ckpt.glob(".state.*"))
     # Killed after moving the old checkpoint aside, before the new one took its place:
-    (ckpt / "state").rename(ckpt / ".state.old")
+    (ckpt / STATE).rename(ckpt / ".state.old")
     (ckpt / ".state.tmp").mkdir()
-    assert _prepare_checkpoint_dir(ckpt, "fp")
-    assert (ckpt / "state" / "state.pt").read_text() == "2"
-    assert not _prepare_checkpoint_dir(ckpt, "other settings")
-    assert not (ckpt / "state").exists()
+    assert _prepare_checkpoint_dir(ckpt, run)
+    assert (ckpt / STATE / "state.pt").read_text() == "2"
+    # Other settings never resume it: it is set aside, whole.
+    assert not _prepare_checkpoint_dir(ckpt, other_run)
+    assert not (ckpt / STATE).exists()
+    assert (ckpt / OTHER / "state.pt").read_text() == "2"
