@@ -20,10 +20,9 @@ from loupe.samplers import (
     HISTOGRAM_EDGES,
     INTERVAL_EDGES,
     ActivationHistogram,
+    Batch,
     FiringStats,
     IntervalExamples,
-    densify,
-    sequence_peaks,
 )
 
 SPEC = MaxactConfig(
@@ -122,7 +121,9 @@ def test_interval_samples_are_exactly_uniform_across_window_slides():
             replicas, SPEC, torch.device("cpu"), intervals=3, per_interval=m, seed=seed
         )
         for start in range(0, len(values), 7):
-            sampler.update(acts[start : start + 7], indices[start : start + 7], first_row=start)
+            sampler.update(
+                Batch(acts[start : start + 7], indices[start : start + 7], start, replicas)
+            )
         out = sampler.cpu()
         assert (out["count"] == [10, 10, 42]).all()
         for interval, rows in members.items():
@@ -161,8 +162,10 @@ def test_every_interval_example_is_its_dense_recomputation(share):
     )
     for start in range(0, rows, 4):
         a, i = acts[start : start + 4], indices[start : start + 4]
-        extra = {"peaks": sequence_peaks(a, i, features), "dense": lambda: densify(a, i, features)}
-        sampler.update(a, i, first_row=start, **(extra if share else {}))
+        batch = Batch(a, i, start, features)
+        if share:  # as if another sampler had used the batch first
+            assert batch.peaks is not None and batch.dense is not None
+        sampler.update(batch)
     out = sampler.cpu()
 
     dense = _dense(acts, indices, features).numpy()
@@ -216,7 +219,7 @@ def test_maxact_example_table_formats_interval_examples():
     tokens = np.random.default_rng(0).integers(3, 50, size=(rows, seq))
     sampler = IntervalExamples(features, SPEC, torch.device("cpu"), intervals=3, per_interval=2)
     for start in range(0, rows, 5):
-        sampler.update(acts[start : start + 5], indices[start : start + 5], first_row=start)
+        sampler.update(Batch(acts[start : start + 5], indices[start : start + 5], start, features))
     cpu = sampler.cpu()
     feats, ranks = np.nonzero(cpu["sequences"] >= 0)
     table = example_table(
@@ -240,7 +243,7 @@ def test_interval_samples_repeat_with_the_seed():
     def run(seed):
         sampler = IntervalExamples(5, SPEC, torch.device("cpu"), per_interval=2, seed=seed)
         for start in range(0, 16, 4):
-            sampler.update(acts[start : start + 4], indices[start : start + 4], first_row=start)
+            sampler.update(Batch(acts[start : start + 4], indices[start : start + 4], start, 5))
         return sampler.cpu()
 
     a, b, c = run(0), run(0), run(1)

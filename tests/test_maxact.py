@@ -24,6 +24,7 @@ from loupe.examples import ROW_GROUP_FEATURES
 from loupe.maxact import sample_layer
 from loupe.model import capture, import_sparsify, load_model, truncate_after
 from loupe.samplers import (
+    Batch,
     FiringStats,
     TopExamples,
     densify,
@@ -101,7 +102,7 @@ def test_streaming_top_n_equals_a_full_sort(levels):
     assert spec.width == 3 + 1 + 2
     top = TopExamples(features, spec, torch.device("cpu"))
     for start, stop in [(0, 5), (5, 6), (6, 15), (15, 23)]:  # uneven batches
-        top.update(acts[start:stop], indices[start:stop], first_row=start)
+        top.update(Batch(acts[start:stop], indices[start:stop], start, top.num_latents))
     expect = _brute_top(_dense(acts, indices, features), 4, 3, 2)
     for f in range(features):
         n = len(expect[f])

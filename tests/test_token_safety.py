@@ -108,7 +108,7 @@ def test_stale_temporary_files_of_killed_jobs_are_removed(tmp_path, settings):
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     stale = store / f".train.npy.tmp{dead}"
     stale.write_bytes(b"\0" * 1000)
-    running = store / f".sample.npy.tmp{os.getpid()}"  # a live process's: left alone
+    running = store / f".other.npy.tmp{os.getppid()}"  # a live process's: left alone
     running.write_bytes(b"\0")
     tokenize(typed(s), out)
     assert not stale.exists() and running.exists()

@@ -1,33 +1,33 @@
 """The model card (the repo's README.md), generated from the config used and the staged files,
-so every number it states is the one the run actually used or measured."""
+so every number it states is the one the run actually used or measured.
+
+The body is a Jinja2 template (assets/card.md), its YAML front matter huggingface_hub's
+ModelCardData, and the quick start's code a real python file (assets/quickstart.py, which ruff
+checks) whose `# %% name` cells become the card's code blocks, its `NAME = value` constants
+set to this suite's (`fill_constants`, the contract publish's notebook parameters follow)."""
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
+from . import layout as file_names
+from .config import Config
+from .errors import LoupeError
+from .layout import SAE_CFG, SAE_WEIGHTS, Layout, example_layer
+from .metrics import METRICS
 
-from .publish import NOTEBOOK, Layout, example_layer, layout_of, metrics_rows
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
 
-# Metrics shown in the per-layer table, in this order, when summary's metrics.csv has them.
-METRICS = {
-    "fvu": "fraction of variance unexplained: squared error over the input's variance (lower is better)",
-    "explained_variance": "1 - the error's variance over the input's variance",
-    "cosine": "mean cosine similarity of reconstruction and input",
-    "l0": "mean number of active features per token",
-    "dead_fraction": "fraction of features that never fired on the sampled tokens",
-    "dense_fraction": "fraction of features firing on more than {dense} of the sampled tokens",
-    "ce_loss_clean": "next-token loss of the unmodified model",
-    "ce_loss_spliced": "next-token loss with the layer's output replaced by the reconstruction",
-    "delta_ce": "ce_loss_spliced - ce_loss_clean (lower is better)",
-    "ce_loss_zero_ablation": "next-token loss with the layer's output set to zero",
-    "ce_loss_score": "fraction of the zero-ablation loss increase the SAE recovers (1 is perfect)",
-    "kl": "KL divergence of the spliced from the clean next-token distribution",
-}
+ASSETS = Path(__file__).with_name("assets")
+CARD_TEMPLATE = "card.md"  # in ASSETS
+QUICKSTART = ASSETS / "quickstart.py"
 
 EXAMPLE_COLUMNS = {
     "feature": "feature (latent) index",
@@ -52,9 +52,17 @@ STATS_COLUMNS = {
     "mean_activation": "mean activation over the tokens where it fired",
     "examples": "max-activating examples kept for the feature",
     "tokens": "tokens counted (special tokens excluded)",
+    "histogram": "activations per histogram bin (log-spaced; edges in the file's metadata)",
 }
 
-LANGUAGES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "zh": "Chinese"}
+LANGUAGES = {
+    "en": "English",
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "it": "Italian",
+    "zh": "Chinese",
+}
 
 TAGS = ["sparse-autoencoder", "sae", "interpretability", "mechanistic-interpretability", "sparsify"]
 
@@ -72,7 +80,11 @@ class CardFacts:
     example_rows: int  # summed over layers
     stats_columns: list[tuple[str, str]]
     plots: list[str]  # repo paths
-    tokens: dict = field(default_factory=dict)  # tokens/manifest.json's per-split token counts
+    tokens: dict = field(default_factory=dict)
+    sources: dict | None = None  # tokens/manifest.json's sources: what RedPajama files were read
+    histogram_bins: int = (
+        0  # feature_stats' histogram columns  # tokens/manifest.json's per-split token counts
+    )
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -82,8 +94,16 @@ def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
     return [(f.name, str(f.type)) for f in meta.schema.to_arrow_schema()], meta.num_rows
 
 
+def metrics_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "layer" not in rows[0]:
+        raise LoupeError(f"{path}: expected a CSV with a 'layer' column and one row per layer")
+    return rows
+
+
 def collect_facts(
-    settings: dict,
+    config: Config,
     layout: Layout,
     root: Path,
     tokens_manifest: Path | None = None,
@@ -93,21 +113,22 @@ def collect_facts(
     them (default: every plot, by name)."""
     from safetensors import safe_open
 
-    layers = list(settings["model"]["layers"])
+    layers = list(config.model.layers)
     sae_dir = root / layout.sae_dir(example_layer(layers))
-    sae = json.loads((sae_dir / "cfg.json").read_text())
-    with safe_open(sae_dir / "sae.safetensors", framework="pt") as f:
+    sae = json.loads((sae_dir / SAE_CFG).read_text())
+    with safe_open(sae_dir / SAE_WEIGHTS, framework="pt") as f:
         num_latents = f.get_slice("encoder.bias").get_shape()[0]
     example_columns, rows = _schema(root / layout.examples(layers[0]))
     example_rows = rows + sum(_schema(root / layout.examples(n))[1] for n in layers[1:])
-    tokens = {}
+    manifest = {}
     if tokens_manifest is not None and Path(tokens_manifest).is_file():
-        tokens = json.loads(Path(tokens_manifest).read_text()).get("tokens", {})
+        manifest = json.loads(Path(tokens_manifest).read_text())
+    tokens = manifest.get("tokens", {})
     return CardFacts(
         layers=layers,
         sae=sae,
         num_latents=num_latents,
-        sae_bytes=(sae_dir / "sae.safetensors").stat().st_size,
+        sae_bytes=(sae_dir / SAE_WEIGHTS).stat().st_size,
         metrics=metrics_rows(root / layout.metrics),
         example_columns=example_columns,
         example_rows=example_rows,
@@ -117,7 +138,17 @@ def collect_facts(
             for name in (plots or sorted(p.name for p in (root / layout.plots).glob("*.png")))
         ],
         tokens=tokens,
+        sources=manifest.get("sources"),
+        histogram_bins=_histogram_bins(root / layout.stats(layers[0])),
     )
+
+
+def _histogram_bins(stats: Path) -> int:
+    """Bins of the feature_stats histogram: one more than its edges (in the file's metadata)."""
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(stats).metadata[b"loupe"])
+    return len(meta["histogram_edges"]) + 1
 
 
 def _is_hub_id(name: str | None) -> bool:
@@ -125,18 +156,75 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists())
 
 
-def front_matter(settings: dict) -> dict:
-    hub, model, dataset = settings["hub"], settings["model"], settings["dataset"]
-    meta = {"license": hub["license"], "library_name": "sparsify", "tags": list(TAGS)}
-    if _is_hub_id(model["name"]):
-        meta["base_model"] = model["name"]
-    if _is_hub_id(dataset.get("hub_id")):
-        meta["datasets"] = [dataset["hub_id"]]
-    meta["language"] = [hub.get("language", "en")]
-    return meta
+def card_data(config: Config) -> ModelCardData:
+    """The front matter the Hub reads (huggingface_hub.ModelCardData)."""
+    from huggingface_hub import ModelCardData
+
+    model, dataset, hub = config.model, config.dataset, config.hub
+    return ModelCardData(
+        license=hub.license,
+        library_name="sparsify",
+        tags=list(TAGS),
+        base_model=model.name if _is_hub_id(model.name) else None,
+        datasets=[dataset.hub_id] if _is_hub_id(dataset.hub_id) else None,
+        language=[hub.language],
+    )
 
 
-def _n(x: float) -> str:
+# --- the quick start's code ----------------------------------------------------------------
+
+
+def python_literal(value) -> str:
+    """`value` as Python source: strings in double quotes (as ruff formats them), a range from
+    0 as `range(n)`."""
+    if isinstance(value, range) and value.step == 1:
+        return f"range({value.stop})" if value.start == 0 else f"range({value.start}, {value.stop})"
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's string escapes are Python's too
+    return repr(value)
+
+
+def fill_constants(source: str, values: dict) -> str:
+    """Python `source` with the value of each line `NAME = value` (at column 0, a trailing
+    comment kept) named in `values` replaced by that value; every name must be there."""
+    found = set()
+
+    def fill(m: re.Match) -> str:
+        found.add(m["name"])
+        return f"{m['name']} = {python_literal(values[m['name']])}{m['comment'] or ''}"
+
+    names = "|".join(map(re.escape, values))
+    filled = re.sub(rf"^(?P<name>{names}) = .*?(?P<comment>\s+#.*)?$", fill, source, flags=re.M)
+    if missing := sorted(set(values) - found):
+        raise ValueError(f"no line `NAME = ...` for {missing}")
+    return filled
+
+
+def code_cells(source: str) -> dict[str, str]:
+    """The `# %% name` cells of a python file by name, in order (what precedes the first
+    cell, the file's own header, is left out)."""
+    parts = re.split(r"^# %% (\w+)\n", source, flags=re.M)
+    return {name: body.strip("\n") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def quick_start(config: Config, layout: Layout, layers: list[int]) -> dict[str, str]:
+    """The quick start's code blocks by name, with this suite's repo, layers and model; tests
+    run them against the staged repo."""
+    values = {
+        "REPO": config.hub.repo,
+        "PREFIX": layout.prefix,
+        "LAYER_MODULE": layout.hookpoint_template,
+        "LAYERS": range(len(layers)) if layers == list(range(len(layers))) else layers,
+        "LAYER": example_layer(layers),
+        "MODEL": config.model.name,
+    }
+    return code_cells(fill_constants(QUICKSTART.read_text(), values))
+
+
+# --- the card ------------------------------------------------------------------------------
+
+
+def _n(x: int) -> str:
     """A token count as people say it: 1B, 10M, 262,144."""
     for unit, size in (("B", 10**9), ("M", 10**6)):
         if x >= size and x % (size // 10) == 0:
@@ -144,7 +232,8 @@ def _n(x: float) -> str:
     return f"{x:,}"
 
 
-def _fmt(value: str) -> str:
+def _fmt(value) -> str:
+    """A value of metrics.csv (or the config) as the card shows it: 0.1235, 8, n/a."""
     if value in (None, ""):
         return "n/a"
     try:
@@ -154,311 +243,149 @@ def _fmt(value: str) -> str:
     return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.4g}"
 
 
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
-
-
-def _layers_expr(layers: list[int]) -> str:
-    return f"range({len(layers)})" if layers == list(range(len(layers))) else str(layers)
-
-
-def quick_start(settings: dict, layout: Layout, facts: CardFacts) -> str:
-    """The quick start's code; tests run every python block of it against the staged repo."""
-    repo, prefix = settings["hub"]["repo"], layout.prefix
-    layer = example_layer(facts.layers)
-    hookpoint = layout.hookpoint(layer)
-    template = layout.hookpoint_template
-    each = template.replace("{layer}", "{i}")
-    pattern = template.replace("{layer}", "*")
-    n = len(facts.layers)
-    return f"""\
-```bash
-pip install eai-sparsify==1.3.3 polars
-```
-
-Load one layer's SAE (downloads only that layer's folder):
-
-```python
-import torch
-from sparsify import SparseCoder
-
-REPO = "{repo}"
-PREFIX = "{prefix}"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-sae = SparseCoder.load_from_hub(REPO, hookpoint=f"{{PREFIX}}/{hookpoint}", device=DEVICE)
-print(sae.cfg.k, sae.num_latents)
-```
-
-Load all {n} layers ({_mb(facts.sae_bytes * n)} in float32). In eai-sparsify 1.3.3,
-`load_many(REPO, pattern=...)` on its own returns an empty dict; name the SAE folders with
-`layers=` (the pattern limits the download to the SAE folders):
-
-```python
-hookpoints = [f"{{PREFIX}}/{each}" for i in {_layers_expr(facts.layers)}]
-saes = SparseCoder.load_many(
-    REPO, layers=hookpoints, pattern=f"{{PREFIX}}/{pattern}", device=DEVICE
-)
-assert len(saes) == {n}
-```
-
-Encode text: run the model, take the output of decoder layer {layer} with a forward hook, and
-encode it:
-
-```python
-from transformers import AutoModel, AutoTokenizer
-
-MODEL = "{settings["model"]["name"]}"
-tokenizer = AutoTokenizer.from_pretrained(MODEL)
-dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-model = AutoModel.from_pretrained(MODEL, dtype=dtype).to(DEVICE).eval()
-
-ids = tokenizer("The Eiffel Tower is in Paris.", return_tensors="pt").input_ids
-if ids[0, 0] != tokenizer.bos_token_id:  # training rows always start with BOS
-    ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
-
-captured = []
-layer = model.get_submodule("{hookpoint}")
-hook = layer.register_forward_hook(
-    lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output)
-)
-with torch.inference_mode():
-    model(input_ids=ids.to(DEVICE))
-    hook.remove()
-    acts = captured[0][0, 1:].float()  # [seq, d_in]; BOS dropped (never seen in training)
-    out = sae.encode(acts)  # top_acts, top_indices: [seq, k], unsorted
-
-tokens = tokenizer.convert_ids_to_tokens(ids[0, 1:])
-for token, values, features in zip(tokens, out.top_acts, out.top_indices, strict=True):
-    order = values.argsort(descending=True)[:5]
-    print(f"{{token!r:>16}}", [(int(features[o]), round(float(values[o]), 2)) for o in order])
-```
-
-Browse the max-activating examples of the strongest feature on that text:
-
-```python
-import json
-
-import polars as pl
-from huggingface_hub import hf_hub_download
-
-path = hf_hub_download(REPO, f"{{PREFIX}}/max_activations/layer_{layer}.parquet")
-examples = pl.read_parquet(path)
-known = set(examples["feature"].unique().to_list())
-ranked = out.top_indices.flatten()[out.top_acts.flatten().argsort(descending=True)].tolist()
-feature = next(f for f in ranked if f in known)
-
-for row in examples.filter(pl.col("feature") == feature).sort("rank").head(5).iter_rows(named=True):
-    window, values = json.loads(row["context_tokens"]), json.loads(row["token_activations"])
-    text = "".join(f"[{{t}}]" if v > 0 else t for t, v in zip(window, values, strict=True))
-    print(f"{{row['activation']:8.2f}}  {{text!r}}")
-```
-"""
-
-
-def _training_table(settings: dict, facts: CardFacts) -> str:
-    sae, train, tokens, dataset = (
-        facts.sae,
-        settings["train"],
-        settings["tokens"],
-        settings["dataset"],
+def _sources(sources: dict) -> str:
+    """The snapshots and shards the tokens came from, as the tokenize manifest records them."""
+    read = ", ".join(
+        f"{snapshot} shards {_ranges(shards)}" for snapshot, shards in sources["shards"].items()
     )
+    return f"{len(sources['files'])} files: {read}" + (
+        f" ({len(sources['skipped'])} skipped)" if sources.get("skipped") else ""
+    )
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(out)
+
+
+def _training_rows(config: Config, facts: CardFacts) -> list[tuple[str, str]]:
+    """The training table: the staged SAE's shape, then the config's training settings."""
+    sae, train, tokens, dataset = facts.sae, config.train, config.tokens, config.dataset
     trained = facts.tokens.get("train")
-    tok = _n(tokens["train_tokens"]) + (
-        f" ({trained:,} after rounding to whole rows)"
-        if trained and trained != tokens["train_tokens"]
-        else ""
+    rounded = trained and trained != tokens.train_tokens
+    tok = _n(tokens.train_tokens) + (
+        f" ({trained:,} after rounding to whole rows)" if rounded else ""
     )
-    excluded = train.get("exclude_tokens") or []
-    rows = [
+    excluded = train.exclude_tokens
+    optimizer = train.optimizer + (" (ScheduleFree SignSGD)" if train.optimizer == "signum" else "")
+    return [
         ("d_in", f"{sae['d_in']:,}"),
-        (
-            "latents",
-            f"{facts.num_latents:,} (expansion factor {sae['expansion_factor']})",
-        ),
+        ("latents", f"{facts.num_latents:,} (expansion factor {sae['expansion_factor']})"),
         ("activation", f"{sae['activation']}, k = {sae['k']}"),
-        ("multi_topk", "on (auxiliary 4k reconstruction)" if sae.get("multi_topk") else "off"),
-        ("normalize_decoder", "on" if sae.get("normalize_decoder") else "off"),
-        ("auxk_alpha", _fmt(train.get("auxk_alpha", 0.0))),
+        ("multi_topk", "on (auxiliary 4k reconstruction)" if sae["multi_topk"] else "off"),
+        ("normalize_decoder", "on" if sae["normalize_decoder"] else "off"),
+        ("auxk_alpha", _fmt(train.auxk_alpha)),
         (
             "excluded tokens",
             ", ".join(f"id {t}" for t in excluded) + " (masked out of training)"
             if excluded
             else "none",
         ),
-        ("training tokens", f"{tok} per layer, {dataset.get('description') or dataset['path']}"),
-        ("context length", f"{tokens['ctx_len']:,} tokens"),
-        (
-            "optimizer",
-            train["optimizer"]
-            + (" (ScheduleFree SignSGD)" if train["optimizer"] == "signum" else ""),
-        ),
-        ("learning rate", f"{train['lr']:g} (set explicitly)"),
+        ("training tokens", f"{tok} per layer, {dataset.description or dataset.path}"),
+        *([("documents read", _sources(facts.sources))] if facts.sources else []),
+        ("context length", f"{tokens.ctx_len:,} tokens"),
+        ("optimizer", optimizer),
+        ("learning rate", f"{train.lr:g} (set explicitly)"),
         (
             "batch",
-            f"{train['batch_size']} sequences x {tokens['ctx_len']:,} tokens,"
-            f" grad_acc_steps = {train.get('grad_acc_steps', 1)}",
+            f"{train.batch_size} sequences x {tokens.ctx_len:,} tokens,"
+            f" grad_acc_steps = {train.grad_acc_steps}",
         ),
-        ("dead feature threshold", f"{train.get('dead_feature_threshold', 10_000_000):,} tokens"),
-        ("init seed", ", ".join(str(s) for s in train.get("init_seeds", [0]))),
+        ("dead feature threshold", f"{train.dead_feature_threshold:,} tokens"),
+        ("init seed", ", ".join(str(s) for s in train.init_seeds)),
     ]
-    return _table(["setting", "value"], [list(r) for r in rows])
 
 
-def _metrics_table(facts: CardFacts) -> tuple[str, list[str]]:
-    shown = [m for m in METRICS if m in facts.metrics[0]]
-    rows = sorted(facts.metrics, key=lambda r: int(float(r["layer"])))
-    table = _table(["layer", *shown], [[r["layer"], *(_fmt(r[m]) for m in shown)] for r in rows])
-    return table, shown
+def _columns(columns: list[tuple[str, str]], described: dict) -> list[list[str]]:
+    return [[f"`{name}`", kind, described.get(name, "")] for name, kind in columns]
 
 
-def _columns_table(columns: list[tuple[str, str]], described: dict) -> str:
-    return _table(
-        ["column", "type", "meaning"],
-        [[f"`{name}`", kind, described.get(name, "")] for name, kind in columns],
-    )
-
-
-def render_card(settings: dict, facts: CardFacts) -> str:
-    """README.md: YAML front matter the Hub reads, then the card in Markdown."""
-    layout = layout_of(settings)
-    hub, model, tokens, maxact = (
-        settings["hub"],
-        settings["model"],
-        settings["tokens"],
-        settings.get("maxact", {}),
-    )
-    name = hub["repo"].split("/")[-1]
-    layers = facts.layers
-    first, last = layers[0], layers[-1]
-    hooks = layout.hookpoint_template.replace("{layer}", f"{{{first}..{last}}}")
-    model_link = (
-        f"[{model['name']}](https://huggingface.co/{model['name']})"
-        if _is_hub_id(model["name"])
-        else f"`{model['name']}`"
-    )
-    metrics_table, shown = _metrics_table(facts)
-    evaluate = settings.get("evaluate", {})
-    eval_tokens = min(
-        facts.tokens.get("eval", tokens["eval_tokens"]),
-        evaluate.get("max_tokens", tokens["eval_tokens"]),
-    )
-    dense = f"{evaluate.get('dense_threshold', 0.1):.0%}"
-    language = LANGUAGES.get(hub.get("language", "en"), f"`{hub.get('language')}`")
-    year = datetime.date.today().year
-    author = hub.get("authors") or hub["repo"].split("/")[0]
+def _citation(config: Config, name: str) -> str:
+    hub, year = config.hub, datetime.date.today().year
     key = re.sub(r"\W+", "_", name).strip("_").lower()
+    return "\n".join(
+        [
+            f"@misc{{{key}_{year},",
+            f"  title        = {{{{{name}}}: sparse autoencoders for every layer of"
+            f" {config.model.name}}},",
+            f"  author       = {{{hub.authors or hub.repo.split('/')[0]}}},",
+            f"  year         = {{{year}}},",
+            f"  howpublished = {{\\url{{https://huggingface.co/{hub.repo}}}}},",
+            "}",
+        ]
+    )
 
-    body = [
-        "---",
-        yaml.safe_dump(front_matter(settings), sort_keys=False).rstrip(),
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"{len(layers)} sparse autoencoders (SAEs), one per text decoder layer of {model_link}"
-        f" (layers {first}-{last}), trained with EleutherAI's"
-        " [sparsify](https://github.com/EleutherAI/sparsify) (`eai-sparsify` on PyPI) on the"
-        f" residual stream after each block: `{hooks}` (module names relative to the model's"
-        f" base model). Each SAE is a TopK autoencoder with {facts.num_latents:,} latents"
-        f" (k = {facts.sae['k']}) over the {facts.sae['d_in']:,}-dimensional residual stream."
-        " Max-activating examples are included for every feature of every layer.",
-        "",
-        "## What is in this repo",
-        "",
-        _table(
-            ["path", "contents"],
-            [
-                [
-                    f"`{layout.prefix}/{layout.hookpoint_template.replace('{layer}', 'N')}/`",
-                    "`cfg.json` and `sae.safetensors` of layer N's SAE (sparsify's format)",
-                ],
-                [
-                    f"`{layout.prefix}/max_activations/layer_N.parquet`",
-                    f"top {maxact.get('top_n', 20)} examples per feature of layer N",
-                ],
-                [
-                    f"`{layout.prefix}/feature_stats/layer_N.parquet`",
-                    "per-feature statistics of layer N on the sampled tokens",
-                ],
-                [f"`{layout.metrics}`", "evaluation metrics, one row per layer"],
-                [f"`{layout.plots}/`", "the plots below"],
-                [
-                    f"`{layout.run_config}`, `config.json`",
-                    "the run's settings (sparsify's run-config keys, read by SAELens'"
-                    " sparsify loader)",
-                ],
-                [f"`{NOTEBOOK}`", "load, encode text, inspect features, browse examples"],
-                ["`manifest.json`", "every file with its size and sha256"],
-            ],
-        ),
-        "",
-        "## Quick start",
-        "",
-        quick_start(settings, layout, facts).rstrip(),
-        "",
-        f"[`{NOTEBOOK}`]({NOTEBOOK}) does the same step by step and highlights the activating"
-        " tokens of each example.",
-        "",
-        "## Training",
-        "",
-        f"One SAE per layer, each trained separately on that layer's activations; the model is"
-        f" frozen and only layers 0..L are computed for layer L. Settings (from the config this"
-        f" repo was built with; `{layout.run_config}` has all of them):",
-        "",
-        _training_table(settings, facts),
-        "",
-        "## Max-activating examples",
-        "",
-        f"{_n(tokens['sample_tokens'])} tokens, disjoint from the training and evaluation tokens,"
-        f" were run through every layer; for each feature the {maxact.get('top_n', 20)} strongest"
-        f" activations are kept, each with a window of {maxact.get('window_before', 32)} tokens"
-        f" before and {maxact.get('window_after', 8)} after the peak ({facts.example_rows:,}"
-        " examples in all). Columns:",
-        "",
-        _columns_table(facts.example_columns, EXAMPLE_COLUMNS),
-        "",
-        f"Per-feature statistics over the same tokens, one row per feature (dead ones"
-        f" included), in `{layout.prefix}/feature_stats/layer_N.parquet`:",
-        "",
-        _columns_table(facts.stats_columns, STATS_COLUMNS),
-        "",
-        "## Evaluation",
-        "",
-        f"On {_n(eval_tokens)} held-out tokens, disjoint from the training tokens (positions"
-        " holding BOS, EOS or PAD are neither replaced nor scored):",
-        "",
-        metrics_table,
-        "",
-        *[f"- `{m}`: {METRICS[m].format(dense=dense)}" for m in shown],
-        "",
-        *[f"![{Path(p).stem}]({p})\n" for p in facts.plots],
-        "## Limitations",
-        "",
-        "- Text only: the vision and audio towers (if the model has them) are not covered; the"
-        " SAEs saw only activations of text tokens.",
-        f"- {language} only: trained and sampled on {language} text; behaviour on other"
-        " languages is untested.",
-        "- The SAEs were never trained on the BOS position (its activations are outliers); do not"
-        " read features off position 0.",
-        "- Features are not labelled: the examples show where a feature fires, not what it means.",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        f"@misc{{{key}_{year},",
-        f"  title        = {{{{{name}}}: sparse autoencoders for every layer of {model['name']}}},",
-        f"  author       = {{{author}}},",
-        f"  year         = {{{year}}},",
-        f"  howpublished = {{\\url{{https://huggingface.co/{hub['repo']}}}}},",
-        "}",
-        "```",
-        "",
-    ]
-    return "\n".join(body)
+
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(ASSETS),
+        undefined=jinja2.StrictUndefined,  # a misspelt name fails the render, not the card
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,  # Markdown, not HTML
+    )
+    env.filters.update(tokens=_n, thousands="{:,}".format, size=_mb)
+    env.globals["table"] = _table
+    return env
+
+
+def render_card(config: Config, facts: CardFacts) -> str:
+    """README.md: YAML front matter the Hub reads, then the card in Markdown."""
+    layout = Layout(config.hub.prefix, config.model.hookpoint)
+    model = config.model
+    name = config.hub.repo.split("/")[-1]
+    shown = [m for m in METRICS if m.name in facts.metrics[0]]
+    rows = sorted(facts.metrics, key=lambda r: int(float(r["layer"])))
+    eval_tokens = min(
+        facts.tokens.get("eval", config.tokens.eval_tokens), config.evaluate.max_tokens
+    )
+    language = config.hub.language
+    return (
+        _environment()
+        .get_template(CARD_TEMPLATE)
+        .render(
+            config=config,
+            facts=facts,
+            layout=layout,
+            files=file_names,
+            card_data=card_data(config).to_yaml(),
+            name=name,
+            model_link=(
+                f"[{model.name}](https://huggingface.co/{model.name})"
+                if _is_hub_id(model.name)
+                else f"`{model.name}`"
+            ),
+            code=quick_start(config, layout, facts.layers),
+            example_layer=example_layer(facts.layers),
+            training=_training_rows(config, facts),
+            example_columns=_columns(facts.example_columns, EXAMPLE_COLUMNS),
+            stats_columns=_columns(facts.stats_columns, STATS_COLUMNS),
+            eval_tokens=eval_tokens,
+            metrics=shown,
+            metric_rows=[[r["layer"], *(_fmt(r[m.name]) for m in shown)] for r in rows],
+            dense_threshold=f"{config.evaluate.dense_threshold:.0%}",
+            histogram_bins=facts.histogram_bins,
+            plots=[(Path(p).stem, p) for p in facts.plots],
+            language=LANGUAGES.get(language, f"`{language}`"),
+            citation=_citation(config, name),
+        )
+    )

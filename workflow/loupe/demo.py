@@ -175,20 +175,23 @@ def train_tokenizer(corpus: Path, vocab_size: int):
 def tiny_gemma4_config(spec: TinyModelSpec):
     from transformers import Gemma4Config
 
-    text = dict(
-        vocab_size=spec.vocab_size,
+    # TinyModelSpec's fields are Gemma4TextConfig's own names.
+    same = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_kv_shared_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "global_head_dim",
+        "hidden_size_per_layer_input",
+        "sliding_window",
+        "max_position_embeddings",
+    )
+    text = {name: getattr(spec, name) for name in same} | dict(
         vocab_size_per_layer_input=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_kv_shared_layers=spec.num_kv_shared_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim,
-        global_head_dim=spec.global_head_dim,
-        hidden_size_per_layer_input=spec.hidden_size_per_layer_input,
-        sliding_window=spec.sliding_window,
-        max_position_embeddings=spec.max_position_embeddings,
         layer_types=spec.layer_types(),
         final_logit_softcapping=30.0,
         pad_token_id=PAD_ID,

@@ -6,11 +6,11 @@ the sample pass's feature stats.
 Every metric covers the same positions: those whose token is not BOS, EOS or PAD. Only those
 positions are replaced (by the reconstruction, or by zeros for the ablation baseline), so the
 attention sink at BOS is never disturbed; CE and KL are taken at those positions, predicting
-the next token."""
+the next token. The keys of eval.json shared with metrics.csv and the card are loupe.metrics'
+vocabulary."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -24,61 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import Config, EvaluateConfig
 from .errors import LoupeError
 from .io import write_json
-from .model import (
-    _NON_TEXT_MODULES,
-    get_hookpoint,
-    hidden_size,
-    import_sparsify,
-    model_dtype,
-    resolve_device,
-    text_config,
-)
+from .metrics import EVAL_COLUMNS
+from .model import get_hookpoint, open_layer, text_config
 from .progress import progress
-from .settings import hookpoint as hookpoint_of
-from .settings import pick
-from .tokens import open_split
+from .tokens import open_split, read_manifest
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EvalSpec:
-    batch_size: int = 4
-    max_tokens: int = 1_048_576
-    logit_chunk: int = 256
-    dense_threshold: float = 0.1
-
-    @classmethod
-    def from_settings(cls, settings: dict) -> EvalSpec:
-        return pick(cls, settings.get("evaluate"))
-
-
 # --- the model with its LM head ------------------------------------------------------------
-
-
-def load_causal_lm(name: str, device: torch.device, revision: str | None = None):
-    """The language model with its LM head (Gemma 4: Gemma4ForConditionalGeneration), text
-    tower only, frozen, eval mode; like `model.load_text_model`, which has no head."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, dtype=model_dtype(device)
-        )
-    except Exception as e:
-        raise LoupeError(f"cannot load model {name!r}: {type(e).__name__}: {e}") from e
-    for owner in (model, model.base_model):
-        for attr in _NON_TEXT_MODULES:
-            if isinstance(getattr(owner, attr, None), nn.Module):
-                setattr(owner, attr, None)
-    for cfg in (model.config, text_config(model)):
-        cfg.use_cache = False  # one full-sequence pass per batch: a KV cache is overhead
-    if model.get_output_embeddings() is None:
-        raise LoupeError(f"model {name!r} has no LM head: cannot compute next-token loss")
-    model.requires_grad_(False)
-    return model.eval().to(device)
 
 
 @dataclass
@@ -122,6 +79,34 @@ def replaced_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def recorded_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While active, each output tensor of `module` ([batch, seq, d]) is appended to the list
+    this yields; the output itself is unchanged."""
+    seen: list[torch.Tensor] = []
+
+    def keep(h: torch.Tensor) -> torch.Tensor:
+        seen.append(h)
+        return h
+
+    with replaced_output(module, keep):
+        yield seen
+
+
+@contextmanager
+def substituted_output(module: nn.Module, mask: torch.Tensor, values) -> Iterator:
+    """While active, `module`'s output h [batch, seq, d] has its rows at `mask` [batch, seq]
+    replaced by `values` ([mask.sum(), d] in h's dtype, or a scalar)."""
+
+    def substitute(h: torch.Tensor) -> torch.Tensor:
+        out = h.clone()
+        out[mask] = values
+        return out
+
+    with replaced_output(module, substitute):
+        yield
 
 
 def keep_mask(input_ids: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
@@ -275,11 +260,12 @@ def evaluate_sae(
     hookpoint: str,
     tokens: np.ndarray,
     special_ids: list[int],
-    spec: EvalSpec,
+    spec: EvaluateConfig,
 ) -> dict:
     """Reconstruction and loss metrics of `sae` at `hookpoint` on token rows [rows, ctx_len]
-    (at most spec.max_tokens tokens, whole rows). Three passes per batch: clean, with the
-    reconstruction spliced in, and with the positions zeroed."""
+    (at most spec.max_tokens tokens, whole rows). Three passes per batch: clean (recording the
+    layer's output, reconstructed here), with the reconstruction spliced in, and with the
+    positions zeroed."""
     rows = min(len(tokens), max(1, math.ceil(spec.max_tokens / tokens.shape[1])))
     module = get_hookpoint(model, hookpoint)
     head = LogitHead.of(model)
@@ -287,28 +273,22 @@ def evaluate_sae(
     recon_stats = ReconStats()
     loss_sums = dict.fromkeys(_LOSS_KEYS, 0.0)
     loss_positions = 0
-    mask: torch.Tensor | None = None  # this batch's keep mask, read by the hooks
-
-    def splice(h: torch.Tensor) -> torch.Tensor:
-        x = h[mask].float()
-        recon, active = reconstruct(sae, x)
-        recon_stats.add(x, recon, active)
-        out = h.clone()
-        out[mask] = recon.to(h.dtype)
-        return out
-
-    def ablate(h: torch.Tensor) -> torch.Tensor:
-        return h.masked_fill(mask[..., None], 0)
-
     bar = progress(total=rows, desc=f"evaluate {hookpoint}", unit="row")
     for start in range(0, rows, spec.batch_size):
         ids = torch.from_numpy(tokens[start : min(start + spec.batch_size, rows)].astype(np.int64))
         ids = ids.to(device)
         mask = keep_mask(ids, special_ids)
-        clean = final_hidden(model, ids)
-        with replaced_output(module, splice):
+        with recorded_output(module) as seen:
+            clean = final_hidden(model, ids)
+        # The spliced pass computes the same activations up to the hookpoint: reconstruct
+        # them once here, and let that pass only put the reconstruction in.
+        h = seen[0]  # [batch, seq, d_in], the model's dtype
+        x = h[mask].float()  # [n, d_in]
+        recon, active = reconstruct(sae, x)
+        recon_stats.add(x, recon, active)
+        with substituted_output(module, mask, recon.to(h.dtype)):
             spliced = final_hidden(model, ids)
-        with replaced_output(module, ablate):
+        with substituted_output(module, mask, 0):
             zero = final_hidden(model, ids)
         # Position t predicts token t+1: the last position has no target.
         at = mask.clone()
@@ -368,66 +348,44 @@ def read_feature_stats(path: Path, num_latents: int) -> tuple[np.ndarray, np.nda
 # --- the rule's job ------------------------------------------------------------------------
 
 
-def special_ids_of(manifest: dict) -> list[int]:
-    ids = [manifest.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
-    return sorted({i for i in ids if i is not None})
-
-
-def load_sae(sae_dir: Path, device: torch.device):
-    sparsify = import_sparsify()
-    if not (sae_dir / "sae.safetensors").exists() or not (sae_dir / "cfg.json").exists():
-        raise LoupeError(f"no SAE in {sae_dir} (expected sae.safetensors and cfg.json)")
-    try:
-        sae = sparsify.SparseCoder.load_from_disk(sae_dir, device=device)
-    except Exception as e:
-        raise LoupeError(f"cannot load SAE from {sae_dir}: {type(e).__name__}: {e}") from e
-    return sae.requires_grad_(False).eval()
-
-
 def evaluate_layer(
-    settings: dict,
+    config: Config,
     layer: int,
-    sae_dir: Path,
-    tokens_path: Path,
-    manifest_path: Path,
-    stats_path: Path,
-    out: Path,
+    sae: Path,
+    tokens: Path,
+    manifest: Path,
+    stats: Path,
+    metrics: Path,
     threads: int = 1,
 ) -> dict:
-    """Evaluate layer `layer`'s SAE on the eval split; writes `out` (eval.json)."""
-    if layer not in settings["model"].get("layers", [layer]):
-        raise LoupeError(f"layer {layer} is not in model.layers {settings['model']['layers']}")
-    spec = EvalSpec.from_settings(settings)
-    device = resolve_device(settings["device"])
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, threads))
-    tokens = open_split(tokens_path)
-    manifest = json.loads(Path(manifest_path).read_text())
-    hookpoint = hookpoint_of(settings, layer)
-    sae = load_sae(Path(sae_dir), device)
-    fire_count, density = read_feature_stats(Path(stats_path), sae.num_latents)
-    model = load_causal_lm(settings["model"]["name"], device, settings["model"].get("revision"))
-    if sae.d_in != hidden_size(model):
-        raise LoupeError(
-            f"SAE in {sae_dir} reads {sae.d_in}-dim activations, the model's are"
-            f" {hidden_size(model)}: it was trained on another model"
-        )
-    log.info("layer %d: evaluating %s on %s (%s)", layer, hookpoint, device, tokens_path)
+    """Evaluate layer `layer`'s SAE on the eval split; writes `metrics` (eval.json)."""
+    split = open_split(Path(tokens), read_manifest(manifest))  # before the model: fails fast
+    job = open_layer(config, layer, threads, head=True, truncate=False, sae=sae, manifest=manifest)
+    fire_count, density = read_feature_stats(Path(stats), job.sae.num_latents)
+    log.info("layer %d: evaluating %s on %s (%s)", layer, job.hookpoint, job.device, tokens)
     t0 = time.perf_counter()
-    metrics = evaluate_sae(model, sae, hookpoint, tokens, special_ids_of(manifest), spec)
+    measured = evaluate_sae(
+        job.model, job.sae, job.hookpoint, split, job.special_ids, config.evaluate
+    )
     elapsed = time.perf_counter() - t0
-    result = {
+    values = {
         "layer": layer,
-        "hookpoint": hookpoint,
-        **metrics,
-        **feature_fractions(fire_count, density, spec.dense_threshold),
-        "seconds": round(elapsed, 2),
-        "split": str(tokens_path),
-        "special_token_ids": special_ids_of(manifest),
-        "sae_cfg": json.loads((Path(sae_dir) / "cfg.json").read_text()),
-        "config": {k: settings.get(k) for k in ("model", "device", "sae", "evaluate")},
+        "hookpoint": job.hookpoint,
+        **measured,
+        **feature_fractions(fire_count, density, config.evaluate.dense_threshold),
     }
-    write_json(out, result)
+    # The vocabulary's keys first, in its order (a key no computation made fails here); then
+    # what the metrics were computed over.
+    result = {c.name: values.pop(c.name) for c in EVAL_COLUMNS}
+    result.update(
+        values,
+        seconds=round(elapsed, 2),
+        split=str(tokens),
+        special_token_ids=job.special_ids,
+        sae_cfg={**job.sae.cfg.to_dict(), "d_in": job.sae.d_in},  # cfg.json, as sparsify writes it
+        config=config.settings_for("evaluate"),
+    )
+    write_json(metrics, result)
     log.info(
         "layer %d: fvu %.4f, explained variance %.4f, cosine %.4f, l0 %.1f, delta CE %+.4f,"
         " CE score %s, KL %.4f, dead %.3f, dense %.3f over %s tokens in %.1fs",

@@ -7,7 +7,6 @@ by loupe.examples."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -21,14 +20,7 @@ from .examples import TokenStrings, write_examples, write_stats
 from .logits import top_logits, write_feature_logits
 from .model import capture, open_layer
 from .progress import progress
-from .samplers import (
-    ActivationHistogram,
-    FiringStats,
-    IntervalExamples,
-    TopExamples,
-    densify,
-    sequence_peaks,
-)
+from .samplers import ActivationHistogram, Batch, FiringStats, IntervalExamples, TopExamples
 from .tokens import load_tokenizer, open_split, read_manifest
 
 log = logging.getLogger(__name__)
@@ -73,8 +65,7 @@ def stream(
     desc: str = "maxact",
     intervals: bool = True,
 ) -> Sampled:
-    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch. Each batch's
-    peaks are computed once and its dense activations at most once, for both samplers."""
+    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch."""
     device = sae.device
     num = sae.num_latents
     special = torch.tensor(special_ids, dtype=torch.int64, device=device)
@@ -93,11 +84,10 @@ def stream(
         acts, indices, counted = encode_batch(model, sae, hookpoint, ids.to(device), special)
         kept.stats.update(acts, indices, counted)
         kept.histogram.update(acts, indices)
-        peaks = sequence_peaks(acts, indices, num)
-        dense = functools.cache(lambda a=acts, i=indices: densify(a, i, num))
-        kept.top.update(acts, indices, start, peaks=peaks, dense=dense)
+        batch = Batch(acts, indices, start, num)  # peaks and dense computed once, for both
+        kept.top.update(batch)
         if kept.intervals is not None:
-            kept.intervals.update(acts, indices, start, peaks=peaks, dense=dense)
+            kept.intervals.update(batch)
         bar.update(ids.numel())
     bar.close()
     return kept

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .browse import install_browser
-from .card import collect_facts, render_card
+from .card import collect_facts, fill_constants, render_card
 from .config import Config, TrainConfig
 from .errors import LoupeError
 from .io import atomic_dir
@@ -187,20 +186,10 @@ def _check_inputs(inputs: StageInputs, config: Config) -> None:
 
 
 def set_notebook_parameters(nb: dict, values: dict) -> dict:
-    """Rewrite `NAME = ...` lines of the cell tagged `parameters` (papermill's convention),
-    keeping their comments; every name must be there."""
+    """Fill the `NAME = ...` lines of the cell tagged `parameters` (papermill's convention),
+    the same way the card fills its quick start (card.fill_constants)."""
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
-    lines = "".join(cell["source"]).splitlines(keepends=True)
-    missing = set(values)
-    for i, line in enumerate(lines):
-        m = re.match(r"(\w+) = .*?(\s+#.*)?$", line.rstrip("\n"))
-        if m and m.group(1) in values:
-            end = "\n" if line.endswith("\n") else ""
-            lines[i] = f"{m.group(1)} = {json.dumps(values[m.group(1)])}{m.group(2) or ''}{end}"
-            missing.discard(m.group(1))
-    if missing:
-        raise ValueError(f"notebook parameters cell lacks {sorted(missing)}")
-    cell["source"] = lines
+    cell["source"] = fill_constants("".join(cell["source"]), values).splitlines(keepends=True)
     return nb
 
 

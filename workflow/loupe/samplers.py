@@ -5,7 +5,8 @@ is sized by the features, never by the sample. loupe.maxact runs the pass."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -67,6 +68,29 @@ def densify(acts: torch.Tensor, indices: torch.Tensor, num_latents: int) -> torc
     return dense.view(batch, seq, num_latents)
 
 
+@dataclass
+class Batch:
+    """One batch as the samplers see it: acts, indices [batch, seq, k] (TopK output, fp32,
+    positions that must not peak zeroed) and the split row it starts at. Its per-(row,
+    feature) peaks and its dense activations are computed once, on first use, for every
+    sampler that needs them."""
+
+    acts: torch.Tensor
+    indices: torch.Tensor
+    first_row: int
+    num_latents: int
+
+    @functools.cached_property
+    def peaks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """sequence_peaks: peaks [rows, F] and their positions [rows, F]."""
+        return sequence_peaks(self.acts, self.indices, self.num_latents)
+
+    @functools.cached_property
+    def dense(self) -> torch.Tensor:
+        """densify: [batch, seq, F], transient (the size of the encoder's pre-activations)."""
+        return densify(self.acts, self.indices, self.num_latents)
+
+
 class TopExamples:
     """Running top-N examples per feature, on the compute device.
 
@@ -86,20 +110,8 @@ class TopExamples:
     def num_latents(self) -> int:
         return self.values.shape[0]
 
-    def update(
-        self,
-        acts: torch.Tensor,
-        indices: torch.Tensor,
-        first_row: int,
-        *,
-        peaks: tuple[torch.Tensor, torch.Tensor] | None = None,
-        dense: Callable[[], torch.Tensor] | None = None,
-    ) -> int:
-        """Merge one batch (rows first_row.. of the split); returns the examples admitted.
-
-        acts, indices: [batch, seq, k], positions that must not peak already zeroed. peaks
-        (sequence_peaks' output) and dense (a callable giving densify's output) may be shared
-        with IntervalExamples; otherwise they are computed here.
+    def update(self, batch: Batch) -> int:
+        """Merge one batch; returns the examples admitted.
 
         The merge: per feature, the N kept examples and this batch's candidates (one per
         sequence, its peak; rejected ones set to -1) are sorted together, stably, and the first
@@ -107,10 +119,8 @@ class TopExamples:
         sequence, position and window) or from the batch (order >= N: the batch row
         order - N, whose window is read from the dense activations)."""
         n, spec = self.spec.top_n, self.spec
-        batch = acts.shape[0]
-        peaks, peak_pos = (
-            sequence_peaks(acts, indices, self.num_latents) if peaks is None else peaks
-        )
+        acts, first_row = batch.acts, batch.first_row
+        peaks, peak_pos = batch.peaks
         admit = peaks > self.values[:, -1]  # [batch, F]; empty slots are 0, so fires only
         feats = admit.any(0).nonzero().squeeze(1)
         if feats.numel() == 0:
@@ -123,7 +133,7 @@ class TopExamples:
         new = order >= n
         batch_row = (order - n).clamp(min=0)
         old_slot = order.clamp(max=n - 1)
-        seq_ids = torch.arange(first_row, first_row + batch, device=acts.device)
+        seq_ids = torch.arange(first_row, first_row + len(acts), device=acts.device)
 
         values = merged.gather(1, order)
         sequences = torch.where(new, seq_ids[batch_row], self.sequences[feats].gather(1, old_slot))
@@ -138,7 +148,7 @@ class TopExamples:
             # Transient [batch, seq, F] (the size of the encoder's own pre-activations): each
             # window value is then one lookup instead of a search through k indices.
             windows[fi, slot] = window_activations(
-                dense() if dense is not None else densify(acts, indices, self.num_latents),
+                batch.dense,
                 batch_row[fi, slot],
                 feats[fi],
                 positions[fi, slot],
@@ -321,27 +331,15 @@ class IntervalExamples:
     def _state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _EMPTY}
 
-    def update(
-        self,
-        acts: torch.Tensor,
-        indices: torch.Tensor,
-        first_row: int,
-        *,
-        peaks: tuple[torch.Tensor, torch.Tensor] | None = None,
-        dense: Callable[[], torch.Tensor] | None = None,
-    ) -> int:
-        """Offer one batch (rows first_row.. of the split); returns the examples admitted.
-
-        acts, indices: [batch, seq, k], positions that must not peak already zeroed. peaks
-        (sequence_peaks' output) and dense (a callable giving densify's output) may be shared
-        with TopExamples; otherwise they are computed here (dense only if something is
-        admitted)."""
+    def update(self, batch: Batch) -> int:
+        """Offer one batch; returns the examples admitted (windows are read from
+        batch.dense only if something is)."""
         num, slots, m = self.num_latents, self.intervals, self.per_interval
-        batch, device = acts.shape[0], acts.device
-        peak, peak_pos = sequence_peaks(acts, indices, num) if peaks is None else peaks
+        rows, first_row, device = len(batch.acts), batch.first_row, batch.acts.device
+        peak, peak_pos = batch.peaks
         # A key for every (row, feature), fired or not: a candidate's key does not depend on
         # which other features happen to fire.
-        keys = torch.rand(batch, num, generator=self.generator, dtype=torch.float64, device=device)
+        keys = torch.rand(rows, num, generator=self.generator, dtype=torch.float64, device=device)
         row, feat = (peak > 0).nonzero(as_tuple=True)
         if row.numel() == 0:
             return 0
@@ -363,7 +361,7 @@ class IntervalExamples:
             return 0
         row, group, key = row[admit], group[admit], key[admit]
         groups, inverse = torch.unique(group, return_inverse=True)
-        cand = torch.full((groups.numel(), batch), float("inf"), dtype=torch.float64, device=device)
+        cand = torch.full((groups.numel(), rows), float("inf"), dtype=torch.float64, device=device)
         cand[inverse, row] = key  # (group, row) is unique: one peak per (row, feature)
         merged = torch.cat([flat["keys"][groups], cand], dim=1)
         # Stable: empty slots (inf) stay ahead of rows not offered (inf), so no empty slot is
@@ -387,7 +385,7 @@ class IntervalExamples:
             "windows": kept("windows"),
         }
         gi, si = new.nonzero(as_tuple=True)
-        dense = dense() if dense is not None else densify(acts, indices, num)
+        dense = batch.dense
         updated["windows"][gi, si] = window_activations(
             dense,
             batch_row[gi, si],

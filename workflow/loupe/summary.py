@@ -15,34 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import Config
 from .errors import LoupeError
 from .io import atomic_path
+from .metrics import CSV_COLUMNS, EVAL_COLUMNS
 
 log = logging.getLogger(__name__)
 
-# metrics.csv columns, in order: eval.json metrics, then the training run's final line.
-EVAL_COLUMNS = (
-    "layer",
-    "hookpoint",
-    "tokens",
-    "fvu",
-    "explained_variance",
-    "cosine",
-    "l0",
-    "k",
-    "num_latents",
-    "dead_fraction",
-    "dense_fraction",
-    "ce_loss_clean",
-    "ce_loss_spliced",
-    "delta_ce",
-    "ce_loss_zero_ablation",
-    "ce_loss_score",
-    "kl",
-    "kl_zero_ablation",
-)
-TRAIN_COLUMNS = ("train_tokens", "train_fvu")
-COLUMNS = EVAL_COLUMNS + TRAIN_COLUMNS
+# metrics.csv's header (loupe.metrics' vocabulary): eval.json's shared keys, then the
+# training run's final line.
+COLUMNS = CSV_COLUMNS
 
 
 @dataclass
@@ -57,7 +39,7 @@ class LayerRecord:
     def row(self) -> dict:
         last = self.curve[-1] if self.curve else {}
         return {
-            **{c: self.eval.get(c) for c in EVAL_COLUMNS},
+            **{c.name: self.eval.get(c.name) for c in EVAL_COLUMNS},
             "train_tokens": last.get("tokens"),
             "train_fvu": last.get("fvu"),
         }
@@ -229,6 +211,24 @@ class SummaryOutputs:
 
 
 def summarize(
+    config: Config,
+    evals: list[Path],
+    stats: list[Path],
+    train_metrics: list[Path],
+    metrics: Path,
+    fvu: Path,
+    delta_ce: Path,
+    dead: Path,
+    density: Path,
+    curves: Path,
+) -> list[dict]:
+    """The summary rule's job: per-layer inputs in model.layers order, six outputs."""
+    outputs = SummaryOutputs(metrics, fvu, delta_ce, dead, density, curves)
+    m = config.model
+    return write_summary(m.name, m.layers, evals, stats, train_metrics, outputs)
+
+
+def write_summary(
     model_name: str,
     layers: list[int],
     evals: list[Path],

@@ -150,27 +150,20 @@ def dry_run_plan(s: HubConfig, files: list[dict], token: str | None) -> tuple[di
 
 
 def _send(api, s: HubConfig, staged: Path, paths: list[str]) -> None:
-    # Exact paths as patterns: escape the glob characters a file name may hold.
-    patterns = [glob.escape(p) for p in paths]
+    where = dict(
+        repo_id=s.repo,
+        folder_path=str(staged),
+        repo_type=REPO_TYPE,
+        revision=s.revision,
+        # Exact paths as patterns: escape the glob characters a file name may hold.
+        allow_patterns=[glob.escape(p) for p in paths],
+    )
     if hasattr(api, "upload_large_folder"):
         # huggingface_hub < 2: the resumable, multi-commit uploader.
-        api.upload_large_folder(
-            repo_id=s.repo,
-            folder_path=str(staged),
-            repo_type=REPO_TYPE,
-            revision=s.revision,
-            allow_patterns=patterns,
-        )
+        api.upload_large_folder(**where)
     else:
         # huggingface_hub >= 2 folded it into upload_folder (resumable with hf_xet).
-        api.upload_folder(
-            repo_id=s.repo,
-            folder_path=str(staged),
-            repo_type=REPO_TYPE,
-            revision=s.revision,
-            allow_patterns=patterns,
-            commit_message=f"Upload {len(paths)} files with loupe",
-        )
+        api.upload_folder(**where, commit_message=f"Upload {len(paths)} files with loupe")
 
 
 def _hub_error(e: Exception, s: HubConfig, token: str) -> LoupeError:

@@ -1,0 +1,79 @@
+"""The evaluation's vocabulary, written once: every key a layer's eval.json shares with
+metrics.csv, in the CSV's column order, with what it means. evaluate writes these keys, summary
+writes them as columns (then the training run's last line), and the model card shows the
+metrics among them with these descriptions. A leaf module: it imports nothing of the package.
+
+The names are a published format (eval.json, metrics.csv and the card's table): never rename."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Column:
+    """One key of eval.json and column of metrics.csv. `metric`: a measured quality of the SAE
+    (the card's per-layer table shows those); otherwise what identifies or sizes the row. The
+    description may hold `{dense_threshold}`, which whoever shows it fills in."""
+
+    name: str
+    description: str
+    metric: bool = True
+
+
+def _fact(name: str, description: str) -> Column:
+    return Column(name, description, metric=False)
+
+
+# eval.json's shared keys, in metrics.csv's column order.
+EVAL_COLUMNS: tuple[Column, ...] = (
+    _fact("layer", "decoder layer"),
+    _fact("hookpoint", "the module whose output the SAE reads (its folder's name)"),
+    _fact("tokens", "evaluated positions (BOS, EOS and PAD excluded)"),
+    # Reconstruction, over every evaluated position (evaluate.ReconStats).
+    Column(
+        "fvu",
+        "fraction of variance unexplained: squared error over the input's variance"
+        " (lower is better)",
+    ),
+    Column("explained_variance", "1 - the error's variance over the input's variance"),
+    Column("cosine", "mean cosine similarity of reconstruction and input"),
+    Column("l0", "mean number of active features per token"),
+    _fact("k", "latents the TopK activation keeps per token"),
+    _fact("num_latents", "the SAE's width"),
+    # Feature statistics of the sample split (evaluate.feature_fractions).
+    Column("dead_fraction", "fraction of features that never fired on the sampled tokens"),
+    Column(
+        "dense_fraction",
+        "fraction of features firing on more than {dense_threshold} of the sampled tokens",
+    ),
+    # Next-token loss at the evaluated positions (evaluate.loss_metrics).
+    Column("ce_loss_clean", "next-token loss of the unmodified model"),
+    Column(
+        "ce_loss_spliced",
+        "next-token loss with the layer's output replaced by the reconstruction",
+    ),
+    Column("delta_ce", "ce_loss_spliced - ce_loss_clean (lower is better)"),
+    Column("ce_loss_zero_ablation", "next-token loss with the layer's output set to zero"),
+    Column(
+        "ce_loss_score",
+        "fraction of the zero-ablation loss increase the SAE recovers (1 is perfect)",
+    ),
+    Column("kl", "KL divergence of the spliced from the clean next-token distribution"),
+    Column(
+        "kl_zero_ablation",
+        "KL divergence of the zero-ablated from the clean next-token distribution",
+    ),
+)
+
+# The measured qualities among them, in the same order.
+METRICS: tuple[Column, ...] = tuple(c for c in EVAL_COLUMNS if c.metric)
+
+# metrics.csv's last columns: the training run's final train_metrics.jsonl line.
+TRAIN_COLUMNS: tuple[Column, ...] = (
+    _fact("train_tokens", "tokens the SAE was trained on"),
+    Column("train_fvu", "training FVU at the last logged step"),
+)
+
+# metrics.csv's header.
+CSV_COLUMNS: tuple[str, ...] = tuple(c.name for c in EVAL_COLUMNS + TRAIN_COLUMNS)
