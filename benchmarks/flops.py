@@ -1,12 +1,17 @@
-"""Per-token FLOPs of the real Gemma 4 E2B text tower, counted by torch's FlopCounterMode on
-meta tensors (no weights, no memory), and of the SAE at its real width."""
+"""FLOPs per token of the real Gemma 4 E2B text tower (counted by torch's FlopCounterMode on
+meta tensors: no weights, no memory) and of the SAE at its real width, and the GPU-hours of a
+full build projected from them and the factors bench.py measures.
+
+A stage's GPU time per token is modelled as forward_flops / R_model + saes * b * encode_flops /
+R_sae: the model forward at its floor (the forward inside a stage is the floor's own
+computation) plus, per SAE, `b` times the encoder matmul, b measured by bench.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-# google/gemma-4-E2B's text config (see shared/notes/gemma4.md; MLP width 6144, doubled to
-# 12288 in the 20 KV-shared layers, as in the published config.json and gemma.cpp's E2B).
+# google/gemma-4-E2B's text config: MLP width 6144, doubled to 12288 in the 20 KV-shared
+# layers (`use_double_wide_mlp`, as in the published config.json and gemma.cpp's E2B).
 E2B_TEXT = dict(
     vocab_size=262144,
     vocab_size_per_layer_input=262144,
@@ -24,6 +29,11 @@ E2B_TEXT = dict(
     use_double_wide_mlp=True,
     final_logit_softcapping=30.0,
 )
+
+# Sustained TFLOP/s assumed for one H100 SXM, about 30% of its dense peaks: the model runs in
+# bf16 (989 peak), the SAE in fp32 with TF32 matmuls (495 peak), as sparsify sets them.
+RATES = {"model": 300.0, "sae": 150.0}
+GPU_GB, WORK_GB = 80.0, 8.0  # an H100's memory; working set assumed beside model and SAEs
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,8 @@ def count_e2b_flops(ctx_len: int = 1024, text: dict | None = None) -> ModelFlops
     from transformers import Gemma4TextConfig, Gemma4TextModel
 
     text = dict(E2B_TEXT if text is None else text)
-    cfg = Gemma4TextConfig(**text)
     with torch.device("meta"):
-        model = Gemma4TextModel(cfg).eval()
+        model = Gemma4TextModel(Gemma4TextConfig(**text)).eval()
     ids = torch.zeros(1, ctx_len, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False, depth=3)
     # Precomputed (absent) masks: building them reads tensor values, which meta cannot.
@@ -77,18 +86,16 @@ def count_e2b_flops(ctx_len: int = 1024, text: dict | None = None) -> ModelFlops
         dense_attention = ops.pop("aten.bmm", 0)  # q@k^T and p@v over all ctx x ctx pairs
         full = kind == "full_attention"
         head_dim = text["global_head_dim"] if full else text["head_dim"]
-        window = None if full else text["sliding_window"]
         heads = text["num_attention_heads"]
         assert dense_attention == 4 * heads * head_dim * ctx_len**2, (i, dense_attention)
-        attention = 4 * heads * head_dim * attended_positions(ctx_len, window)
-        layers.append(sum(ops.values()) / ctx_len + attention)
-    total = sum(counts["Global"].values()) / ctx_len
+        window = None if full else text["sliding_window"]
+        layers.append(
+            sum(ops.values()) / ctx_len + 4 * heads * head_dim * attended_positions(ctx_len, window)
+        )
     dense_layers = sum(sum(counts[f"{root}.layers.{i}"].values()) for i in range(len(layers)))
-    base = total - dense_layers / ctx_len
+    base = (sum(counts["Global"].values()) - dense_layers) / ctx_len
     params = sum(p.numel() for p in model.parameters())
-    return ModelFlops(
-        ctx_len, base, layers, lm_head=2.0 * text["hidden_size"] * text["vocab_size"], params=params
-    )
+    return ModelFlops(ctx_len, base, layers, 2.0 * text["hidden_size"] * text["vocab_size"], params)
 
 
 @dataclass(frozen=True)
@@ -108,8 +115,7 @@ class SaeFlops:
     def forward(self) -> float:
         # Encoder, top-k selection (about one comparison per latent), sparse decoder; with
         # multi_topk training also decodes the top 4k.
-        decode = 2.0 * self.k * self.d_in * (1 + 4 * self.multi_topk)
-        return self.encode + self.num_latents + decode
+        return self.encode + self.num_latents + 2.0 * self.k * self.d_in * (1 + 4 * self.multi_topk)
 
     @property
     def train(self) -> float:
@@ -119,3 +125,92 @@ class SaeFlops:
 
 def real_sae(d_in: int = 1536, expansion: int = 32, k: int = 100, multi_topk=True) -> SaeFlops:
     return SaeFlops(d_in, d_in * expansion, k, multi_topk)
+
+
+@dataclass(frozen=True)
+class Build:
+    """What a full build processes (gemma-loupe: 35 layers x 1B tokens, 10M sampled)."""
+
+    layers: int = 35
+    train_tokens: float = 1e9
+    sample_tokens: float = 1e7
+    eval_tokens: float = 1048576
+
+
+def seconds_per_token(forward: float, saes: int, b: float, sae: SaeFlops, rates: dict) -> float:
+    """GPU seconds per token of `forward` model FLOPs plus `saes` SAEs of b encoder matmuls."""
+    return forward / (rates["model"] * 1e12) + saes * b * sae.encode / (rates["sae"] * 1e12)
+
+
+def train_hours(model, sae, b, build, rates, group_size=1, truncate=True) -> float:
+    """GPU-hours to train every layer: one job per `group_size` consecutive layers, each
+    job's forward cut after its deepest layer (or the whole model with truncate=False)."""
+    total = 0.0
+    for first in range(0, build.layers, group_size):
+        last = min(first + group_size, build.layers) - 1
+        forward = model.prefix(last) if truncate else model.full
+        total += seconds_per_token(forward, last - first + 1, b, sae, rates)
+    return total * build.train_tokens / 3600
+
+
+def sample_hours(model, sae, b, build, rates) -> float:
+    """GPU-hours of max-activation sampling, one job per layer on a truncated forward."""
+    per_token = sum(
+        seconds_per_token(model.prefix(i), 1, b, sae, rates) for i in range(build.layers)
+    )
+    return per_token * build.sample_tokens / 3600
+
+
+def eval_hours(model, sae, b, build, rates, passes: int = 3) -> float:
+    """GPU-hours of evaluation: per layer and token, `passes` full forwards with logits
+    (clean, SAE-spliced, zero-ablated) plus the SAE's measured share."""
+    forward = passes * (model.full + model.lm_head)
+    return build.layers * seconds_per_token(forward, 1, b, sae, rates) * build.eval_tokens / 3600
+
+
+def largest_group(gpu_gb: float, model_gb: float, per_sae_gb: float, work_gb: float) -> int:
+    """Most SAEs one job can train at once within gpu_gb."""
+    return max(0, int((gpu_gb - model_gb - work_gb) // per_sae_gb))
+
+
+def project(b: dict, per_sae_gb: float, tokenize_tokens_per_s: float, rates=RATES) -> dict:
+    """GPU-hours of the full build per stage and training plan, from the measured SAE factors
+    `b` (keys train, sample, eval), on the counted E2B FLOPs at ctx 1024."""
+    model, sae, build = count_e2b_flops(1024), real_sae(), Build()
+    model_gb = model.params * 2 / 1e9  # bf16 weights
+    biggest = largest_group(GPU_GB, model_gb, per_sae_gb, WORK_GB) if per_sae_gb > 0 else 0
+    plans = {
+        "one layer per job, truncated forward (loupe)": dict(group_size=1),
+        "one layer per job, full forward (sparsify plain)": dict(group_size=1, truncate=False),
+    }
+    for g in sorted({5, 7, min(biggest, build.layers)}):
+        if 1 < g <= biggest:
+            plans[f"groups of {g} layers, truncated forward"] = dict(group_size=g)
+    train = {k: train_hours(model, sae, b["train"], build, rates, **v) for k, v in plans.items()}
+    sample = sample_hours(model, sae, b["sample"], build, rates)
+    evaluate = eval_hours(model, sae, b["eval"], build, rates)
+    full = seconds_per_token(model.full, 1, b["train"], sae, rates)
+    truncation = {
+        layer: full / seconds_per_token(model.prefix(layer), 1, b["train"], sae, rates)
+        for layer in (0, build.layers // 2, build.layers - 1)
+    }
+    tokens = build.train_tokens + build.sample_tokens + build.eval_tokens
+    return {
+        "rates_tflops": dict(rates),
+        "build": asdict(build),
+        "b": dict(b),
+        "train_gpu_hours": train,
+        "sample_gpu_hours": sample,
+        "eval_gpu_hours": evaluate,
+        "total_gpu_hours": {k: v + sample + evaluate for k, v in train.items()},
+        "truncation_speedup": truncation,
+        "memory_gb": {"model": model_gb, "per_sae_train": per_sae_gb, "gpu": GPU_GB},
+        "largest_group": biggest,
+        "tokenize_cpu_hours": tokens / tokenize_tokens_per_s / 3600,
+        "forward_gflops_per_token": {
+            "full": model.full / 1e9,
+            "layer_17_prefix": model.prefix(17) / 1e9,
+            "lm_head": model.lm_head / 1e9,
+        },
+        "sae_mflops_per_token": {"encode": sae.encode / 1e6, "train_3x": sae.train / 1e6},
+    }

@@ -1,8 +1,11 @@
-"""The benchmark code imports and its cost model does the right arithmetic. The benchmarks
-themselves run only on demand (`python benchmarks/run.py`), never in the test command."""
+"""The benchmark runner's code paths on its quick shapes, and the arithmetic of its ratios and
+of the GPU-hour projection against hand computations. Benchmarks themselves run on demand
+(`python benchmarks/bench.py`), never in the test command."""
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,81 +13,116 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import cost  # noqa: E402
-from benchmarks.flops import ModelFlops, SaeFlops, attended_positions, real_sae  # noqa: E402
-from benchmarks.timing import BatchClock  # noqa: E402
+from benchmarks import bench, flops  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[dict, str, Path]:
+    """One quick run, every measurement in this process: (result JSON, markdown, work dir)."""
+    root = tmp_path_factory.mktemp("bench")
+    argv = ["--quick", "--in-process", "--device", "cpu", "--name", "smoke"]
+    assert bench.main([*argv, "--work-dir", str(root / "work"), "--out-dir", str(root)]) == 0
+    return json.loads((root / "smoke.json").read_text()), (root / "smoke.md").read_text(), root
+
+
+def positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_every_measurement_is_finite_and_positive(quick_run):
+    result, markdown, _ = quick_run
+    labels = [label for label, _, _ in bench.plan(bench.QUICK)]
+    assert list(result["measurements"]) == labels
+    for label in labels:
+        m = result["measurements"][label]
+        assert m["tokens"][1] > m["tokens"][0] > 0, label
+        for key in ("seconds_per_token", "tokens_per_s", "x_floor", "peak_rss_mb"):
+            assert positive(m[key]), (label, key, m[key])
+        # The rate is the difference of the two runs, not either run's average.
+        (t0, t1), (s0, s1) = m["tokens"], m["seconds"]
+        assert m["seconds_per_token"] == pytest.approx((s1 - s0) / (t1 - t0))
+        assert f"| {label} |" in markdown
+    # Each stage ran the batches it was sized for: 1 and 16 batches of 16 x 64 tokens.
+    rows = bench.QUICK.rows * bench.CTX_LEN
+    for label in labels[1:]:
+        assert result["measurements"][label]["tokens"] == [rows, 16 * rows], label
+    ms = result["measurements"]
+    assert math.isfinite(ms["train: loupe, layer 0"]["final_fvu"])
+    assert ms["maxact: loupe, layer 0"]["examples"] > 0
+    assert math.isfinite(ms["evaluate: loupe, layer 0"]["fvu"])
+    assert ms["train: sparsify Trainer, all 3 layers"]["saes"] == 3
+
+
+def test_projection_is_finite(quick_run):
+    p = quick_run[0]["projection"]
+    hours = [*p["train_gpu_hours"].values(), p["sample_gpu_hours"], p["eval_gpu_hours"]]
+    assert all(positive(h) for h in hours)
+    plans = p["train_gpu_hours"]
+    # Truncation never costs: the same jobs with the full forward take longer.
+    assert (
+        plans["one layer per job, full forward (sparsify plain)"]
+        > plans["one layer per job, truncated forward (loupe)"]
+    )
+    assert "A quick run" in quick_run[1]
+
+
+def test_a_measurement_in_its_own_process(quick_run):
+    """The default path: the measurement runs in a child process and its JSON comes back."""
+    _, _, root = quick_run
+    ctx = bench.fixtures(bench.QUICK, root / "work", "cpu")  # the quick run's inputs, reused
+    m = bench.measure("train: loupe, layer 0", "train_loupe", {"layer": 0}, ctx, False)
+    assert m["tokens"] == [bench.QUICK.rows * bench.CTX_LEN * b for b in bench.QUICK.batches]
+    assert positive(m["peak_rss_mb"]) and positive(m["floor"]["encode"])
+    assert (root / "work" / "quick" / "logs" / "train--loupe--layer-0.log").exists()
+
+
+def test_ratios_from_the_floors():
+    # Floors per token: forward through 1 layer 1 s, through 3 layers 3 s, encoder 2 s.
+    floor = {"forward_1": 1.0, "forward_3": 3.0, "encode": 2.0}
+    one = {"seconds_per_token": 7.0, "floor": floor, "layers_run": 1, "saes": 1, "passes": 1}
+    d = bench.derive(one)
+    assert d["tokens_per_s"] == pytest.approx(1 / 7)
+    assert d["x_floor"] == pytest.approx(7 / (1 + 2))
+    assert d["b"] == pytest.approx((7 - 1) / 2)
+    # Three SAEs on the 3-layer forward: b is per SAE; layer-tokens count every SAE.
+    group = {**one, "seconds_per_token": 15.0, "layers_run": 3, "saes": 3}
+    d = bench.derive(group)
+    assert d["b"] == pytest.approx((15 - 3) / (3 * 2))
+    assert d["layer_tokens_per_s"] == pytest.approx(3 / 15)
+    # Evaluation: three passes of the forward.
+    d = bench.derive({**one, "seconds_per_token": 20.0, "layers_run": 3, "passes": 3})
+    assert d["b"] == pytest.approx((20 - 9) / 2)
+    assert bench.derive({"seconds_per_token": 2.0, "floor": 1.0})["x_floor"] == 2.0
+
 
 # Three layers of 1 TFLOP per token and an SAE encoder of 1 TFLOP per token, at 1 TFLOP/s:
 # every term is a whole number of seconds per token.
-MODEL = ModelFlops(ctx_len=1, base=0.0, layers=[1e12, 1e12, 1e12], lm_head=2e12)
-SAE = SaeFlops(d_in=1, num_latents=500_000_000_000, k=1, multi_topk=False)
-UNIT = cost.Rates(bf16=1.0, tf32=1.0)
-BUILD = cost.Build(layers=3, train_tokens=3600, sample_tokens=3600, eval_tokens=3600)
+MODEL = flops.ModelFlops(ctx_len=1, base=0.0, layers=[1e12, 1e12, 1e12], lm_head=2e12)
+SAE = flops.SaeFlops(d_in=1, num_latents=500_000_000_000, k=1, multi_topk=False)
+UNIT = {"model": 1.0, "sae": 1.0}
+BUILD = flops.Build(layers=3, train_tokens=3600, sample_tokens=3600, eval_tokens=3600)
 
 
-def test_stage_ratios_to_the_paired_floor():
-    from benchmarks.analysis import sae_factor, train_row
-
-    # Floor on a 10-token batch: forward through 1 layer 1 s (4 layers 4 s), encoder 2 s.
-    floor = {"forward": {"1": {"seconds": 1.0}, "4": {"seconds": 4.0}}, "encode": {"seconds": 2.0}}
-    res = {
-        "floor": {**floor, "tokens": 10},
-        "tokens_per_batch": 10,
-        "grad_acc_steps": 2,
-        "step_s": [12.0, 14.0, 13.0],
-        "accumulate_batch_s": [5.0, 6.0, 5.0],
-        "optimizer_batch_s": [8.0, 8.0, 8.0],
-        "peak_rss_mb": 100.0,
-        "layers_run": 1,
-    }
-    row = train_row("s", "v", 0, res)
-    assert row["tokens_per_s"] == pytest.approx(20 / 13)
-    assert row["floor_tokens_per_s"] == pytest.approx(10 / 3)
-    assert row["ratio"] == pytest.approx((13 / 20) / (3 / 10))
-    assert row["ratio_batch"] == pytest.approx((5 / 10) / (3 / 10))
-    assert sae_factor(res) == pytest.approx((5 - 1) / 2)
-    # A full forward ran 4 layers: only the encoder floors beyond those count as SAE work.
-    assert sae_factor({**res, "layers_run": 4, "accumulate_batch_s": [8.0]}) == pytest.approx(2)
+def test_training_hours_per_plan():
+    hours = lambda b=1.0, **kw: flops.train_hours(MODEL, SAE, b, BUILD, UNIT, **kw)  # noqa: E731
+    assert hours() == pytest.approx(9.0)  # (1+1) + (2+1) + (3+1) s per token, 3600 tokens
+    assert hours(truncate=False) == pytest.approx(12.0)  # 3 x (3+1)
+    assert hours(group_size=3) == pytest.approx(6.0)  # one 3-layer forward, three SAEs
+    assert hours(group_size=2) == pytest.approx(8.0)  # layers [0, 1]: 2+2; [2]: 3+1
+    assert hours(b=2.0) == pytest.approx(12.0)  # doubling b adds one encoder per SAE
 
 
-def test_training_hours_per_strategy():
-    f = cost.Factors(forward=1.0, sae=1.0)
-    # Truncated, one job per layer: (1+1) + (2+1) + (3+1) = 9 s per token, 3600 tokens.
-    assert cost.train_hours(MODEL, SAE, f, UNIT, BUILD) == pytest.approx(9.0)
-    # Full forward every time: 3 x (3+1).
-    assert cost.train_hours(MODEL, SAE, f, UNIT, BUILD, truncate=False) == pytest.approx(12.0)
-    # One job for all three: one 3-layer forward and three SAEs.
-    assert cost.train_hours(MODEL, SAE, f, UNIT, BUILD, group_size=3) == pytest.approx(6.0)
-    # Groups of 2: layers [0, 1] (2 + 2) and [2] (3 + 1).
-    assert cost.train_hours(MODEL, SAE, f, UNIT, BUILD, group_size=2) == pytest.approx(8.0)
-    # The factors scale their own terms: doubling b adds one encoder per SAE.
-    f2 = cost.Factors(forward=1.0, sae=2.0)
-    assert cost.train_hours(MODEL, SAE, f2, UNIT, BUILD) == pytest.approx(12.0)
-
-
-def test_optimizer_step_is_amortised_over_the_step():
-    # One step costs 4 encoder matmuls of 2 tokens = 8 s; over 16 tokens, 0.5 s per token.
-    f = cost.Factors(forward=0.0, sae=0.0, optimizer=4.0, step_batch_tokens=2)
-    t = cost.seconds_per_token(0.0, 1, SAE, f, UNIT, tokens_per_step=16)
-    assert t == pytest.approx(0.5)
-
-
-def test_sampling_and_evaluation_hours():
-    f = cost.Factors(forward=1.0, sae=1.0)
-    assert cost.sample_hours(MODEL, SAE, f, UNIT, BUILD) == pytest.approx(9.0)
+def test_sampling_evaluation_and_memory():
+    assert flops.sample_hours(MODEL, SAE, 1.0, BUILD, UNIT) == pytest.approx(9.0)
     # Per layer: 3 passes x (3 layers + 2 LM head) + 1 encoder = 16 s per token, 3 layers.
-    assert cost.eval_hours(MODEL, SAE, f, UNIT, BUILD) == pytest.approx(48.0)
-
-
-def test_groups_and_memory_limit():
-    assert cost.groups(7, 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert cost.largest_group(gpu_gb=80, model_gb=10, per_sae_gb=2.5, work_gb=8) == 24
+    assert flops.eval_hours(MODEL, SAE, 1.0, BUILD, UNIT) == pytest.approx(48.0)
+    assert flops.largest_group(gpu_gb=80, model_gb=10, per_sae_gb=2.5, work_gb=8) == 24
 
 
 def test_flop_formulas():
-    assert attended_positions(4, None) == pytest.approx(2.5)  # 1+2+3+4 over 4
-    assert attended_positions(4, 2) == pytest.approx(1.75)  # 1+2+2+2 over 4
-    sae = real_sae()
+    assert flops.attended_positions(4, None) == pytest.approx(2.5)  # 1+2+3+4 over 4
+    assert flops.attended_positions(4, 2) == pytest.approx(1.75)  # 1+2+2+2 over 4
+    sae = flops.real_sae()
     assert sae.num_latents == 49152
     assert sae.encode == 2 * 1536 * 49152
     assert sae.train == pytest.approx(3 * sae.forward)
@@ -92,8 +130,6 @@ def test_flop_formulas():
 
 def test_counted_layer_flops_match_the_layer_shapes():
     """The meta-tensor count of a small Gemma 4 equals its matmuls written out by hand."""
-    from benchmarks.flops import count_e2b_flops
-
     d, inter, heads, hd, ghd, p, window, ctx = 64, 128, 2, 16, 32, 8, 4, 8
     text = dict(
         vocab_size=256,
@@ -111,29 +147,18 @@ def test_counted_layer_flops_match_the_layer_shapes():
         layer_types=["sliding_attention", "full_attention", "full_attention"],
         use_double_wide_mlp=True,
     )
-    flops = count_e2b_flops(ctx_len=ctx, text=text)
+    counted = flops.count_e2b_flops(ctx_len=ctx, text=text)
     sliding = (
         2 * d * heads * hd * 2  # q and o projections
         + 2 * d * hd * 2  # k and v (one KV head)
         + 3 * 2 * d * inter  # gated MLP
         + 2 * 2 * d * p  # per-layer input gate and projection
-        + 4 * heads * hd * attended_positions(ctx, window)
+        + 4 * heads * hd * flops.attended_positions(ctx, window)
     )
-    assert flops.layers[0] == pytest.approx(sliding)
+    assert counted.layers[0] == pytest.approx(sliding)
     # The KV-shared last layer computes no k/v and has the double-wide MLP.
     shared = 2 * d * heads * ghd * 2 + 3 * 2 * d * 2 * inter + 2 * 2 * d * p
-    shared += 4 * heads * ghd * attended_positions(ctx, None)
-    assert flops.layers[2] == pytest.approx(shared)
-    assert flops.prefix(0) < flops.prefix(1) < flops.full
-    assert flops.lm_head == 2 * d * 256
-
-
-def test_batch_clock_splits_steps():
-    clock = BatchClock(batch_size=2)
-    clock.marks = [0.0, 1.0, 3.0, 4.0, 6.0, 7.0, 9.0]  # accumulate 1 s, optimizer batch 2 s
-    steps = clock.steps(grad_acc_steps=2, warmup_steps=1)
-    assert steps == {
-        "step_s": [3.0, 3.0],
-        "accumulate_batch_s": [1.0, 1.0],
-        "optimizer_batch_s": [2.0, 2.0],
-    }
+    shared += 4 * heads * ghd * flops.attended_positions(ctx, None)
+    assert counted.layers[2] == pytest.approx(shared)
+    assert counted.prefix(0) < counted.prefix(1) < counted.full
+    assert counted.lm_head == 2 * d * 256
