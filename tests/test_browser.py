@@ -333,3 +333,44 @@ def test_browse_command_serves_until_interrupted(repo):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.e2e
+def test_the_staged_demo_repo_in_the_browser(page, demo_run, tmp_path):
+    """What a user gets from `snakemake browse` on the demo: layer 3's strongest feature
+    shows the parquet's top activation, top token and top logit tokens, and reading it
+    costs a small fraction of the examples file."""
+    hub = demo_run / "results/hub"
+    suite = json.loads((hub / "browser/suite.json").read_text())
+    files = suite["files"]["3"]
+    assert set(files) == {"examples", "intervals", "stats", "logits"}
+    stats = pq.read_table(hub / files["stats"]).to_pylist()
+    feature = max(stats, key=lambda r: r["fire_count"] if r["examples"] > 1 else -1)["feature"]
+    examples = rows_of(hub, files["examples"], feature)
+    top = max(examples, key=lambda r: r["activation"])
+    logits = rows_of(hub, files["logits"], feature)
+
+    server, url = serve(hub)
+    try:
+        state = open_feature(page, url, 3, feature)
+        assert abs(float(page.inner_text("#top-activation")) - top["activation"]) <= 5e-4
+        assert state["topToken"] == top["token"]
+        for sign in ("positive", "negative"):
+            want = [
+                r["token"] for r in sorted(logits, key=lambda r: r["rank"]) if r["sign"] == sign
+            ]
+            assert tokens_in(page, f"#logits-{sign} .chip") == want
+        assert page.locator("#examples .example").count() == len(examples)
+        got = page.evaluate("window.loupeFetched")[
+            url.replace("browser/index.html", files["examples"])
+        ]
+        size = (hub / files["examples"]).stat().st_size
+        print(f"\ndemo layer 3 feature {feature}: fetched {got} of {size} bytes ({got / size:.1%})")
+        assert 0 < got < 0.3 * size
+        shot = tmp_path / "demo-browser.png"
+        page.screenshot(path=str(shot), full_page=True)
+        SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT_COPY.with_name("browser-demo.png"))
+    finally:
+        server.shutdown()
+        server.server_close()

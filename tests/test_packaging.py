@@ -4,8 +4,8 @@ project's own declarations."""
 from __future__ import annotations
 
 import re
-import tomllib
 
+import tomllib
 import yaml
 from conftest import REPO
 

@@ -80,5 +80,7 @@ def test_sae_k_reruns_each_layers_chain_and_the_suite_steps_only(demo_run, tmp_p
 
 
 def test_hookpoint_does_not_retokenize(demo_run, tmp_path):
-    jobs = planned(demo_run, {"model": {"hookpoint": "language_model.layers.{layer}.mlp"}}, tmp_path)
+    jobs = planned(
+        demo_run, {"model": {"hookpoint": "language_model.layers.{layer}.mlp"}}, tmp_path
+    )
     assert "tokenize" not in jobs and jobs["train"] == LAYERS

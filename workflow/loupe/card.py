@@ -207,6 +207,9 @@ def code_cells(source: str) -> dict[str, str]:
     return {name: body.strip("\n") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
+RECIPES = Path(__file__).with_name("assets") / "recipes"
+
+
 def quick_start(config: Config, layout: Layout, layers: list[int]) -> dict[str, str]:
     """The quick start's code blocks by name, with this suite's repo, layers and model; tests
     run them against the staged repo."""
@@ -218,7 +221,13 @@ def quick_start(config: Config, layout: Layout, layers: list[int]) -> dict[str, 
         "LAYER": example_layer(layers),
         "MODEL": config.model.name,
     }
-    return code_cells(fill_constants(QUICKSTART.read_text(), values))
+    cells = code_cells(fill_constants(QUICKSTART.read_text(), values))
+    # The SAELens and delphi recipes: the same constants, those each file has.
+    for recipe in sorted(RECIPES.glob("*.py")):
+        source = recipe.read_text()
+        named = {k: v for k, v in values.items() if re.search(rf"^{k} = ", source, re.M)}
+        cells |= code_cells(fill_constants(source, named))
+    return cells
 
 
 # --- the card ------------------------------------------------------------------------------

@@ -142,6 +142,20 @@ def read_manifest(root: Path) -> dict:
         raise LoupeError(f"{path} is not valid JSON ({e})") from None
 
 
+def latents(sae: dict, d_in: int) -> int:
+    """The SAE's width: sparsify writes num_latents 0 for "d_in x expansion_factor"."""
+    return sae["num_latents"] or d_in * sae["expansion_factor"]
+
+
+def write_sae_cfg(src: Path, dst: Path) -> None:
+    """The staged cfg.json: sparsify's, with the real num_latents. SAELens' loaders take
+    num_latents as the width (0 would give a 0-latent SAE); sparsify loads either the same."""
+    cfg = json.loads(Path(src).read_text())
+    cfg["num_latents"] = latents(cfg, cfg["d_in"])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def run_config(config: Config, layout: Layout, d_in: int) -> dict:
     """config.json: the run in sparsify's own run-config shape (TrainConfig fields plus model,
     dataset, ctx_len), the keys SAELens' sparsify loader reads, and loupe's own settings."""
@@ -156,7 +170,7 @@ def run_config(config: Config, layout: Layout, d_in: int) -> dict:
         "split": dataset.split,
         "text_column": dataset.text_column,
         "ctx_len": tokens.ctx_len,
-        "sae": {**vars(config.sae), "d_in": d_in},
+        "sae": {**vars(config.sae), "d_in": d_in, "num_latents": latents(vars(config.sae), d_in)},
         **{k: getattr(train, k) for k in _TRAIN_FIELDS},
         "loss_fn": "fvu",
         "hookpoints": [layout.hookpoint(layer) for layer in model.layers],
@@ -264,9 +278,10 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
     modes: dict[str, int] = {}
     with atomic_dir(out_dir) as tmp:
         for li in inputs.layers:
-            for name in (SAE_CFG, SAE_WEIGHTS):
-                mode = place(li.sae_dir / name, tmp / layout.sae_dir(li.layer) / name)
-                modes[mode] = modes.get(mode, 0) + 1
+            sae_dir = tmp / layout.sae_dir(li.layer)
+            mode = place(li.sae_dir / SAE_WEIGHTS, sae_dir / SAE_WEIGHTS)
+            modes[mode] = modes.get(mode, 0) + 1
+            write_sae_cfg(li.sae_dir / SAE_CFG, sae_dir / SAE_CFG)
             for kind, path in li.parquet.items():
                 place(path, tmp / layout.per_layer(kind, li.layer))
         place(inputs.metrics, tmp / layout.metrics)

@@ -1,0 +1,298 @@
+"""The published SAEs in the two other libraries users reach for, with the real packages, on the
+demo's staged repo: the card's SAELens recipe builds a TopK SAE that encodes and reconstructs
+like sparsify, and the card's delphi recipe caches activations whose peaks are loupe's
+max-activating examples."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import runpy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from loupe.card import code_cells, fill_constants
+from loupe.model import import_sparsify
+
+sparsify = import_sparsify()
+
+RECIPES = REPO / "workflow/loupe/assets/recipes"
+HOOKPOINT = "language_model.layers.{layer}"
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def substitute(source: str, **values: str) -> str:
+    """`source` with each `NAME = ...` line given a new value (a Python expression): for the
+    values only a test changes (its token rows, a scratch folder)."""
+    for name, value in values.items():
+        source, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", source, flags=re.M)
+        assert n == 1, f"{name}: {n} assignment lines"
+    return source
+
+
+def run_recipe(name: str, suite: dict, tmp_path: Path, **overrides: str) -> tuple[dict, str]:
+    """Run the recipe's card block as the card renderer fills it in for `suite` (the values of
+    its constant lines), with `overrides` on top; returns its globals and printed output."""
+    cells = code_cells(fill_constants((RECIPES / name).read_text(), suite))
+    assert len(cells) == 1, sorted(cells)
+    path = tmp_path / name
+    path.write_text(substitute(next(iter(cells.values())), **overrides))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        namespace = runpy.run_path(str(path), run_name="__main__")
+    return namespace, out.getvalue()
+
+
+@pytest.fixture()
+def local_hub(monkeypatch, tmp_path):
+    """huggingface_hub's snapshot_download replaced at its boundary by one that serves a local
+    folder given in place of the repo id, honouring allow_patterns like the Hub; returns the
+    list of files each call delivered."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    served: list[list[str]] = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        root = Path(repo_id)
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        wanted = list(filter_repo_objects(files, allow_patterns=allow_patterns))
+        snap = tmp_path / f"snapshot{len(served)}"
+        snap.mkdir()
+        for rel in wanted:
+            (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / rel, snap / rel)
+        served.append(wanted)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return served
+
+
+@pytest.fixture(scope="module")
+def hub(demo_run) -> Path:
+    return demo_run / "results/hub"
+
+
+@pytest.fixture(scope="module")
+def prefix(hub) -> str:
+    """The suite's folder: the one folder of the repo that holds SAE folders."""
+    found = {p.parent.parent.name for p in hub.glob("*/language_model.layers.*/cfg.json")}
+    assert len(found) == 1, found
+    return found.pop()
+
+
+@pytest.fixture(scope="module")
+def layers(hub, prefix) -> list[int]:
+    return sorted(int(p.name.rsplit(".", 1)[1]) for p in (hub / prefix).glob("*.layers.*"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(demo_run) -> Path:
+    return demo_run / "results/demo/model"
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def sample(demo_run) -> np.ndarray:
+    """The sample split loupe's examples come from: [rows, ctx] uint32."""
+    return np.load(demo_run / "results/tokens/sample.npy", mmap_mode="r")
+
+
+@pytest.fixture(scope="module")
+def special_ids(demo_run) -> list[int]:
+    """BOS, EOS and PAD: the tokens loupe never lets peak."""
+    manifest = json.loads((demo_run / "results/tokens/manifest.json").read_text())
+    ids = {manifest.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.inference_mode()
+def layer_outputs(model, layer: int, ids: np.ndarray) -> torch.Tensor:
+    """Decoder layer `layer`'s output (the residual stream) for token rows: [rows, ctx, d]."""
+    seen = []
+    module = model.get_submodule(HOOKPOINT.format(layer=layer))
+    handle = module.register_forward_hook(
+        lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        model(input_ids=torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def sparsify_dense(sae, x: torch.Tensor) -> torch.Tensor:
+    """sparsify's TopK activations as [n, num_latents], zeros off the top k."""
+    out = sae.encode(x)
+    dense = x.new_zeros(x.shape[0], sae.num_latents)
+    return dense.scatter_(1, out.top_indices, out.top_acts)
+
+
+# --- SAELens --------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_saelens_recipe_encodes_and_reconstructs_like_sparsify(
+    hub, prefix, layers, model, sample, local_hub, tmp_path
+):
+    rows = sample[:4]
+    for layer in layers:
+        suite = {"REPO": str(hub), "PREFIX": prefix, "LAYER_MODULE": HOOKPOINT, "LAYER": layer}
+        ns, printed = run_recipe("saelens_load.py", suite, tmp_path)
+        folder = f"{prefix}/{HOOKPOINT.format(layer=layer)}"
+        assert sorted(local_hub[-1]) == [f"{folder}/cfg.json", f"{folder}/sae.safetensors"]
+        reference = sparsify.SparseCoder.load_from_disk(hub / folder).float().eval()
+        sae = ns["sae"]
+        assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (
+            reference.d_in,
+            reference.num_latents,
+            reference.cfg.k,
+        )
+        assert f"layer {layer}: d_in {reference.d_in}, {reference.num_latents} latents" in printed
+
+        real = layer_outputs(model, layer, rows).reshape(-1, reference.d_in).float()
+        # Plus inputs drawn around the real ones, so other latents win the top k too.
+        torch.manual_seed(layer)
+        drawn = real.mean(0) + torch.randn(256, reference.d_in) * real.std(0)
+        x = torch.cat([real, drawn])
+        with torch.inference_mode():
+            want = sparsify_dense(reference, x)
+            got = sae.encode(x)
+            # decode(encode(x)): forward's sae_out is the multi-TopK (4k) reconstruction.
+            want_recon = reference.decode(*reference.encode(x)[:2])
+            got_recon = sae.decode(got)
+        assert torch.equal(got != 0, want != 0), f"layer {layer}: other latents chosen"
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_recon, want_recon, atol=1e-5, rtol=0)
+        assert (want != 0).sum(1).float().mean() > reference.cfg.k / 2  # the test has teeth
+
+
+@pytest.mark.e2e
+def test_staged_cfg_json_states_the_real_num_latents(hub, prefix, layers):
+    from safetensors import safe_open
+
+    for layer in layers:
+        folder = hub / prefix / HOOKPOINT.format(layer=layer)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        with safe_open(folder / "sae.safetensors", framework="pt") as f:
+            width = f.get_slice("encoder.weight").get_shape()[0]
+        assert cfg["num_latents"] == width, (
+            f"{folder.name}/cfg.json has num_latents {cfg['num_latents']}, the SAE has {width}"
+            " latents: SAELens' sparsify loaders read num_latents as the width (0 -> a 0-latent"
+            " SAE); write the real width into cfg.json"
+        )
+        assert cfg["d_in"] * cfg["expansion_factor"] == width
+
+
+@pytest.mark.e2e
+def test_sparsify_loads_a_cfg_with_num_latents_set_identically(hub, prefix, layers, tmp_path):
+    """The fix for the test above is safe: sparsify reads num_latents = the width exactly as it
+    reads num_latents = 0; SAELens' own loader still fails (why the recipe builds the SAE)."""
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
+
+    layer = layers[len(layers) // 2]
+    staged = hub / prefix / HOOKPOINT.format(layer=layer)
+    cfg = json.loads((staged / "cfg.json").read_text())
+    fixed = tmp_path / "fixed" / staged.name
+    fixed.mkdir(parents=True)
+    shutil.copy(staged / "sae.safetensors", fixed / "sae.safetensors")
+    width = cfg["d_in"] * cfg["expansion_factor"]
+    (fixed / "cfg.json").write_text(json.dumps({**cfg, "num_latents": width}))
+
+    a = sparsify.SparseCoder.load_from_disk(staged)
+    b = sparsify.SparseCoder.load_from_disk(fixed)
+    assert a.num_latents == b.num_latents == width
+    assert b.cfg.expansion_factor == cfg["expansion_factor"] and b.cfg.num_latents == width
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+    torch.manual_seed(0)
+    x = torch.randn(64, a.d_in) * 3
+    with torch.inference_mode():
+        out_a, out_b = a.encode(x), b.encode(x)
+        assert torch.equal(out_a.top_acts, out_b.top_acts)
+        assert torch.equal(out_a.top_indices, out_b.top_indices)
+        assert torch.equal(a.decode(*out_a[:2]), b.decode(*out_b[:2]))
+
+    with pytest.raises(RuntimeError, match="size mismatch for W_dec"):
+        SAE.load_from_disk(fixed, converter=sparsify_disk_loader)
+
+
+# --- delphi ---------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_delphi_recipe_finds_loupes_top_examples(
+    hub, prefix, layers, model_dir, sample, special_ids, local_hub, tmp_path
+):
+    """delphi caches every activation of the rows it is given; on the rows that hold loupe's
+    top examples, each feature's highest activation (special tokens aside, as loupe skips
+    them) is loupe's top example: same row, same position, same value."""
+    import polars as pl
+
+    layer = layers[len(layers) // 2]
+    top = (
+        pl.read_parquet(hub / prefix / f"max_activations/layer_{layer}.parquet")
+        .filter(pl.col("rank") == 0)
+        .sort("feature")
+    )
+    # 16 rows (two delphi batches of 8): the first 16 distinct rows holding a top example.
+    rows = sorted(set(top["sequence"].to_list()))[:16]
+    assert len(rows) == 16
+    checked = top.filter(pl.col("sequence").is_in(rows))
+    tokens = torch.from_numpy(np.asarray(sample[rows], dtype=np.int64))
+    torch.save(tokens, tmp_path / "tokens.pt")
+
+    suite = {
+        "REPO": str(hub),
+        "PREFIX": prefix,
+        "LAYER_MODULE": HOOKPOINT,
+        "LAYER": layer,
+        "MODEL": str(model_dir),
+    }
+    ns, printed = run_recipe(
+        "delphi_cache.py",
+        suite,
+        tmp_path,
+        SAVE_DIR=f"Path({str(tmp_path / 'latents')!r})",
+        # The recipe's own rows are built from example text; here, loupe's sample rows.
+        tokens=f"torch.load({str(tmp_path / 'tokens.pt')!r})",
+    )
+    hookpoint = HOOKPOINT.format(layer=layer)
+    assert local_hub == [
+        [f"{prefix}/{hookpoint}/cfg.json", f"{prefix}/{hookpoint}/sae.safetensors"]
+    ]
+    assert torch.equal(ns["tokens"], tokens)
+    locations = ns["locations"]  # [nonzeros, 3]: row, position, latent
+    activations = ns["activations"]
+    assert f"{len(activations)} activations over {tokens.numel()} tokens" in printed
+    assert (tmp_path / "latents" / hookpoint / "config.json").is_file()
+    assert list((tmp_path / "latents" / hookpoint).glob("*.safetensors"))
+
+    row, pos, latent = locations.unbind(1)
+    counted = ~torch.isin(tokens[row, pos], torch.tensor(special_ids))
+    assert (pos[counted] >= 1).all()  # BOS starts every row and is not counted
+    for feature, sequence, position, value in checked.select(
+        "feature", "sequence", "position", "activation"
+    ).iter_rows():
+        mine = counted & (latent == feature)
+        best = int(activations[mine].argmax())
+        at_row, at_pos = int(row[mine][best]), int(pos[mine][best])
+        assert (rows[at_row], at_pos) == (sequence, position), f"feature {feature}"
+        assert abs(float(activations[mine][best]) - value) <= 1e-4, f"feature {feature}"
+    assert checked.height >= 16
