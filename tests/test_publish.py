@@ -14,27 +14,29 @@ import logging
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, _fill_defaults, demo_config, load_yaml
+from conftest import REPO, demo_config, load_yaml, typed
 
 from loupe import cli
+from loupe.browse import ASSETS as BROWSER_ASSETS
 from loupe.card import CardFacts, render_card
-from loupe.maxact import examples_schema
+from loupe.examples import examples_schema, interval_examples_schema, write_stats
+from loupe.layout import BROWSER, MANIFEST, NOTEBOOK
+from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
 from loupe.publish import (
-    MANIFEST,
-    NOTEBOOK,
     LayerInputs,
     StageInputs,
     layout_of,
     place,
     repo_files,
     set_notebook_parameters,
-    stage_repo,
+    stage,
 )
 
 sparsify = import_sparsify()
@@ -75,18 +77,62 @@ def _examples_table(layer: int, num_latents: int, per_feature: int = 2):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _stats_table(num_latents: int):
+def _intervals_table(layer: int, num_latents: int, intervals: int = 2):
+    """Interval-example rows in the published schema: one example per activation interval."""
     import pyarrow as pa
 
-    count = np.arange(num_latents, dtype=np.int64)
-    return pa.table(
+    rows = _examples_table(layer, num_latents, per_feature=intervals).to_pylist()
+    for row in rows:
+        k = row["rank"]
+        row.update(rank=0, interval=k, interval_low=k * 2.0, interval_high=(k + 1) * 2.0)
+        row["interval_count"] = 5
+    return pa.Table.from_pylist(rows, schema=interval_examples_schema())
+
+
+def _logits_table(num_latents: int, per_sign: int = 3):
+    """Feature-logit rows in the published schema: the top tokens of each sign per feature."""
+    import pyarrow as pa
+
+    rows = [
         {
-            "feature": np.arange(num_latents, dtype=np.int64),
-            "fire_count": count,
-            "density": count / 16384,
-            "max_activation": np.linspace(0, 4, num_latents, dtype=np.float32),
+            "feature": feature,
+            "sign": sign,
+            "rank": rank,
+            "token_id": 100 + rank,
+            "token": f"tok{rank}",
+            "value": scale * (per_sign - rank),
         }
+        for feature in range(num_latents)
+        for sign, scale in (("negative", -1.0), ("positive", 1.0))
+        for rank in range(per_sign)
+    ]
+    return pa.Table.from_pylist(rows, schema=feature_logits_schema())
+
+
+def _write_stats(path: Path, num_latents: int) -> None:
+    """feature_stats.parquet by the sampler's own writer (histogram edges in its metadata)."""
+    count = np.arange(num_latents, dtype=np.int64)
+    edges = np.logspace(-2, 1, 9)
+    counts = np.random.default_rng(0).integers(0, 5, (num_latents, len(edges) + 1))
+    write_stats(
+        path,
+        kept=np.full(num_latents, 2),
+        count=count,
+        total=count * 0.5,
+        peak=np.linspace(0, 4, num_latents, dtype=np.float32),
+        tokens=16384,
+        histogram={"counts": counts, "edges": edges},
+        metadata={},
     )
+
+
+# results/layer_N/ file of each parquet kind (the maxact rule's outputs).
+PARQUET = {
+    "examples": "max_activations.parquet",
+    "intervals": "interval_examples.parquet",
+    "stats": "feature_stats.parquet",
+    "logits": "feature_logits.parquet",
+}
 
 
 METRIC_ROWS = [
@@ -129,8 +175,10 @@ def results(tmp_path_factory, trained_layer) -> Path:
         d.mkdir()
         for name in ("cfg.json", "sae.safetensors"):
             (d / name).write_bytes((trained_layer / name).read_bytes())
-        pq.write_table(_examples_table(layer, num_latents), d / "max_activations.parquet")
-        pq.write_table(_stats_table(num_latents), d / "feature_stats.parquet")
+        pq.write_table(_examples_table(layer, num_latents), d / PARQUET["examples"])
+        pq.write_table(_intervals_table(layer, num_latents), d / PARQUET["intervals"])
+        _write_stats(d / PARQUET["stats"], num_latents)
+        pq.write_table(_logits_table(num_latents), d / PARQUET["logits"])
     summary = root / "summary"
     summary.mkdir()
     with open(summary / "metrics.csv", "w", newline="") as f:
@@ -153,22 +201,23 @@ def _stage_args(settings: dict, results: Path, out: Path) -> list[str]:
     layers = settings["model"]["layers"]
     return [
         "stage",
-        "--settings",
+        "--config",
         json.dumps(settings),
         "--threads",
         "2",
         "--sae",
         *[str(results / f"layer_{n}/sae.safetensors") for n in layers],
-        "--examples",
-        *[str(results / f"layer_{n}/max_activations.parquet") for n in layers],
-        "--stats",
-        *[str(results / f"layer_{n}/feature_stats.parquet") for n in layers],
+        *[
+            arg
+            for kind, name in PARQUET.items()
+            for arg in (f"--{kind}", *[str(results / f"layer_{n}/{name}") for n in layers])
+        ],
         "--summary",
         str(results / "summary/metrics.csv"),
         str(results / "summary/fvu_by_layer.png"),
-        "--tokens-manifest",
+        "--manifest",
         str(results / "tokens/manifest.json"),
-        "--out-dir",
+        "--repo",
         str(out),
     ]
 
@@ -188,8 +237,7 @@ def _inputs(settings: dict, results: Path) -> StageInputs:
             LayerInputs(
                 n,
                 results / f"layer_{n}",
-                results / f"layer_{n}/max_activations.parquet",
-                results / f"layer_{n}/feature_stats.parquet",
+                {kind: results / f"layer_{n}/{name}" for kind, name in PARQUET.items()},
             )
             for n in settings["model"]["layers"]
         ],
@@ -218,8 +266,17 @@ def test_staged_layout(staged, pub_settings, results):
             f"{prefix}/language_model.layers.{n}/cfg.json",
             f"{prefix}/language_model.layers.{n}/sae.safetensors",
             f"{prefix}/max_activations/layer_{n}.parquet",
+            f"{prefix}/interval_examples/layer_{n}.parquet",
             f"{prefix}/feature_stats/layer_{n}.parquet",
+            f"{prefix}/feature_logits/layer_{n}.parquet",
         }
+    # The feature browser: its page, as shipped, and the suite it reads.
+    expected |= {
+        f"{BROWSER}/{p.relative_to(BROWSER_ASSETS).as_posix()}"
+        for p in BROWSER_ASSETS.rglob("*")
+        if p.is_file()
+    }
+    expected.add(f"{BROWSER}/suite.json")
     on_disk = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert on_disk == expected
     assert not [p for p in staged.rglob("*") if p.is_symlink()]
@@ -265,15 +322,16 @@ def test_manifest_lists_every_file_with_size_and_sha256(staged):
 
 def test_restaging_replaces_the_repo_atomically(tmp_path, pub_settings, results, monkeypatch):
     out = tmp_path / "hub"
-    stage_repo(pub_settings, _inputs(pub_settings, results), out)
+    config = typed(pub_settings)
+    stage(config, _inputs(pub_settings, results), out)
     before = (out / MANIFEST).read_text()
 
     def broken(*args, **kwargs):
         raise RuntimeError("card failed")
 
-    monkeypatch.setattr("loupe.card.render_card", broken)
+    monkeypatch.setattr("loupe.publish.render_card", broken)
     with pytest.raises(RuntimeError):
-        stage_repo(pub_settings, _inputs(pub_settings, results), out)
+        stage(config, _inputs(pub_settings, results), out)
     # The failed run left the previous repo whole and no half-built folder behind.
     assert (out / MANIFEST).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
@@ -298,15 +356,19 @@ def test_missing_input_is_one_clear_error(tmp_path, pub_settings, results, capsy
     args = _stage_args(pub_settings, results, tmp_path / "hub")
     i = args.index("--stats")
     args[i + 2] = str(tmp_path / "nope.parquet")
-    assert run_cli(args) == 2
+    # As the rule runs it: the log takes everything, the terminal gets the one line.
+    log = ["--log", str(tmp_path / "stage.log")]
+    assert run_cli([*log, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"loupe stage: error: missing inputs for staging: {tmp_path / 'nope.parquet'}"]
     assert not (tmp_path / "hub").exists()
 
     args = _stage_args(pub_settings, results, tmp_path / "hub")
     del args[args.index("--sae") + 1]
-    assert run_cli(args) == 2
-    assert "--sae: 1 files for 2 layers" in capsys.readouterr().err
+    assert run_cli([*log, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["loupe stage: error: sae: 1 files for 2 layers [1, 2]"]
+    assert not (tmp_path / "hub").exists()
 
 
 # --- model card ---------------------------------------------------------------------------
@@ -316,6 +378,12 @@ def _front_matter(card: str) -> dict:
     m = re.match(r"---\n(.*?)\n---\n", card, re.S)
     assert m, card[:200]
     return yaml.safe_load(m.group(1))
+
+
+# The card's python blocks: the quick start's, then the SAELens and delphi recipes (run by
+# tests/test_interop.py).
+QUICK_START_BLOCKS = 4
+RECIPE_BLOCKS = 2
 
 
 def _python_blocks(card: str) -> list[str]:
@@ -350,13 +418,12 @@ def test_card_metadata_and_tables(staged, pub_settings):
     assert "```bibtex" in card
 
 
-def test_card_states_the_reference_settings():
+def test_card_states_the_reference_settings(monkeypatch):
     """The gemma-loupe card, from config.yaml as shipped, states the reference values."""
-    cfg = load_yaml(REPO / "config.yaml")
-    _fill_defaults(cfg, load_yaml(REPO / "workflow/schemas/config.schema.yaml"))
+    cfg = typed(load_yaml(REPO / "config.yaml"))  # the schema's defaults filled in
     facts = CardFacts(
-        layers=cfg["model"]["layers"],
-        sae={**cfg["sae"], "d_in": 1536},
+        layers=list(cfg.model.layers),
+        sae={**vars(cfg.sae), "d_in": 1536},
         num_latents=49152,
         sae_bytes=604_000_000,
         metrics=[{"layer": str(n), "fvu": "0.2"} for n in range(35)],
@@ -388,11 +455,32 @@ def test_card_states_the_reference_settings():
     )
     assert "signum" in card and "10M tokens" in card and "top 20" in card
     code = "\n".join(_python_blocks(card))
-    assert 'hookpoint=f"{PREFIX}/language_model.layers.17"' in code
     assert (
         'PREFIX = "sae-gemma-4-E2B-32x-1B"' in code and 'REPO = "rhizomatous/gemma-loupe"' in code
     )
-    assert "for i in range(35)]" in code and "assert len(saes) == 35" in code
+    # The load cells, run with sparsify's loaders replaced: what they would download.
+    loads = []
+
+    def load_from_hub(name, hookpoint=None, device="cpu", **kwargs):
+        loads.append((name, hookpoint))
+        return SimpleNamespace(cfg=SimpleNamespace(k=100), num_latents=49152)
+
+    def load_many(name, local=False, layers=None, device="cpu", pattern=None, **kwargs):
+        loads.append((name, layers))
+        return {hookpoint: object() for hookpoint in layers}
+
+    monkeypatch.setattr(sparsify.SparseCoder, "load_from_hub", staticmethod(load_from_hub))
+    monkeypatch.setattr(sparsify.SparseCoder, "load_many", staticmethod(load_many))
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for block in _python_blocks(card)[:2]:  # load one layer, load all layers
+            exec(compile(block, "README.md", "exec"), namespace)
+    prefix = "sae-gemma-4-E2B-32x-1B"
+    assert loads == [
+        ("rhizomatous/gemma-loupe", f"{prefix}/language_model.layers.17"),
+        ("rhizomatous/gemma-loupe", [f"{prefix}/language_model.layers.{i}" for i in range(35)]),
+    ]
+    assert len(namespace["saes"]) == 35
 
 
 @pytest.fixture()
@@ -432,12 +520,12 @@ def local_hub(monkeypatch, tmp_path):
 def run_card_code(
     card: str, repo_id: str, staged: Path, model: str, tiny_model: Path
 ) -> tuple[dict, list[str]]:
-    """Run every python block of the card in one namespace, the staged folder standing in for
-    the repo id and the tiny model for the model id; returns the namespace and each block's
-    printed output."""
+    """Run the quick start's python blocks of the card in one namespace, the staged folder
+    standing in for the repo id and the tiny model for the model id; returns the namespace and
+    each block's printed output."""
     namespace: dict = {}
     printed = []
-    for block in _python_blocks(card):
+    for block in _python_blocks(card)[:QUICK_START_BLOCKS]:
         code = block.replace(f'"{repo_id}"', json.dumps(str(staged)))
         code = code.replace(f'"{model}"', json.dumps(str(tiny_model)))
         with contextlib.redirect_stdout(io.StringIO()) as out:
@@ -448,7 +536,7 @@ def run_card_code(
 
 def test_card_quick_start_runs_against_the_staged_repo(staged, pub_settings, tiny_model, local_hub):
     card = (staged / "README.md").read_text()
-    assert len(_python_blocks(card)) == 4
+    assert len(_python_blocks(card)) == QUICK_START_BLOCKS + RECIPE_BLOCKS
     ns, printed = run_card_code(
         card, pub_settings["hub"]["repo"], staged, pub_settings["model"]["name"], tiny_model
     )
@@ -521,8 +609,10 @@ def check_notebook(staged: Path, settings: dict, model: Path, workdir: Path) -> 
     html = "\n".join(_outputs(nb, "text/html"))
     # The per-token table (one row per token after BOS) and the highlighted examples.
     assert "top features (activation)" in html
-    feature = int(re.search(r"feature (\d+): (\d+) examples", text).group(1))
-    assert int(re.search(r"feature (\d+): (\d+) examples", text).group(2)) > 0
+    shown = re.search(r"feature (\d+): its (\d+) max-activating examples", text)
+    assert shown, text[-2000:]
+    feature = int(shown.group(1))
+    assert int(shown.group(2)) > 0
     assert feature >= 0
     assert html.count("rgba(255, 140, 0, 1.00)") >= 1  # each example's peak, fully shaded
 
@@ -548,7 +638,7 @@ def test_demo_stages_the_repo(demo_run, tmp_path, local_hub):
     prefix = config["hub"]["prefix"]
     manifest = json.loads((hub / MANIFEST).read_text())
     assert sorted(f["path"] for f in manifest["files"]) == repo_files(hub)
-    layout = layout_of(config)
+    layout = layout_of(typed(config))
     for n in config["model"]["layers"]:
         sae = sparsify.SparseCoder.load_from_disk(hub / layout.sae_dir(n))
         assert sae.d_in == 64

@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_snakemake
+from conftest import demo_config, run_snakemake
 
 from loupe.cli import main as cli_main
 from loupe.errors import LoupeError
-from loupe.summary import COLUMNS, SummaryOutputs, summarize
+from loupe.summary import COLUMNS, SummaryOutputs, write_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("fvu", "delta_ce", "dead", "density", "curves")
@@ -97,7 +97,7 @@ def suite(tmp_path):
 
 def test_metrics_csv_has_one_row_per_layer_with_the_eval_numbers(tmp_path, suite):
     out = outputs_in(tmp_path / "summary")
-    summarize("models/tiny", *suite, out)
+    write_summary("models/tiny", *suite, out)
     with open(out.metrics, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["layer"]) for r in rows] == [0, 2, 4, 5]
@@ -115,7 +115,7 @@ def test_metrics_csv_has_one_row_per_layer_with_the_eval_numbers(tmp_path, suite
 
 def test_plots_are_readable_pngs(tmp_path, suite):
     out = outputs_in(tmp_path / "summary")
-    summarize("models/tiny", *suite, out)
+    write_summary("models/tiny", *suite, out)
     sizes = {name: check_png(getattr(out, name)) for name in PLOTS}
     # The grids have one panel per layer (4 here: one row of 4 panels).
     assert sizes["density"][0] > 2.5 * sizes["density"][1]
@@ -126,7 +126,7 @@ def test_grids_grow_with_the_number_of_layers(tmp_path):
     files = [fake_layer(tmp_path, layer) for layer in range(13)]
     evals, stats, curves = (list(x) for x in zip(*files, strict=True))
     out = outputs_in(tmp_path / "summary")
-    summarize("models/tiny", list(range(13)), evals, stats, curves, out)
+    write_summary("models/tiny", list(range(13)), evals, stats, curves, out)
     width, height = check_png(out.density)
     assert height > 0.35 * width  # 13 panels: three rows of six (one row: 0.25)
 
@@ -135,20 +135,23 @@ def test_wrong_or_missing_inputs_fail_in_one_line(tmp_path, suite):
     layers, evals, stats, curves = suite
     out = outputs_in(tmp_path / "summary")
     with pytest.raises(LoupeError, match="holds layer 0, expected layer 4"):
-        summarize("m", layers, [evals[1], *evals[1:]], stats, curves, out)
+        write_summary("m", layers, [evals[1], *evals[1:]], stats, curves, out)
     with pytest.raises(LoupeError, match="4 layers but 3 eval files"):
-        summarize("m", layers, evals[:3], stats, curves, out)
+        write_summary("m", layers, evals[:3], stats, curves, out)
     stats[2].unlink()
     with pytest.raises(LoupeError, match="feature stats not found"):
-        summarize("m", layers, evals, stats, curves, out)
+        write_summary("m", layers, evals, stats, curves, out)
     assert not out.metrics.exists()
 
 
 def test_cli_writes_every_output(tmp_path, suite):
     layers, evals, stats, curves = suite
     out = outputs_in(tmp_path / "summary")
-    argv = ["summary", "--settings", json.dumps({"model": {"name": "google/gemma-4-E2B"}})]
-    argv += ["--layers", *map(str, layers), "--evals", *map(str, evals)]
+    # The per-layer lists come in model.layers order; the config names the layers.
+    config = demo_config()
+    config["model"].update(name="google/gemma-4-E2B", layers=layers)
+    argv = ["summary", "--config", json.dumps(config)]
+    argv += ["--evals", *map(str, evals)]
     argv += ["--stats", *map(str, stats), "--train-metrics", *map(str, curves)]
     for name in ("metrics", *PLOTS):
         argv += [f"--{name.replace('_', '-')}", str(getattr(out, name))]

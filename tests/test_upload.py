@@ -14,9 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import demo_config
 
 from loupe import cli
-from loupe.publish import MANIFEST, build_manifest
+from loupe.layout import MANIFEST
+from loupe.publish import build_manifest
 
 FAKE_TOKEN = "hf_FAKEtokenNeverWrittenAnywhere0123456789"
 LFS_SUFFIXES = {".safetensors", ".parquet", ".png"}
@@ -170,37 +172,57 @@ def restage(root: Path) -> None:
     (root / MANIFEST).write_text(json.dumps(build_manifest(root), indent=2) + "\n")
 
 
-def hub_settings(**overrides) -> dict:
-    return {
-        "hub": {
-            "repo": "someone/demo-sae",
-            "revision": "main",
-            "private": False,
-            "dry_run": False,
-            "prefix": "sfx",
-            **overrides,
-        }
-    }
+def hub_config(**overrides) -> dict:
+    """The demo's whole config (what --config carries), with the hub section overridden."""
+    config = demo_config()
+    config["hub"].update(
+        {"repo": "someone/demo-sae", "revision": "main", "private": False, "prefix": "sfx"},
+        **overrides,
+    )
+    return config
 
 
-def run_upload(tmp_path: Path, staged: Path, settings: dict, out: Path) -> int:
+def _run_cli(args: list[str]) -> int:
+    # --log points the root logger's handlers at a file that closes when the command ends.
     handlers = logging.root.handlers[:]
     try:
-        return cli.main(
-            [
-                "--log",
-                str(tmp_path / "upload.log"),
-                "upload",
-                "--settings",
-                json.dumps(settings),
-                "--staged",
-                str(staged),
-                "--out",
-                str(out),
-            ]
-        )
+        return cli.main(args)
     finally:
         logging.root.handlers[:] = handlers
+
+
+def run_upload(tmp_path: Path, staged: Path, config: dict, receipt: Path) -> int:
+    """`loupe upload` as the rule runs it."""
+    return _run_cli(
+        [
+            "--log",
+            str(tmp_path / "upload.log"),
+            "upload",
+            "--config",
+            json.dumps(config),
+            "--repo",
+            str(staged),
+            "--receipt",
+            str(receipt),
+        ]
+    )
+
+
+def run_dry_run(tmp_path: Path, staged: Path, config: dict, plan: Path, log: Path) -> int:
+    """`loupe upload-dry-run` as the rule runs it, its output in `log`."""
+    return _run_cli(
+        [
+            "--log",
+            str(log),
+            "upload-dry-run",
+            "--config",
+            json.dumps(config),
+            "--repo",
+            str(staged),
+            "--plan",
+            str(plan),
+        ]
+    )
 
 
 @pytest.fixture()
@@ -226,7 +248,7 @@ def test_upload_sends_everything_then_verifies_and_writes_receipt(
     tmp_path, staged, hub, token, capfd
 ):
     receipt = tmp_path / "upload.json"
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 0
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 0
     (client,) = hub.clients
     assert client.token == FAKE_TOKEN  # the token reached the client, and nothing else
     assert client.calls[0] == ("create_repo", "someone/demo-sae", "model", False, True)
@@ -247,16 +269,16 @@ def test_upload_sends_everything_then_verifies_and_writes_receipt(
 
 def test_second_run_sends_nothing_and_a_change_sends_only_it(tmp_path, staged, hub, token):
     receipt = tmp_path / "upload.json"
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 0
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 0
     first = json.loads(receipt.read_text())
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 0
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 0
     assert hub.clients[1].uploads() == []  # nothing unchanged is sent again
     second = json.loads(receipt.read_text())
     assert second["commit"] == first["commit"] and second["uploaded"] == []
 
     (staged / "README.md").write_text("# demo, revised\n")
     restage(staged)
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 0
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 0
     assert hub.clients[2].uploads() == [["README.md", MANIFEST]]
     assert json.loads(receipt.read_text())["commit"] != first["commit"]
 
@@ -265,7 +287,7 @@ def test_interrupted_upload_leaves_no_receipt_and_resumes(tmp_path, staged, hub,
     receipt = tmp_path / "upload.json"
     receipt.write_text("{}")  # a receipt from an earlier upload: no longer true
     hub.kwargs = {"fail_after": 4}
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 2
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         "loupe upload: error: upload to someone/demo-sae failed: ConnectionError: connection reset"
@@ -276,7 +298,7 @@ def test_interrupted_upload_leaves_no_receipt_and_resumes(tmp_path, staged, hub,
     assert len(sent_before) == 4
 
     hub.kwargs = {}
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 0
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 0
     (resumed,) = hub.clients[1].uploads()
     assert sorted(resumed) == sorted(set(all_paths(staged)) - sent_before)
     assert json.loads(receipt.read_text())["files"]
@@ -288,7 +310,7 @@ def test_remote_that_differs_from_the_manifest_fails_verification(
 ):
     receipt = tmp_path / "upload.json"
     hub.kwargs = {"corrupt": "sfx/language_model.layers.1/sae.safetensors"}
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 2
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "upload to someone/demo-sae incomplete: 1 files missing or different" in err[0]
@@ -299,7 +321,7 @@ def test_remote_that_differs_from_the_manifest_fails_verification(
 def test_small_files_are_verified_by_git_oid(tmp_path, staged, hub, token, capfd):
     receipt = tmp_path / "upload.json"
     hub.kwargs = {"corrupt": "sfx/config.json"}  # no LFS: same size, other bytes
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 2
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 2
     assert "sfx/config.json" in capfd.readouterr().err
     assert not receipt.exists()
 
@@ -307,7 +329,7 @@ def test_small_files_are_verified_by_git_oid(tmp_path, staged, hub, token, capfd
 def test_branch_private_and_large_folder_uploader(tmp_path, staged, hub, token):
     hub.cls = LargeFolderHub
     receipt = tmp_path / "upload.json"
-    assert run_upload(tmp_path, staged, hub_settings(revision="v1", private=True), receipt) == 0
+    assert run_upload(tmp_path, staged, hub_config(revision="v1", private=True), receipt) == 0
     (client,) = hub.clients
     assert client.calls[0] == ("create_repo", "someone/demo-sae", "model", True, True)
     assert client.calls[1] == ("create_branch", "someone/demo-sae", "v1")
@@ -317,7 +339,7 @@ def test_branch_private_and_large_folder_uploader(tmp_path, staged, hub, token):
 
 def test_no_token_is_one_line_and_sends_nothing(tmp_path, staged, hub, no_login, capfd):
     receipt = tmp_path / "upload.json"
-    assert run_upload(tmp_path, staged, hub_settings(), receipt) == 2
+    assert run_upload(tmp_path, staged, hub_config(), receipt) == 2
     out, err = capfd.readouterr()
     assert err.strip().splitlines() == [
         "loupe upload: error: no Hugging Face token: set HF_TOKEN or run `hf auth login`"
@@ -329,14 +351,17 @@ def test_no_token_is_one_line_and_sends_nothing(tmp_path, staged, hub, no_login,
 
 def test_dry_run_lists_files_with_sizes_and_sends_nothing(tmp_path, staged, hub, token, capfd):
     plan_path = tmp_path / "upload_dry_run.json"
-    assert run_upload(tmp_path, staged, hub_settings(dry_run=True), plan_path) == 0
+    log_path = tmp_path / "logs" / "upload_dry_run.log"
+    assert run_dry_run(tmp_path, staged, hub_config(), plan_path, log_path) == 0
     assert hub.clients == []
     out, err = capfd.readouterr()
+    # The plan text is in the rule's log (the terminal gets nothing but errors).
+    log = log_path.read_text()
     manifest = json.loads((staged / MANIFEST).read_text())
-    assert "dry run: would upload to https://huggingface.co/someone/demo-sae" in out
-    assert f"{len(manifest['files']) + 1} files" in out
-    assert "5.0 KB  sfx/language_model.layers.0/sae.safetensors" in out
-    assert "token: from HF_TOKEN" in out and "nothing was sent" in out
+    assert "dry run: would upload to https://huggingface.co/someone/demo-sae" in log
+    assert f"{len(manifest['files']) + 1} files" in log
+    assert "5.0 KB  sfx/language_model.layers.0/sae.safetensors" in log
+    assert "token: from HF_TOKEN" in log and "nothing was sent" in log
     plan = json.loads(plan_path.read_text())
     assert plan["dry_run"] is True and sorted(f["path"] for f in plan["files"]) == all_paths(staged)
     assert {f["path"]: f["size"] for f in plan["files"]}[
@@ -348,16 +373,16 @@ def test_dry_run_lists_files_with_sizes_and_sends_nothing(tmp_path, staged, hub,
 
 def test_stale_staging_is_refused(tmp_path, staged, hub, token, capfd):
     (staged / "sfx/language_model.layers.0/cfg.json").write_text("{}")  # manifest not rebuilt
-    assert run_upload(tmp_path, staged, hub_settings(), tmp_path / "upload.json") == 2
+    assert run_upload(tmp_path, staged, hub_config(), tmp_path / "upload.json") == 2
     assert "does not match manifest.json: stage the repo again" in capfd.readouterr().err
     assert hub.clients == []
 
 
-def test_settings_dump_carries_no_token(tmp_path, staged, hub, token):
-    """The rule passes config sections as JSON: none of them can hold the token."""
-    settings = copy.deepcopy(hub_settings())
-    assert run_upload(tmp_path, staged, settings, tmp_path / "upload.json") == 0
-    assert FAKE_TOKEN not in json.dumps(settings)
+def test_config_dump_carries_no_token(tmp_path, staged, hub, token):
+    """Jobs get the whole config as JSON (--config, LOUPE_CONFIG): it cannot hold the token."""
+    config = copy.deepcopy(hub_config())
+    assert run_upload(tmp_path, staged, config, tmp_path / "upload.json") == 0
+    assert FAKE_TOKEN not in json.dumps(config)
     assert_token_nowhere(tmp_path)
 
 
@@ -372,17 +397,14 @@ def demo_copy(demo_run, tmp_path) -> Path:
     return Path(shutil.copytree(demo_run, tmp_path / "demo", symlinks=True))
 
 
-def _snakemake_upload(workdir: Path, env: dict, *configfiles: str):
+def _snakemake_upload(workdir: Path, env: dict, target: str = "upload"):
     import subprocess
     import sys
 
     from conftest import snakemake_env
 
-    args = ["upload", "--profile", "profiles/demo"]
-    if configfiles:
-        args += ["--configfile", "profiles/demo/demo-config.yaml", *configfiles]
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", *args],
+        [sys.executable, "-m", "snakemake", target, "--profile", "profiles/demo"],
         cwd=workdir,
         env={**snakemake_env(), **env},
         capture_output=True,
@@ -398,19 +420,23 @@ def _clean_env(tmp_path: Path) -> dict:
 
 @pytest.mark.e2e
 def test_snakemake_upload_dry_run(demo_copy, tmp_path):
-    (tmp_path / "dry.yaml").write_text("hub:\n  dry_run: true\n")
-    proc = _snakemake_upload(
-        demo_copy, {**_clean_env(tmp_path), "HF_TOKEN": FAKE_TOKEN}, str(tmp_path / "dry.yaml")
-    )
+    # (A config with the old switch, hub.dry_run, is refused: tests/test_workflow.py.)
+    env = {**_clean_env(tmp_path), "HF_TOKEN": FAKE_TOKEN}
+    proc = _snakemake_upload(demo_copy, env, target="upload_dry_run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (
-        "dry run: would upload to https://huggingface.co/loupe-demo/tiny-gemma4-loupe"
-        in proc.stdout
-    )
-    assert "sae-tiny-gemma-4-8x/language_model.layers.5/sae.safetensors" in proc.stdout
-    assert (demo_copy / "results/upload_dry_run.json").is_file()
+    log = (demo_copy / "results/logs/upload_dry_run.log").read_text()
+    assert "dry run: would upload to https://huggingface.co/loupe-demo/tiny-gemma4-loupe" in log
+    assert "sae-tiny-gemma-4-8x/language_model.layers.5/sae.safetensors" in log
+    assert "token: from HF_TOKEN" in log and "nothing was sent" in log
+    plan = json.loads((demo_copy / "results/upload_dry_run.json").read_text())
+    hub = demo_copy / "results/hub"
+    assert plan["dry_run"] is True and plan["repo"] == "loupe-demo/tiny-gemma4-loupe"
+    assert sorted(f["path"] for f in plan["files"]) == all_paths(hub)
+    assert {f["path"]: f["size"] for f in plan["files"]} == {
+        p: (hub / p).stat().st_size for p in all_paths(hub)
+    }
     assert not (demo_copy / "results/upload.json").exists()
-    # A dry run never re-stages the repo (its switch is no staging setting).
+    # A dry run never re-stages the repo (it only reads the staged one).
     assert "rule stage" not in proc.stdout + proc.stderr
     assert_token_nowhere(demo_copy, proc.stdout, proc.stderr)
 

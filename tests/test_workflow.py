@@ -36,6 +36,8 @@ def _job_counts(output: str) -> dict[str, int]:
         ),
         ("sae:\n  k: 0\n", "config error at sae/k: 0 is less than the minimum of 1"),
         ("device: tpu\n", "config error at device: 'tpu' does not match"),
+        # The dry run is its own rule (upload_dry_run) now, not a switch.
+        ("hub:\n  dry_run: true\n", "config error: unknown key hub/dry_run"),
     ],
 )
 def test_bad_config_stops_with_one_line_naming_the_key(checkout, tmp_path, override, message):

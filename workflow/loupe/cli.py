@@ -34,6 +34,7 @@ class Command:
     paths: tuple[str, ...] = ()  # one path each
     path_lists: tuple[str, ...] = ()  # one or more paths each (one per layer, in layer order)
     layer: bool = False
+    layers: bool = False  # --layers: one or more
     threads: bool = False
     config: bool = True
     port: bool = False
@@ -53,10 +54,11 @@ COMMANDS = {
         threads=True,
     ),
     "train": Command(
-        "loupe.train:train_layer",
-        "train one layer's SAE (resumes from its checkpoint)",
-        ("tokens", "out_dir", "checkpoint_dir"),
-        layer=True,
+        "loupe.train:train_group",
+        "train the SAEs of one or more layers on one forward pass (resumes from its checkpoint)",
+        ("tokens", "manifest", "checkpoint_dir"),
+        path_lists=("out_dir",),  # one per layer, in --layers order
+        layers=True,
         threads=True,
     ),
     "maxact": Command(
@@ -113,7 +115,12 @@ def _flag(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loupe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log", type=Path, default=None, help="append all output to this file")
+    parser.add_argument(
+        "--log",
+        type=Path,
+        action="append",
+        help="append all output to this file (repeat: to each of them, e.g. every trained layer's)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
@@ -126,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if command.layer:
             p.add_argument("--layer", type=int, required=True)
+        if command.layers:
+            p.add_argument("--layers", type=int, nargs="+", required=True)
         if command.threads:
             p.add_argument("--threads", type=int, default=1)
         if command.port:
@@ -148,22 +157,43 @@ def run(args: argparse.Namespace) -> None:
     _function(command)(**kwargs)
 
 
+class _Tee:
+    """A text stream writing to several files (a group job logs to each member's log)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def write(self, text: str) -> int:
+        for f in self.files:
+            f.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for f in self.files:
+            f.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
 @contextlib.contextmanager
-def _log_to(path: Path | None):
-    """Send stdout and stderr (logging, tqdm, sparsify's prints) to the rule's log file."""
-    if path is None:
+def _log_to(paths: list[Path] | None):
+    """Send stdout and stderr (logging, tqdm, sparsify's prints) to the rule's log file(s)."""
+    if not paths:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Bars from libraries too (sparsify's Trainer): redraw rarely in a file.
     os.environ.setdefault("TQDM_MININTERVAL", "10")
     handlers = logging.root.handlers[:]  # setup_logging replaces them; restore for callers
     try:
-        with (
-            open(path, "a", buffering=1) as f,
-            contextlib.redirect_stdout(f),
-            contextlib.redirect_stderr(f),
-        ):
+        with contextlib.ExitStack() as stack:
+            files = []
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                files.append(stack.enter_context(open(path, "a", buffering=1)))
+            out = files[0] if len(files) == 1 else _Tee(files)
+            stack.enter_context(contextlib.redirect_stdout(out))
+            stack.enter_context(contextlib.redirect_stderr(out))
             yield
     finally:
         logging.root.handlers[:] = handlers
@@ -185,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
     except LoupeError as e:
         # The log has it too; the terminal gets exactly one line.
-        if args.log is not None:
+        if args.log:
             print(f"loupe {args.command}: error: {e}", file=terminal)
         return 2
     return 0
