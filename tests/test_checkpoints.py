@@ -28,7 +28,6 @@ from loupe.train import (
     _prepare_checkpoint_dir,
     check_train_settings,
     describe_change,
-    split_sha256,
     swap_in,
     train_layer,
 )
@@ -58,7 +57,8 @@ def train_cli(settings: dict, tokens: Path, out: Path, ckpt: Path, log: Path) ->
     return cli.main(
         [
             "--log", str(log), "train", "--config", json.dumps(settings),
-            "--layer", str(LAYER), "--tokens", str(tokens), "--out-dir", str(out),
+            "--layers", str(LAYER), "--tokens", str(tokens),
+            "--manifest", str(tokens.with_name("manifest.json")), "--out-dir", str(out),
             "--checkpoint-dir", str(ckpt),
         ]
     )  # fmt: skip
@@ -103,20 +103,30 @@ def test_run_record_names_what_makes_the_result_and_no_path(finished, settings, 
     record = json.loads((finished / "ckpt" / STATE / RUN_RECORD).read_text())
     manifest = json.loads((token_dir / "manifest.json").read_text())
     assert record == {
-        "layer": LAYER,
+        "layers": [LAYER],
         "settings": typed(settings).settings_for("train"),
         "train_tokens_sha256": manifest["sha256"]["train"],
     }
     assert str(token_dir) not in json.dumps(record) and str(finished) not in json.dumps(record)
 
 
-def test_split_hash_without_a_manifest_equals_the_manifests(token_dir, tmp_path):
-    split = np.load(token_dir / "train.npy")
-    np.save(tmp_path / "train.npy", split)  # no manifest beside it
-    # tokenize hashes the rows' bytes in order: the whole array's C-order bytes.
-    expected = hashlib.sha256(np.ascontiguousarray(split).tobytes()).hexdigest()
-    assert json.loads((token_dir / "manifest.json").read_text())["sha256"]["train"] == expected
-    assert split_sha256(tmp_path / "train.npy", np.load(tmp_path / "train.npy", "r")) == expected
+def test_a_split_that_differs_from_its_manifest_fails_before_touching_anything(
+    finished, ckpt, tmp_path, settings, token_dir, capsys
+):
+    """The manifest's sha256 is the checkpoint's identity: the split must be the one it
+    describes (one token changed: same shape, other content)."""
+    tokens = copy_split(token_dir, tmp_path / "tokens")
+    split = np.load(tokens)
+    split[7, 5] += 1
+    np.save(tokens, split)
+    before = digests(ckpt)
+    log = tmp_path / "train.log"
+    assert train_cli(settings, tokens, tmp_path / "out", ckpt, log) == 2
+    assert capsys.readouterr().err == (
+        f"loupe train: error: token split {tokens} does not match its manifest's sha256:"
+        f" rerun tokenize (delete {tokens.parent / 'manifest.json'})\n"
+    )
+    assert digests(ckpt) == before and not (tmp_path / "out").exists()
 
 
 def test_other_tokens_of_the_same_size_train_anew_and_reverting_resumes(
@@ -273,10 +283,10 @@ CORRUPTIONS = [
         f"language_model.layers.{LAYER}/sae.safetensors: missing",
     ),
     (
-        "recorder_state.json",
+        f"language_model.layers.{LAYER}/recorder_state.json",
         lambda p: p.write_text('{"trained_tok'),
-        "recorder_state.json: JSONDecodeError: Unterminated string starting at: line 1 column 2"
-        " (char 1))",
+        f"language_model.layers.{LAYER}/recorder_state.json: JSONDecodeError: Unterminated"
+        " string starting at: line 1 column 2 (char 1))",
     ),
 ]
 
@@ -346,7 +356,7 @@ def test_no_kill_between_renames_loses_a_checkpoint(tmp_path):
     """swap_in and the trade with .other are renames: after a kill between any two of them,
     the next start finds each checkpoint whole, under the name it belongs to."""
     ckpt = tmp_path / "ckpt"
-    mine, theirs = {"layer": 1, "settings": {"sae": {"k": 8}}}, {"layer": 1, "settings": {}}
+    mine, theirs = {"layers": [1], "settings": {"sae": {"k": 8}}}, {"layers": [1], "settings": {}}
 
     def checkpoint(folder: Path, record: dict, step: int) -> Path:
         folder.mkdir()

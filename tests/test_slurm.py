@@ -1,8 +1,9 @@
 """profiles/slurm on a real SLURM controller (tests/slurm/cluster.sh: one machine that looks
-like a GPU server). One run of the demo (layers 0 and 3, every stage) through the profile, in
-which layer 3's training job is cancelled after its first checkpoint: every non-local rule
-runs as a SLURM job, GPU rules get a GPU, the retried training resumes, and the outputs equal
-those of a local run, byte for byte.
+like a GPU server). One run of the demo (layers 0, 1 and 3, every stage; layers 1 and 3 trained
+as one group) through the profile, in which the group's training job is cancelled after its
+first checkpoint: every non-local rule runs as a SLURM job, GPU rules get a GPU and memory
+sized by the group, the retried group resumes both of its layers, and the outputs equal those
+of a local run, byte for byte.
 
 The cluster tests need root (apt, /etc/slurm, daemons); they skip only when SLURM cannot be
 installed. The profile checks at the top need no cluster."""
@@ -28,12 +29,27 @@ from conftest import REPO, WORKFLOW_FILES, copy_workflow, run_snakemake, snakema
 SLURM_DIR = REPO / "tests/slurm"
 CLUSTER = SLURM_DIR / "cluster.sh"
 TEST_PROFILE = SLURM_DIR / "profile"  # status command squeue, short status intervals
-COMPARE_CONFIG = SLURM_DIR / "compare-config.yaml"  # layers 0 and 3
+COMPARE_CONFIG = SLURM_DIR / "compare-config.yaml"  # layers 0, 1, 3; groups [0] and [1, 3]
 DEMO = ("--configfile", "profiles/demo/demo-config.yaml", str(COMPARE_CONFIG))
 CANNOT_INSTALL = 77  # cluster.sh's exit status when slurm-wlm/munge cannot be installed
 PROFILE = yaml.safe_load((REPO / "profiles/slurm/profile.yaml").read_text())
-GPU_RULES = sorted(r for r, res in PROFILE["set-resources"].items() if res.get("gpu"))
-CANCELLED_LAYER = 3
+# The profile sends these rules to its GPU partition; a group's training rule (named by its
+# layers) takes the site settings of rule train (workflow/rules/train.smk).
+GPU_RULES = sorted(
+    r for r, res in PROFILE["set-resources"].items() if res.get("slurm_partition") == "gpu"
+)
+LAYERS = (0, 1, 3)
+GROUP = (1, 3)  # layers_per_job 2: layer 0 alone, then this group
+GROUP_RULE = "train_layers_1_3"
+
+
+def is_gpu_rule(rule: str) -> bool:
+    return rule in GPU_RULES or rule == GROUP_RULE
+
+
+def train_mem_mb(layers) -> int:
+    """The host memory a training job asks for (workflow/rules/train.smk's formula)."""
+    return 47000 + 1000 * len(layers)
 
 
 # --- The profile itself (a dry run: no cluster needed) ---------------------------------------
@@ -60,11 +76,16 @@ def checkout(tmp_path_factory) -> Path:
 def test_profile_sends_every_gpu_rule_to_a_gpu_partition(checkout):
     rules = _planned_resources(checkout)  # the rules' own resources
     with_profile = _planned_resources(checkout, "--profile", "profiles/slurm")
-    # A rule that declares a GPU must be sized by the profile (partition, CPUs per GPU).
-    assert sorted(r for r, res in rules.items() if res.get("gpu") == "1") == GPU_RULES
-    for rule in GPU_RULES:
+    # A rule that declares a GPU must be sent to the profile's GPU partition.
+    assert sorted(r for r, res in rules.items() if res.get("gpu") == "1") == sorted(
+        [*GPU_RULES, GROUP_RULE]
+    )
+    for rule in [*GPU_RULES, GROUP_RULE]:
         assert with_profile[rule]["slurm_partition"] == "gpu"
         assert with_profile[rule]["cpus_per_gpu"] == "8"
+    # Training memory scales with the group: one SAE for layer 0, two for the group.
+    assert rules["train"]["mem_mb"] == str(train_mem_mb([0]))
+    assert rules[GROUP_RULE]["mem_mb"] == str(train_mem_mb(GROUP))
     # The profile's sizing is the rules' own, so a site profile that replaces set-resources
     # (layering replaces whole keys) never shrinks a job.
     for rule, res in with_profile.items():
@@ -77,18 +98,20 @@ def test_site_profile_layers_over_the_cluster_profile(checkout):
     plans = _planned_resources(
         checkout, "--profile", "profiles/slurm", "--profile", "profiles/slurm-site-example"
     )
-    train = plans["train"]
-    assert (train["slurm_partition"], train["gpu_model"], train["slurm_account"]) == (
-        "gpu-a100",
-        "a100",
-        "my_project",
-    )
-    assert (train["gpu"], train["cpus_per_gpu"], train["mem_mb"], train["runtime"]) == (
-        "1",
-        "8",
-        "48000",
-        "1440",
-    )
+    for rule, layers in (("train", [0]), (GROUP_RULE, GROUP)):
+        train = plans[rule]
+        assert (train["slurm_partition"], train["gpu_model"], train["slurm_account"]) == (
+            "gpu-a100",
+            "a100",
+            "my_project",
+        ), rule
+        # The demo trains 262,144 tokens: the shortest runtime the rule asks for, 1 h.
+        assert (train["gpu"], train["cpus_per_gpu"], train["mem_mb"], train["runtime"]) == (
+            "1",
+            "8",
+            str(train_mem_mb(layers)),
+            "60",
+        ), rule
     assert plans["tokenize"]["slurm_partition"] == "cpu"
 
 
@@ -150,10 +173,11 @@ def snakemake(workdir: Path, log: Path, *args: str) -> subprocess.Popen:
         )
 
 
-def cancel_after_first_checkpoint(workdir: Path, layer: int, run: subprocess.Popen, log: Path):
-    """scancel layer `layer`'s training job once its first checkpoint is complete; its id."""
-    # A checkpoint appears whole: loupe writes it aside and renames it into place.
-    checkpoint = workdir / f"results/checkpoints/layer_{layer}/state"
+def cancel_after_first_checkpoint(workdir: Path, run: subprocess.Popen, log: Path):
+    """scancel the group's training job once its first checkpoint is complete; its id."""
+    # A checkpoint appears whole: loupe writes it aside and renames it into place. A group's
+    # checkpoint folder is named after its shallowest layer.
+    checkpoint = workdir / f"results/checkpoints/layer_{GROUP[0]}/state"
     deadline = time.monotonic() + 600
     while not (checkpoint / "state.pt").exists():
         assert run.poll() is None, log.read_text()[-4000:]
@@ -163,8 +187,8 @@ def cancel_after_first_checkpoint(workdir: Path, layer: int, run: subprocess.Pop
         ["squeue", "-h", "-t", "RUNNING", "-o", "%i %k"], capture_output=True, text=True, check=True
     ).stdout
     jobs = [line.split(" ", 1) for line in running.splitlines()]
-    job_id = next((i for i, comment in jobs if comment == f"rule_train_wildcards_{layer}"), None)
-    assert job_id, f"layer {layer}'s training is not a running SLURM job: {running}"
+    job_id = next((i for i, comment in jobs if comment == f"rule_{GROUP_RULE}"), None)
+    assert job_id, f"the group's training is not a running SLURM job: {running}"
     subprocess.run(["scancel", job_id], check=True)
     return job_id
 
@@ -179,14 +203,14 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(slurm_cluster, tmp_path_factory) -> Runs:
-    """The demo (layers 0 and 3, every stage) run from scratch through profiles/slurm, with
-    layer 3's training cancelled after its first checkpoint (the profile's retries resubmit
-    it), and at the same time locally (filling the SLURM run's idle status intervals). One
-    torch thread per job in both (tests/slurm/profile)."""
+    """The demo (layers 0, 1 and 3, every stage) run from scratch through profiles/slurm,
+    with the training of group [1, 3] cancelled after its first checkpoint (the profile's
+    retries resubmit it), and at the same time locally (filling the SLURM run's idle status
+    intervals). One torch thread per job in both (tests/slurm/profile)."""
     slurm_dir = copy_workflow(tmp_path_factory.mktemp("on-slurm"))
     local_dir = copy_checkout(slurm_dir, tmp_path_factory.mktemp("local"))
     logs = tmp_path_factory.mktemp("snakemake-output")
-    one_thread = [f"{rule}=1" for rule in GPU_RULES]
+    one_thread = [f"{rule}=1" for rule in GPU_RULES]  # and the group's rule: train's setting
     # profiles/slurm unchanged; the test layer sets the status command, interval, threads.
     on_slurm = snakemake(
         slurm_dir,
@@ -207,9 +231,7 @@ def runs(slurm_cluster, tmp_path_factory) -> Runs:
         *one_thread,
     )
     try:
-        cancelled = cancel_after_first_checkpoint(
-            slurm_dir, CANCELLED_LAYER, on_slurm, logs / "slurm.txt"
-        )
+        cancelled = cancel_after_first_checkpoint(slurm_dir, on_slurm, logs / "slurm.txt")
         on_slurm.wait(timeout=900)
         local.wait(timeout=900)
     finally:
@@ -227,12 +249,12 @@ def test_every_non_local_rule_runs_as_a_slurm_job(runs):
     ran = job_counts(runs.slurm_output)
     local = set(re.findall(r"^localrule (\w+):", runs.slurm_output, re.M))
     remote = Counter({rule: n for rule, n in ran.items() if rule not in local})
-    assert {"demo_corpus", "tokenize", "train"} <= set(remote), ran
+    assert {"demo_corpus", "tokenize", "train", GROUP_RULE} <= set(remote), ran
     jobs = [slurm_job(i) for i in submitted_jobs(runs.slurm_output)]
     done = [j for j in jobs if j["JobId"] != runs.cancelled_job]
     assert Counter(job_rule(j) for j in done) == remote
     for job in jobs:
-        gpu = job_rule(job) in GPU_RULES
+        gpu = is_gpu_rule(job_rule(job))
         # What SLURM granted: one GPU and 8 CPUs per GPU on the gpu partition, else no GPU.
         assert job["Partition"] == ("gpu" if gpu else "debug"), job["Comment"]
         assert job.get("TresPerJob") == ("gres:gpu:1" if gpu else None), job["Comment"]
@@ -240,39 +262,42 @@ def test_every_non_local_rule_runs_as_a_slurm_job(runs):
             assert job["CpusPerTres"] == "gres:gpu:8" and job["NumCPUs"] == "8", job
     for job in done:
         assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), job["Comment"]
-    train = [j for j in jobs if job_rule(j) == "train"]
-    assert {j["MinMemoryNode"] for j in train} == {"48000M"}
-    assert {j["TimeLimit"] for j in train} == {"1-00:00:00"}
+    # Memory by the number of SAEs a job trains; the demo's runtime is the rule's minimum.
+    for rule, layers in (("train", [0]), (GROUP_RULE, GROUP)):
+        train = [j for j in jobs if job_rule(j) == rule]
+        assert {j["MinMemoryNode"] for j in train} == {f"{train_mem_mb(layers)}M"}, rule
+        assert {j["TimeLimit"] for j in train} == {"01:00:00"}, rule
 
 
 @pytest.mark.slurm
-def test_cancelled_training_job_is_retried_and_resumes(runs, config):
-    layer = CANCELLED_LAYER
+def test_cancelled_group_job_is_retried_and_resumes_every_member(runs, config):
     attempts = [
         (job["JobId"], job["JobState"])
         for job in map(slurm_job, submitted_jobs(runs.slurm_output))
-        if job["Comment"] == f"rule_train_wildcards_{layer}"
+        if job["Comment"] == f"rule_{GROUP_RULE}"
     ]
     assert attempts == [(runs.cancelled_job, "CANCELLED"), (attempts[-1][0], "COMPLETED")]
-    log = (runs.slurm / f"results/layer_{layer}/train.log").read_text()
-    resumed = re.search(rf"resumed layer {layer} at batch (\d+)", log)
-    assert resumed and "Resuming training at step" in log, log[-2000:]
-    # Nothing lost or repeated: the metric rows of the local run, which was never cut, except
-    # the averages of the one window the resume split (tokens_per_s is wall time). The
-    # weights are compared in test_slurm_outputs_equal_a_local_run.
-    step = int(resumed.group(1)) // config["train"]["grad_acc_steps"]
     every = config["train"]["log_every"]
-    rows = [
-        [json.loads(line) for line in (d / f"results/layer_{layer}/train_metrics.jsonl").open()]
-        for d in (runs.slurm, runs.local)
-    ]
-    assert 0 < step < rows[1][-1]["step"]  # cut mid-run
-    counts = [[(r["step"], r["tokens"], r["trained_tokens"]) for r in rs] for rs in rows]
-    assert counts[0] == counts[1]
-    for cut, whole in zip(*rows, strict=True):
-        if not cut["step"] - every < step < cut["step"]:
-            cut.pop("tokens_per_s"), whole.pop("tokens_per_s")
-            assert cut == whole, cut["step"]
+    for layer in GROUP:
+        # The group's log, in each member's train.log.
+        log = (runs.slurm / f"results/layer_{layer}/train.log").read_text()
+        resumed = re.search(r"resumed layers 1, 3 at batch (\d+)", log)
+        assert resumed and "Resuming training at step" in log, log[-2000:]
+        # Nothing lost or repeated: the metric rows of the local run, which was never cut,
+        # except the averages of the one window the resume split (tokens_per_s is wall
+        # time). The weights are compared in test_slurm_outputs_equal_a_local_run.
+        step = int(resumed.group(1)) // config["train"]["grad_acc_steps"]
+        rows = [
+            [json.loads(x) for x in (d / f"results/layer_{layer}/train_metrics.jsonl").open()]
+            for d in (runs.slurm, runs.local)
+        ]
+        assert 0 < step < rows[1][-1]["step"]  # cut mid-run
+        counts = [[(r["step"], r["tokens"], r["trained_tokens"]) for r in rs] for rs in rows]
+        assert counts[0] == counts[1]
+        for cut, whole in zip(*rows, strict=True):
+            if not cut["step"] - every < step < cut["step"]:
+                cut.pop("tokens_per_s"), whole.pop("tokens_per_s")
+                assert cut == whole, (layer, cut["step"])
 
 
 def results_files(workdir: Path) -> set[str]:
@@ -293,9 +318,9 @@ def test_slurm_outputs_equal_a_local_run(runs):
         assert same_bytes(*(d / "results" / name for d in dirs)), name
     for name in ("sample.npy", "eval.npy", "manifest.json"):
         assert same_bytes(*(d / "results/tokens" / name for d in dirs)), name
-    for layer in (0, 3):
+    for layer in LAYERS:
         folder = f"results/layer_{layer}"
-        # Same seed, same batches, CPU: bit-identical weights, layer 3 resumed or not.
+        # Same seed, same batches, CPU: bit-identical weights, the group resumed or not.
         a, b = (load_file(d / folder / "sae.safetensors") for d in dirs)
         assert a.keys() == b.keys()
         for name in a:

@@ -4,12 +4,14 @@ resumes after kill -9, and works on another architecture; truncation changes not
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,19 @@ from loupe.model import capture, import_sparsify, load_model, truncate_after
 from loupe.train import train_config, train_layer
 
 sparsify = import_sparsify()
+
+
+def split_with_manifest(token_dir: Path, dest: Path, rows: int) -> Path:
+    """The first `rows` rows of the training split in `dest`, with a manifest describing them
+    (training checks a split against its manifest); the split's path."""
+    split = np.load(token_dir / "train.npy")[:rows]
+    dest.mkdir(parents=True, exist_ok=True)
+    np.save(dest / "train.npy", split)
+    manifest = json.loads((token_dir / "manifest.json").read_text())
+    manifest["rows"]["train"] = rows
+    manifest["sha256"]["train"] = hashlib.sha256(np.ascontiguousarray(split).tobytes()).hexdigest()
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest / "train.npy"
 
 
 def _eval_activations(settings, token_dir, layer: int, rows: int = 32) -> torch.Tensor:
@@ -67,6 +82,8 @@ def test_train_config_passes_every_sparsify_field_from_the_config(tmp_path, sett
     cfg = train_config(typed(settings), 4, tmp_path / "ckpt")
     assert isinstance(cfg, sparsify.TrainConfig)
     assert cfg.hookpoints == ["language_model.layers.4"]
+    group = train_config(typed(settings), [1, 4], tmp_path / "ckpt")
+    assert group.hookpoints == ["language_model.layers.1", "language_model.layers.4"]
     assert cfg.save_dir == str(tmp_path / "ckpt")
     assert {key: getattr(cfg.sae, key) for key in settings["sae"]} == settings["sae"]
     # Every key of `train:` that sparsify's TrainConfig has is passed on unchanged.
@@ -125,9 +142,8 @@ def test_without_bos_exclusion_the_sae_sees_bos(tmp_path, settings, token_dir):
     s = copy.deepcopy(settings)
     s["train"]["exclude_tokens"] = []
     s["tokens"]["train_tokens"] = 8192
-    ids = np.load(token_dir / "train.npy")[:64]
-    np.save(tmp_path / "train.npy", ids)
-    train_layer(typed(s), 1, tmp_path / "train.npy", tmp_path / "out", tmp_path / "ckpt")
+    tokens = split_with_manifest(token_dir, tmp_path / "tokens", 64)
+    train_layer(typed(s), 1, tokens, tmp_path / "out", tmp_path / "ckpt")
     last = json.loads((tmp_path / "out" / "train_metrics.jsonl").read_text().splitlines()[-1])
     assert last["trained_tokens"] == last["tokens"]
 
@@ -165,8 +181,9 @@ def test_unconfigured_layer_and_bad_hookpoint(tmp_path, settings, token_dir):
 def _train_cmd(settings, layer, tokens, out, ckpt, log):
     return [
         sys.executable, "-m", "loupe", "--log", str(log), "train",
-        "--config", json.dumps(settings), "--layer", str(layer),
-        "--tokens", str(tokens), "--out-dir", str(out), "--checkpoint-dir", str(ckpt),
+        "--config", json.dumps(settings), "--layers", str(layer), "--tokens", str(tokens),
+        "--manifest", str(tokens.with_name("manifest.json")), "--out-dir", str(out),
+        "--checkpoint-dir", str(ckpt),
     ]  # fmt: skip
 
 
@@ -239,7 +256,7 @@ def test_checkpoint_swap_never_leaves_a_torn_checkpoint(tmp_path):
     from loupe.train import OTHER, RUN_RECORD, STATE, _prepare_checkpoint_dir, swap_in
 
     ckpt = tmp_path / "ckpt"
-    run, other_run = {"layer": 1, "settings": {"sae": {"k": 8}}}, {"layer": 1, "settings": {}}
+    run, other_run = {"layers": [1], "settings": {"sae": {"k": 8}}}, {"layers": [1], "settings": {}}
     assert not _prepare_checkpoint_dir(ckpt, run)
     for step in (1, 2):
         new = ckpt / ".state.tmp"

@@ -175,6 +175,9 @@ class _Tee:
     def isatty(self) -> bool:
         return False
 
+    def fileno(self) -> int:
+        return self.files[0].fileno()
+
 
 @contextlib.contextmanager
 def _log_to(paths: list[Path] | None):

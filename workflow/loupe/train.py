@@ -125,7 +125,7 @@ def run_identity(config: Config, layers: list[int], split: str, manifest: dict) 
 
 
 def _flat(record: dict) -> dict:
-    """A run record as dotted keys ("sae.k", "layer"), settings without their prefix."""
+    """A run record as dotted keys ("sae.k", "layers"), settings without their prefix."""
     out = {}
 
     def walk(node, prefix):

@@ -4,7 +4,7 @@
 #
 # Rule `train` (wildcard {layer}) trains one layer alone: every layer with layers_per_job 1, a
 # group of one otherwise (and it names a layer outside model.layers). Each group of several
-# layers gets a rule of its own, e.g. `train_layers_3_4_5`, whose outputs are its members'
+# layers gets a rule of its own, e.g. `train_layers_3_to_5`, whose outputs are its members'
 # files: Snakemake prefers a rule without wildcards, so asking for
 # results/layer_4/sae.safetensors trains layer 4's group.
 #
@@ -21,8 +21,9 @@
 #     step's activations (sparsify steps each SAE in its layer's hook, one after the other):
 #     9.3 + 3 + 1.8 n GB. The GPU is the site's choice (gpu_model, constraint); choose
 #     train.layers_per_job by it (README, Layer groups): 12 for 40 GB, 18 for 48 GB or more.
-#   mem_mb (host): 46 GB (the 10 GB model load, CUDA and torch, page cache for the token
-#     file) + 2 GB per SAE (checkpoints pass through host memory when saved and resumed).
+#   mem_mb (host): 47 GB (the 10 GB model load, CUDA and torch, page cache for the token
+#     file) + 1 GB per SAE: each SAE's checkpoint files (1.8 GB) pass through host memory when
+#     saved and resumed, one file at a time (an estimate, not measured): 48 GB for one layer.
 #   runtime: the forward through layers 0..d (0.111 GFLOP per token per layer) and one SAE
 #     step per member (0.46 GFLOP per token) over tokens.train_tokens, at 30% of an A100's bf16
 #     peak (94 TFLOP/s), times 1.5; at least 1 h, at most 24 h, what GPU partitions commonly
@@ -43,16 +44,19 @@ except LoupeError as e:
 
 
 def train_mem_mb(layers):
-    return 46000 + 2000 * len(layers)
+    """Host memory (MB) of a job training `layers` (the sizing above)."""
+    return 47000 + 1000 * len(layers)
 
 
 def train_runtime(layers):
+    """Time limit (minutes) of a job training `layers` (the sizing above)."""
     gflop_per_token = 0.111 * (max(layers) + 1) + 0.46 * len(layers)
     hours = gflop_per_token * 1e9 * config["tokens"]["train_tokens"] / 94e12 / 3600
     return min(1440, max(60, math.ceil(1.5 * 60 * hours)))
 
 
 def listed(files):
+    """A rule's named output as a list: one file (rule train) or the members' files."""
     return [files] if isinstance(files, str) else list(files)
 
 
@@ -68,6 +72,13 @@ def member_files(template, group):
     return template if group is None else expand(template, layer=group)
 
 
+def train_rule_name(group):
+    """train_layers_1_3 for [1, 3]; train_layers_23_to_34 for a run of consecutive layers."""
+    if len(group) > 2 and group == list(range(group[0], group[-1] + 1)):
+        return f"train_layers_{group[0]}_to_{group[-1]}"
+    return "train_layers_" + "_".join(map(str, group))
+
+
 def share_site_settings(name):
     """Give rule `name` the site settings given for rule train (a profile's set-resources,
     e.g. the SLURM partition, and set-threads): a group's rule is named here, not by the
@@ -78,8 +89,9 @@ def share_site_settings(name):
             given.setdefault(name, given["train"])
 
 
+# Rule train, then one rule per group of several layers (a group of one is rule train's).
 for group in [None] + [g for g in TRAIN_GROUPS if len(g) > 1]:
-    name = "train" if group is None else "train_layers_" + "_".join(map(str, group))
+    name = "train" if group is None else train_rule_name(group)
     if group is not None:
         share_site_settings(name)
 
@@ -121,6 +133,7 @@ for group in [None] + [g for g in TRAIN_GROUPS if len(g) > 1]:
             # Not an output: it must survive a killed job so the rerun resumes from it. The
             # group's shallowest layer names it.
             checkpoint_dir=lambda wildcards, output: f"{CHECKPOINTS}/layer_{trained_layers(output)[0]}",
+        # The group's log goes into each member's train.log (--log once per file).
         shell:
             "python -m loupe $(printf -- '--log %s ' {log}) train --threads {threads}"
             " --layers {params.layers} --tokens {input.tokens} --manifest {input.manifest}"
