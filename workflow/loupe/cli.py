@@ -47,6 +47,13 @@ COMMANDS = {
     "demo-model": Command(
         "loupe.demo:build_model", "build the demo's tiny Gemma 4 model", ("corpus", "model")
     ),
+    "browse": Command(
+        "loupe.browse:browse",
+        "serve the staged repo's feature browser on 127.0.0.1 until Ctrl-C",
+        ("repo",),
+        config=False,
+        port=True,
+    ),
     "tokenize": Command(
         "loupe.tokens:tokenize",
         "stream the corpus into train/sample/eval token splits",
@@ -93,13 +100,6 @@ COMMANDS = {
     ),
     "upload-dry-run": Command(
         "loupe.upload:dry_run", "list what an upload would send; send nothing", ("repo", "plan")
-    ),
-    "browse": Command(
-        "loupe.browse:browse",
-        "serve the staged repo's feature browser on 127.0.0.1 until Ctrl-C",
-        ("repo",),
-        config=False,
-        port=True,
     ),
 }
 

@@ -24,40 +24,27 @@ ROW_GROUP_FEATURES = 64
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback (Gemma)
 
 
-def examples_schema():
+def schema(columns: str):
+    """A pyarrow schema from "name:type name:type ..." (pyarrow type names, in order)."""
     import pyarrow as pa
 
+    return pa.schema([(n, getattr(pa, t)()) for n, t in (c.split(":") for c in columns.split())])
+
+
+def examples_schema():
     # The published columns first, exactly as the model card names them.
-    return pa.schema(
-        [
-            ("feature", pa.int64()),
-            ("activation", pa.float32()),
-            ("token", pa.string()),
-            ("context", pa.string()),
-            ("context_tokens", pa.string()),
-            ("token_activations", pa.string()),
-            ("layer", pa.int64()),
-            ("rank", pa.int64()),
-            ("peak_index", pa.int64()),
-            ("token_id", pa.int64()),
-            ("sequence", pa.int64()),
-            ("position", pa.int64()),
-        ]
+    return schema(
+        "feature:int64 activation:float32 token:string context:string context_tokens:string"
+        " token_activations:string layer:int64 rank:int64 peak_index:int64 token_id:int64"
+        " sequence:int64 position:int64"
     )
 
 
 def interval_examples_schema():
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            *examples_schema(),
-            ("interval", pa.int64()),
-            ("interval_low", pa.float32()),
-            ("interval_high", pa.float32()),
-            ("interval_count", pa.int64()),
-        ]
-    )
+    extra = schema("interval:int64 interval_low:float32 interval_high:float32 interval_count:int64")
+    return pa.schema([*examples_schema(), *extra])
 
 
 def decode_many(tokenizer, sequences: list[list[int]]) -> list[str]:

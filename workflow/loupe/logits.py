@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import LoupeError
-from .examples import ROW_GROUP_FEATURES
+from .examples import ROW_GROUP_FEATURES, schema
 from .io import atomic_path
 from .progress import progress
 
@@ -117,18 +117,7 @@ def top_logits(
 
 
 def feature_logits_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("feature", pa.int64()),
-            ("sign", pa.string()),
-            ("rank", pa.int64()),
-            ("token_id", pa.int64()),
-            ("token", pa.string()),
-            ("value", pa.float32()),
-        ]
-    )
+    return schema("feature:int64 sign:string rank:int64 token_id:int64 token:string value:float32")
 
 
 def feature_logits_table(
