@@ -88,11 +88,13 @@ def test_explicit_groups_and_their_one_line_errors(settings):
         [1, 2, 3],
         [4],
     ]
+    # Explicit groups override layers_per_job (which a layered config may set too).
+    explicit = _config(settings, layers, layer_groups=[[0, 1], [2, 3, 4, 5]], layers_per_job=5)
+    assert layer_groups(explicit) == [[0, 1], [2, 3, 4, 5]]
     bad = [
         ([[0, 1], [2, 3]], {}, "model.layers [4, 5] are in no group"),
         ([[0, 1, 2], [2, 3, 4, 5]], {}, "layer 2 is in two groups, [0, 1, 2] and [2, 3, 4, 5]"),
         ([[0, 1, 2, 3, 4, 5, 9]], {}, "layer 9 is not in model.layers [0, 1, 2, 3, 4, 5]"),
-        ([[0, 1, 2, 3, 4, 5]], {"layers_per_job": 2}, "give layers_per_job (2) or layer_groups"),
     ]
     for groups, more, message in bad:
         with pytest.raises(LoupeError, match=re.escape(message)) as e:

@@ -415,7 +415,8 @@ def stage_settings(data: dict, stage: str, schema: dict | None = None) -> dict:
 
 def layer_groups(config: Config) -> list[list[int]]:
     """The layers each training job trains together on one shared forward pass, each group in
-    depth order: train.layer_groups, or model.layers in runs of train.layers_per_job filled
+    depth order: train.layer_groups when given (it overrides layers_per_job, which the
+    reference config sets), else model.layers in runs of train.layers_per_job filled
     from the deepest layer up, so that the one smaller run (if any) is the shallowest, whose
     forward is the cheapest. One LoupeError line if a layer is in no group or in two."""
     train, layers = config.train, sorted(config.model.layers)
@@ -423,11 +424,6 @@ def layer_groups(config: Config) -> list[list[int]]:
     if train.layer_groups is None:
         n = train.layers_per_job
         return [layers[max(0, end - n) : end] for end in range(len(layers), 0, -n)][::-1]
-    if train.layers_per_job != 1:
-        raise LoupeError(
-            f"config error at train: give layers_per_job ({train.layers_per_job}) or"
-            " layer_groups, not both"
-        )
     group_of: dict[int, list[int]] = {}
     for group in train.layer_groups:
         for layer in group:
