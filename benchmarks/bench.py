@@ -52,17 +52,19 @@ class Shape:
     batches: tuple[int, int]  # the two sizes every stage runs at
     tokenize_tokens: tuple[int, int]  # the two training-split sizes tokenization runs at
     documents: int | None  # of the demo corpus (None: all)
+    logit_vocab: tuple[int, int]  # the two unembedding sizes top logits run against
 
 
 # E2B's hidden size and head layout (8 heads, 1 KV head, head_dim 256 / global 512, MLP 6144,
-# per-layer inputs 256, window 512) on 4 layers and a 2048-token vocabulary, to fit a 2-core,
-# 24 GB machine; no KV sharing (a shared layer needs a full-attention layer before it).
+# per-layer inputs 256, window 512) on 8 layers (3 and 7 full attention) and a 2048-token
+# vocabulary, to fit a 2-core, 24 GB machine (8 SAEs in training take 14 GB); no KV sharing
+# (a shared layer needs a full-attention layer before it).
 FULL = Shape(
     "e2b-width",
     TinyModelSpec(
         hidden_size=1536,
         intermediate_size=6144,
-        num_hidden_layers=4,
+        num_hidden_layers=8,
         num_kv_shared_layers=0,
         num_attention_heads=8,
         head_dim=256,
@@ -77,6 +79,7 @@ FULL = Shape(
     batches=(1, 3),
     tokenize_tokens=(131072, 655360),
     documents=None,
+    logit_vocab=(2048, 6144),
 )
 QUICK = Shape(
     "quick",
@@ -86,22 +89,32 @@ QUICK = Shape(
     batches=(1, 16),  # tiny batches: many, so the difference stands above the noise
     tokenize_tokens=(16384, 196608),
     documents=2000,
+    logit_vocab=(2048, 32768),
 )
 
 
 def plan(shape: Shape) -> list[tuple[str, str, dict]]:
-    """(label, measurement, kwargs) in running order: maxact reads layer 0's SAE, evaluate
-    its feature stats."""
+    """(label, measurement, kwargs) in running order: maxact, the sampling pass and top logits
+    read layer 0's SAE, evaluate its feature stats."""
     n = shape.model.num_hidden_layers
+    every = list(range(n))
     return [
         ("tokenize", "tokenize", {}),
-        ("train: loupe, layer 0", "train_loupe", {"layer": 0}),
-        (f"train: loupe, layer {n - 1}", "train_loupe", {"layer": n - 1}),
+        ("train: loupe, layer 0", "train_loupe", {"layers": [0], "optimizer_step": True}),
+        *((f"train: loupe, layer {i}", "train_loupe", {"layers": [i]}) for i in every[1:]),
+        (f"train: loupe, all {n} layers in one job", "train_loupe", {"layers": every}),
         ("train: sparsify Trainer, layer 0", "train_sparsify", {"layers": [0]}),
-        (f"train: sparsify Trainer, all {n} layers", "train_sparsify", {"layers": list(range(n))}),
+        (f"train: sparsify Trainer, all {n} layers", "train_sparsify", {"layers": every}),
         ("maxact: loupe, layer 0", "maxact", {"layer": 0}),
+        ("sampling pass: loupe, layer 0", "sampling_pass", {"layer": 0}),
+        ("top logits (tokens: of the vocabulary)", "feature_logits", {"layer": 0}),
         ("evaluate: loupe, layer 0", "evaluate", {"layer": 0}),
     ]
+
+
+def trained(ctx: dict, layer: int) -> Path:
+    """The SAE folder train_loupe's job for `layer` alone wrote (maxact and later read it)."""
+    return Path(ctx["work"]) / f"train-{layer}" / f"sae-{layer}"
 
 
 # --- inside a measurement's process -------------------------------------------------------------
@@ -225,20 +238,32 @@ def tokenize(ctx: dict) -> dict:
     return {**out, "floor": per_token(ctx, encode, encode())}
 
 
-def train_loupe(ctx: dict, layer: int) -> dict:
-    """loupe.train.train_layer, one optimizer step of one batch, then one of several batches
-    (grad_acc_steps): the difference holds batches, no optimizer step."""
-    from loupe.train import train_layer
+def train_loupe(ctx: dict, layers: list[int], optimizer_step: bool = False) -> dict:
+    """loupe.train.train_group, what every training rule runs: one layer's job, or a layer
+    group's on one forward cut after its deepest layer. One optimizer step of one batch, then
+    one of several batches (grad_acc_steps): the difference holds batches, no optimizer step.
+    optimizer_step: then the larger size again in one-batch steps; the extra time over the
+    extra steps is what a step costs beyond its batches (`optimizer_step_s`, all SAEs)."""
+    from loupe.train import train_group
 
-    def run(batches: int) -> dict:
-        out = fresh(Path(ctx["work"]) / f"train-{layer}")
-        config = config_of(ctx, train={"grad_acc_steps": batches})
-        tokens = split(ctx, batches, "train.npy")
-        s = train_layer(config, layer, tokens, out / "sae", out / "checkpoint", ctx["threads"])
-        shutil.rmtree(out / "checkpoint")  # GBs at the real width; maxact reads out / "sae"
-        return {"tokens": s["tokens"], "final_fvu": s["final_fvu"]}
+    name = f"train-{layers[0]}" if len(layers) == 1 else f"train-{layers[0]}-to-{layers[-1]}"
 
-    return stage(ctx, run, layer + 1)
+    def run(batches: int, steps: int = 1) -> dict:
+        out = fresh(Path(ctx["work"]) / name)
+        config = config_of(ctx, train={"grad_acc_steps": batches // steps})
+        tokens, manifest = split(ctx, batches, "train.npy"), split(ctx, batches, "manifest.json")
+        saes = [out / f"sae-{layer}" for layer in layers]
+        s = train_group(config, layers, tokens, manifest, saes, out / "checkpoint", ctx["threads"])
+        shutil.rmtree(out / "checkpoint")  # GBs at the real width
+        return {"tokens": s["tokens"], "final_fvu": [sae["final_fvu"] for sae in s["saes"]]}
+
+    out = stage(ctx, run, layers[-1] + 1, saes=len(layers))
+    if optimizer_step:
+        batches = ctx["batches"][1]
+        t0 = now(ctx)
+        run(batches, steps=batches)
+        out["optimizer_step_s"] = (now(ctx) - t0 - out["seconds"][1]) / (batches - 1)
+    return out
 
 
 def train_sparsify(ctx: dict, layers: list[int]) -> dict:
@@ -275,7 +300,7 @@ def maxact(ctx: dict, layer: int) -> dict:
     examples the extra rows admit (`examples`, of the larger run)."""
     from loupe.maxact import sample_layer
 
-    config, sae = config_of(ctx), Path(ctx["work"]) / f"train-{layer}" / "sae"
+    config, sae = config_of(ctx), trained(ctx, layer)
 
     def run(batches: int) -> dict:
         out = fresh(Path(ctx["work"]) / f"maxact-{layer}-{batches}")
@@ -283,9 +308,106 @@ def maxact(ctx: dict, layer: int) -> dict:
         names = ("examples", "intervals", "stats", "logits")
         files = {name: out / f"{name}.parquet" for name in names}
         s = sample_layer(config, layer, sae, tokens, manifest, **files, threads=ctx["threads"])
-        return {"tokens": s["tokens"], "examples": s["examples"]}
+        return {"tokens": s["tokens"], "examples": s["examples"], "logit_s": s["logit_seconds"]}
 
     return stage(ctx, run, layer + 1)
+
+
+# The sampling pass with each addition of the feature dashboards switched off (stream's flags).
+SAMPLERS = {
+    "all": {},
+    "no histogram": {"histogram": False},
+    "no interval examples": {"intervals": False},
+    "neither": {"histogram": False, "intervals": False},
+}
+
+
+def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
+    """loupe.maxact.stream, the sampling pass alone, with every sampler and with the histogram,
+    the interval examples or both off: every variant at both sizes, `repeats` times, interleaved
+    in one process so that they share its state and its drift; per variant the medians' cost
+    per token (`variants`) and what a pass pays once (`fixed_s`: allocating the samplers). The
+    table row is the full pass."""
+    from loupe.maxact import stream
+    from loupe.model import open_layer
+    from loupe.tokens import open_split, read_manifest
+
+    config, sizes = config_of(ctx), ctx["batches"]
+    manifest = split(ctx, sizes[0], "manifest.json")
+    job = open_layer(config, layer, ctx["threads"], sae=trained(ctx, layer), manifest=manifest)
+    rows = {}
+    for size in sizes:
+        manifest = read_manifest(split(ctx, size, "manifest.json"))
+        rows[size] = open_split(split(ctx, size, "sample.npy"), manifest)
+
+    def run(size: int, **switches) -> float:
+        t0 = now(ctx)
+        stream(
+            job.model,
+            job.sae,
+            job.hookpoint,
+            rows[size],
+            config.maxact,
+            job.special_ids,
+            **switches,
+        )
+        return now(ctx) - t0
+
+    run(sizes[0])  # what a process pays once
+    times = {(name, size): [] for name in SAMPLERS for size in sizes}
+    for _ in range(repeats):
+        for size in sizes:
+            for name, switches in SAMPLERS.items():
+                times[name, size].append(run(size, **switches))
+    (t0, t1), variants = (rows[size].size for size in sizes), {}
+    for name in SAMPLERS:
+        s0, s1 = (statistics.median(times[name, size]) for size in sizes)
+        spt = (s1 - s0) / (t1 - t0)
+        variants[name] = {"seconds": [s0, s1], "seconds_per_token": spt, "fixed_s": s0 - spt * t0}
+    return {
+        "layers_run": layer + 1,
+        "saes": 1,
+        "passes": 1,
+        "floor": floor(ctx, {layer + 1}),
+        "tokens": [t0, t1],
+        "seconds": variants["all"]["seconds"],
+        "seconds_per_token": variants["all"]["seconds_per_token"],
+        "variants": variants,
+    }
+
+
+def feature_logits(ctx: dict, layer: int) -> dict:
+    """loupe.logits.top_logits of train_loupe's SAE (its real width) against random
+    unembeddings of two vocabulary sizes: seconds per vocabulary token, from which the time at
+    Gemma's 262,144 tokens follows (the product is linear in the vocabulary)."""
+    import torch
+
+    from loupe.gpus import select_device
+    from loupe.logits import top_logits
+    from loupe.model import load_sae
+
+    config = config_of(ctx)
+    device = select_device(config.device)
+    torch.set_num_threads(ctx["threads"])
+    sae = load_sae(trained(ctx, layer), device)
+    generator = torch.Generator().manual_seed(0)
+    unembed = {
+        vocab: torch.randn(vocab, sae.d_in, generator=generator).to(device)
+        for vocab in ctx["logit_vocab"]
+    }
+
+    def run(vocab: int) -> dict:
+        top_logits(sae.W_dec, unembed[vocab], k=config.maxact.top_logits)
+        return {"tokens": vocab}
+
+    out = stage(ctx, run, sizes=ctx["logit_vocab"])
+    num, d = sae.W_dec.shape
+    return {
+        **out,
+        "floor": None,
+        "features": num,
+        "flops_per_s": 2 * num * d / out["seconds_per_token"],
+    }
 
 
 def evaluate(ctx: dict, layer: int) -> dict:
@@ -294,7 +416,7 @@ def evaluate(ctx: dict, layer: int) -> dict:
     from loupe.evaluate import evaluate_layer
 
     config, work = config_of(ctx), Path(ctx["work"])
-    sae, out = work / f"train-{layer}" / "sae", work / "eval.json"
+    sae, out = trained(ctx, layer), work / "eval.json"
     stats = work / f"maxact-{layer}-{ctx['batches'][1]}" / "stats.parquet"
 
     def run(batches: int) -> dict:
@@ -305,7 +427,18 @@ def evaluate(ctx: dict, layer: int) -> dict:
     return stage(ctx, run, len(config.model.layers), passes=3)
 
 
-MEASUREMENTS = {f.__name__: f for f in (tokenize, train_loupe, train_sparsify, maxact, evaluate)}
+MEASUREMENTS = {
+    f.__name__: f
+    for f in (
+        tokenize,
+        train_loupe,
+        train_sparsify,
+        maxact,
+        sampling_pass,
+        feature_logits,
+        evaluate,
+    )
+}
 
 
 def child(spec: dict) -> dict:
@@ -373,6 +506,7 @@ def fixtures(shape: Shape, work: Path, device: str, threads: int = 1) -> dict:
         "rows": shape.rows,
         "batches": shape.batches,
         "tokenize_tokens": shape.tokenize_tokens,
+        "logit_vocab": shape.logit_vocab,
     }
 
 
@@ -401,6 +535,8 @@ def derive(m: dict) -> dict:
     """Rates and floor ratios: `b` is the SAE work per SAE and token beyond the forward floor
     (passes x the forward through layers_run), in encoder matmuls."""
     spt, f = m["seconds_per_token"], m["floor"]
+    if f is None:  # top logits: no floor beyond their own matmul
+        return {"tokens_per_s": 1 / spt}
     if not isinstance(f, dict):  # tokenization: the tokenizer alone
         return {"tokens_per_s": 1 / spt, "x_floor": spt / f}
     forward = m["passes"] * f[f"forward_{m['layers_run']}"]
@@ -412,26 +548,63 @@ def derive(m: dict) -> dict:
     }
 
 
+def tokens_per_step() -> int:
+    """Tokens per optimizer step of config.yaml's training (the real build's)."""
+    import yaml
+
+    real = yaml.safe_load((REPO / "config.yaml").read_text())
+    return real["train"]["batch_size"] * real["train"]["grad_acc_steps"] * real["tokens"]["ctx_len"]
+
+
 def compare(ms: dict, n: int) -> dict:
     """The side-by-side figures of plan()'s measurements."""
-    ours, last = ms["train: loupe, layer 0"], ms[f"train: loupe, layer {n - 1}"]
+    alone = [ms[f"train: loupe, layer {i}"] for i in range(n)]
+    group = ms[f"train: loupe, all {n} layers in one job"]
     plain = ms["train: sparsify Trainer, layer 0"]
-    group = ms[f"train: sparsify Trainer, all {n} layers"]
-    spt, floor = ours["seconds_per_token"], plain["floor"]
+    every = ms[f"train: sparsify Trainer, all {n} layers"]
+    # n per-layer jobs train n layer-tokens per token in the sum of their times.
+    per_layer = n / sum(m["seconds_per_token"] for m in alone)
+    first, last = alone[0], alone[-1]
+    b_alone = statistics.mean(m["b"] for m in alone)
+    variants = ms["sampling pass: loupe, layer 0"]["variants"]
+    cost = {name: v["seconds_per_token"] for name, v in variants.items()}
     return {
-        "loupe over sparsify Trainer, layer 0 (tokens/s)": plain["seconds_per_token"] / spt,
+        f"per-layer jobs, layers 0-{n - 1} (layer-tokens/s)": per_layer,
+        f"one loupe job, all {n} layers (layer-tokens/s)": group["layer_tokens_per_s"],
+        f"sparsify Trainer, all {n} hookpoints (layer-tokens/s)": every["layer_tokens_per_s"],
+        "one loupe job over per-layer jobs": group["layer_tokens_per_s"] / per_layer,
+        "one loupe job over sparsify Trainer, every hookpoint": group["layer_tokens_per_s"]
+        / every["layer_tokens_per_s"],
+        "loupe over sparsify Trainer, layer 0 (tokens/s)": plain["seconds_per_token"]
+        / first["seconds_per_token"],
         f"loupe at layer {n - 1} over sparsify Trainer at layer 0 (tokens/s; both run every "
         "layer)": plain["seconds_per_token"] / last["seconds_per_token"],
-        "truncation at layer 0: ms saved per token": 1e3 * (plain["seconds_per_token"] - spt),
+        "truncation at layer 0: ms saved per token": 1e3
+        * (plain["seconds_per_token"] - first["seconds_per_token"]),
         "truncation at layer 0: ms the floors predict": 1e3
-        * (floor[f"forward_{n}"] - floor["forward_1"]),
-        f"one job for all {n} layers over loupe's layer-0 job (layer-tokens/s)": spt
-        * group["layer_tokens_per_s"],
-        "SAE work per SAE, all layers in one job over one alone (b)": group["b"] / plain["b"],
-        "MB per extra SAE in training": (group["peak_rss_mb"] - plain["peak_rss_mb"]) / (n - 1),
-        "b: train (mean of loupe's two layers)": (ours["b"] + last["b"]) / 2,
+        * (plain["floor"][f"forward_{n}"] - plain["floor"]["forward_1"]),
+        "SAE work per SAE, all layers in one job over one alone (b)": group["b"] / b_alone,
+        # Both run the forward through every layer: the difference is the extra SAEs.
+        "MB per extra SAE in training": (group["peak_rss_mb"] - last["peak_rss_mb"]) / (n - 1),
+        "b: train alone (mean of the per-layer jobs)": b_alone,
+        "b: train in one job": group["b"],
+        "optimizer step, s per SAE": first["optimizer_step_s"],
+        f"b: optimizer step per token at {tokens_per_step():,} tokens per step": first[
+            "optimizer_step_s"
+        ]
+        / tokens_per_step()
+        / first["floor"]["encode"],
         "b: sample": ms["maxact: loupe, layer 0"]["b"],
         "b: eval": ms["evaluate: loupe, layer 0"]["b"],
+        "sampling pass: histogram's share of the per-token cost": 1
+        - cost["no histogram"] / cost["all"],
+        "sampling pass: interval examples' share of the per-token cost": 1
+        - cost["no interval examples"] / cost["all"],
+        "sampling pass: both additions' share of the per-token cost": 1
+        - cost["neither"] / cost["all"],
+        "sampling pass: interval examples, s per pass (allocation)": variants["all"]["fixed_s"]
+        - variants["no interval examples"]["fixed_s"],
+        "top logits: GFLOP/s": ms["top logits (tokens: of the vocabulary)"]["flops_per_s"] / 1e9,
     }
 
 
@@ -456,27 +629,48 @@ def render(meta: dict, ms: dict, cmp: dict, p: dict) -> str:
         keys = ("tokens_per_s", "layer_tokens_per_s", "x_floor", "b", "peak_rss_mb")
         lines.append(f"| {label} | {' | '.join(num(m.get(k)) for k in keys)} | {runs} |")
     lines += ["", "## Side by side", "", *(f"- {k}: {num(v)}" for k, v in cmp.items())]
+    sampling = ms["sampling pass: loupe, layer 0"]
+    lines += [
+        "",
+        "## The sampling pass by addition (loupe.maxact.stream, layer 0)",
+        "",
+        "| samplers | tokens/s | x the full pass's cost per token | s per pass, fixed |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {num(1 / v['seconds_per_token'])} | "
+            f"{v['seconds_per_token'] / sampling['seconds_per_token']:.3f} | {num(v['fixed_s'])} |"
+            for name, v in sampling["variants"].items()
+        ),
+    ]
     lines += ["", "## Projected cost of the full gemma-loupe build on one H100", ""]
     if meta["shape"]["name"] == QUICK.name:
         lines += ["**A quick run: its shapes are far too small for this to mean anything.**", ""]
     rates, f, mem = p["rates_tflops"], p["forward_gflops_per_token"], p["memory_gb"]
     lines += [
-        f"At {rates['model']:.0f} TFLOP/s for the bf16 model and {rates['sae']:.0f} for the fp32 "
-        f"SAE (assumed); per token at ctx 1024: forward {f['full']:.2f} GFLOP (through layer 17: "
+        f"At {rates['model']:.0f} TFLOP/s for the bf16 model, {rates['sae']:.0f} for the SAE's "
+        f"matmul (bf16 autocast) and {rates['fp32']:.0f} for fp32 top logits (assumed); per token at ctx 1024: forward {f['full']:.2f} GFLOP (through layer 17: "
         f"{f['layer_17_prefix']:.2f}), LM head {f['lm_head']:.2f}, SAE encoder "
         f"{p['sae_mflops_per_token']['encode']:.0f} MFLOP. Truncation speeds up one layer's "
         "training job "
         + ", ".join(f"{v:.2f}x at layer {k}" for k, v in p["truncation_speedup"].items())
         + ".",
         "",
-        "| stage | plan | GPU-hours | whole build |",
-        "|---|---|---|---|",
+        "| stage | plan | GPU-hours | x per-layer | x floor | whole build |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| train | {k} | {num(v)} | {num(p['total_gpu_hours'][k])} |"
+            f"| train | {k} | {num(v)} | {p['train_x_per_layer'][k]:.2f} | "
+            f"{p['train_x_floor'][k]:.2f} | {num(p['total_gpu_hours'][k])} |"
             for k, v in p["train_gpu_hours"].items()
         ),
-        f"| max-activation sampling | one layer per job | {num(p['sample_gpu_hours'])} | |",
-        f"| evaluate | one layer per job | {num(p['eval_gpu_hours'])} | |",
+        f"| max-activation sampling | one layer per job | {num(p['sample_gpu_hours'])} | | | |",
+        f"| evaluate | one layer per job | {num(p['eval_gpu_hours'])} | | | |",
+        "",
+        f"SAE factors (encoder matmuls per SAE and token): alone {num(p['b']['alone'])}, in one "
+        f"job {num(p['b']['group'])}, optimizer step {num(p['b']['optimizer'])} (added to both), "
+        f"sampling {num(p['b']['sample'])}, evaluation {num(p['b']['eval'])}. Top logits per "
+        f"layer: {p['logits_tflop_per_layer']:.1f} TFLOP, {p['logits_gpu_seconds_per_layer']:.1f} "
+        f"GPU-seconds, {p['logits_cpu_hours_per_layer']:.2f} hours on this CPU at the measured "
+        "rate.",
         "",
         f"Tokenization: {num(p['tokenize_cpu_hours'])} CPU-hours (one thread, the demo's "
         f"tokenizer). Memory: the model {mem['model']:.1f} GB (bf16) + {mem['per_sae_train']:.2f} "
@@ -523,9 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.flops import project
 
     b = {k: cmp[f"b: {k}"] for k in ("sample", "eval")}
-    b["train"] = cmp["b: train (mean of loupe's two layers)"]
+    b["alone"] = cmp["b: train alone (mean of the per-layer jobs)"]
+    b["group"] = cmp["b: train in one job"]
+    b["optimizer"] = next(v for k, v in cmp.items() if k.startswith("b: optimizer step"))
     per_sae_gb = cmp["MB per extra SAE in training"] / 1024
-    projection = project(b, per_sae_gb, ms["tokenize"]["tokens_per_s"])
+    logits = cmp["top logits: GFLOP/s"] * 1e9
+    projection = project(b, per_sae_gb, ms["tokenize"]["tokens_per_s"], logits)
     cpu = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
     flags = [("--quick", args.quick), (f"--threads {args.threads}", args.threads != 1)]
     flags.append((f"--device {args.device}", args.device != "auto"))

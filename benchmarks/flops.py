@@ -4,11 +4,14 @@ full build projected from them and the factors bench.py measures.
 
 A stage's GPU time per token is modelled as forward_flops / R_model + saes * b * encode_flops /
 R_sae: the model forward at its floor (the forward inside a stage is the floor's own
-computation) plus, per SAE, `b` times the encoder matmul, b measured by bench.py."""
+computation) plus, per SAE, `b` times the encoder matmul, b measured by bench.py. The training
+floor is the whole suite on one forward: one pass through all layers and every SAE's step."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from loupe.config import runs_of
 
 # google/gemma-4-E2B's text config: MLP width 6144, doubled to 12288 in the 20 KV-shared
 # layers (`use_double_wide_mlp`, as in the published config.json and gemma.cpp's E2B).
@@ -30,9 +33,11 @@ E2B_TEXT = dict(
     final_logit_softcapping=30.0,
 )
 
-# Sustained TFLOP/s assumed for one H100 SXM, about 30% of its dense peaks: the model runs in
-# bf16 (989 peak), the SAE in fp32 with TF32 matmuls (495 peak), as sparsify sets them.
-RATES = {"model": 300.0, "sae": 150.0}
+# Sustained TFLOP/s assumed for one H100 SXM, about 30% of its dense peaks. The model runs in
+# bf16 (989 peak). So does the SAE's one dense matmul: sparsify runs SparseCoder.forward under
+# bf16 autocast on CUDA, and its encoder's backward and its decoder are sparse (index_add,
+# embedding_bag), counted in the measured b. Top logits run in fp32 on CUDA cores (67 peak).
+RATES = {"model": 300.0, "sae": 300.0, "fp32": 20.0}
 GPU_GB, WORK_GB = 80.0, 8.0  # an H100's memory; working set assumed beside model and SAEs
 
 
@@ -143,13 +148,13 @@ def seconds_per_token(forward: float, saes: int, b: float, sae: SaeFlops, rates:
 
 
 def train_hours(model, sae, b, build, rates, group_size=1, truncate=True) -> float:
-    """GPU-hours to train every layer: one job per `group_size` consecutive layers, each
-    job's forward cut after its deepest layer (or the whole model with truncate=False)."""
+    """GPU-hours to train every layer: one job per run of `group_size` layers, grouped as
+    loupe groups them (runs_of), each job's forward cut after its deepest layer (or the whole
+    model with truncate=False). group_size = all layers is the floor: one forward."""
     total = 0.0
-    for first in range(0, build.layers, group_size):
-        last = min(first + group_size, build.layers) - 1
-        forward = model.prefix(last) if truncate else model.full
-        total += seconds_per_token(forward, last - first + 1, b, sae, rates)
+    for group in runs_of(list(range(build.layers)), group_size):
+        forward = model.prefix(group[-1]) if truncate else model.full
+        total += seconds_per_token(forward, len(group), b, sae, rates)
     return total * build.train_tokens / 3600
 
 
@@ -173,33 +178,50 @@ def largest_group(gpu_gb: float, model_gb: float, per_sae_gb: float, work_gb: fl
     return max(0, int((gpu_gb - model_gb - work_gb) // per_sae_gb))
 
 
-def project(b: dict, per_sae_gb: float, tokenize_tokens_per_s: float, rates=RATES) -> dict:
+# Training plans projected: the README's layers_per_job table (GPU memory 24, 40, 48, 80 GB).
+GROUP_SIZES = (5, 12, 16, 18)
+PER_LAYER = "one layer per job, truncated forward (loupe's default)"
+FLOOR = "all layers in one job: the floor (one forward)"
+
+
+def project(
+    b: dict,
+    per_sae_gb: float,
+    tokenize_tokens_per_s: float,
+    logits_flops_per_s: float,
+    rates=RATES,
+) -> dict:
     """GPU-hours of the full build per stage and training plan, from the measured SAE factors
-    `b` (keys train, sample, eval), on the counted E2B FLOPs at ctx 1024."""
+    `b` (keys: alone, group = training one SAE per job or several on one forward; optimizer =
+    the optimizer step per token, added to both; sample; eval), on the counted E2B FLOPs at ctx
+    1024; each plan's training against the per-layer plan and against the floor."""
     model, sae, build = count_e2b_flops(1024), real_sae(), Build()
     model_gb = model.params * 2 / 1e9  # bf16 weights
     biggest = largest_group(GPU_GB, model_gb, per_sae_gb, WORK_GB) if per_sae_gb > 0 else 0
+    alone, group = b["alone"] + b["optimizer"], b["group"] + b["optimizer"]
     plans = {
-        "one layer per job, truncated forward (loupe)": dict(group_size=1),
-        "one layer per job, full forward (sparsify plain)": dict(group_size=1, truncate=False),
+        PER_LAYER: dict(b=alone),
+        "one layer per job, full forward (sparsify used plainly)": dict(b=alone, truncate=False),
+        **{f"groups of {g} layers per job": dict(b=group, group_size=g) for g in GROUP_SIZES},
+        FLOOR: dict(b=group, group_size=build.layers),
     }
-    for g in sorted({5, 7, min(biggest, build.layers)}):
-        if 1 < g <= biggest:
-            plans[f"groups of {g} layers, truncated forward"] = dict(group_size=g)
-    train = {k: train_hours(model, sae, b["train"], build, rates, **v) for k, v in plans.items()}
+    train = {k: train_hours(model, sae, build=build, rates=rates, **v) for k, v in plans.items()}
     sample = sample_hours(model, sae, b["sample"], build, rates)
     evaluate = eval_hours(model, sae, b["eval"], build, rates)
-    full = seconds_per_token(model.full, 1, b["train"], sae, rates)
+    full = seconds_per_token(model.full, 1, alone, sae, rates)
     truncation = {
-        layer: full / seconds_per_token(model.prefix(layer), 1, b["train"], sae, rates)
+        layer: full / seconds_per_token(model.prefix(layer), 1, alone, sae, rates)
         for layer in (0, build.layers // 2, build.layers - 1)
     }
+    logits_flops = sae.num_latents * model.lm_head  # W_dec [F, d] @ W_U.T [d, vocab]
     tokens = build.train_tokens + build.sample_tokens + build.eval_tokens
     return {
         "rates_tflops": dict(rates),
         "build": asdict(build),
         "b": dict(b),
         "train_gpu_hours": train,
+        "train_x_per_layer": {k: v / train[PER_LAYER] for k, v in train.items()},
+        "train_x_floor": {k: v / train[FLOOR] for k, v in train.items()},
         "sample_gpu_hours": sample,
         "eval_gpu_hours": evaluate,
         "total_gpu_hours": {k: v + sample + evaluate for k, v in train.items()},
@@ -207,6 +229,9 @@ def project(b: dict, per_sae_gb: float, tokenize_tokens_per_s: float, rates=RATE
         "memory_gb": {"model": model_gb, "per_sae_train": per_sae_gb, "gpu": GPU_GB},
         "largest_group": biggest,
         "tokenize_cpu_hours": tokens / tokenize_tokens_per_s / 3600,
+        "logits_tflop_per_layer": logits_flops / 1e12,
+        "logits_gpu_seconds_per_layer": logits_flops / (rates["fp32"] * 1e12),
+        "logits_cpu_hours_per_layer": logits_flops / logits_flops_per_s / 3600,
         "forward_gflops_per_token": {
             "full": model.full / 1e9,
             "layer_17_prefix": model.prefix(17) / 1e9,

@@ -36,21 +36,33 @@ def test_every_measurement_is_finite_and_positive(quick_run):
     for label in labels:
         m = result["measurements"][label]
         assert m["tokens"][1] > m["tokens"][0] > 0, label
-        for key in ("seconds_per_token", "tokens_per_s", "x_floor", "peak_rss_mb"):
+        keys = ("seconds_per_token", "tokens_per_s", "x_floor", "peak_rss_mb")
+        for key in keys[:2] + keys[3:] if m["floor"] is None else keys:  # top logits: no floor
             assert positive(m[key]), (label, key, m[key])
         # The rate is the difference of the two runs, not either run's average.
         (t0, t1), (s0, s1) = m["tokens"], m["seconds"]
         assert m["seconds_per_token"] == pytest.approx((s1 - s0) / (t1 - t0))
         assert f"| {label} |" in markdown
-    # Each stage ran the batches it was sized for: 1 and 16 batches of 16 x 64 tokens.
+    # Each stage ran the batches it was sized for: 1 and 16 batches of 16 x 64 tokens; top
+    # logits the two vocabulary sizes.
     rows = bench.QUICK.rows * bench.CTX_LEN
-    for label in labels[1:]:
-        assert result["measurements"][label]["tokens"] == [rows, 16 * rows], label
     ms = result["measurements"]
-    assert math.isfinite(ms["train: loupe, layer 0"]["final_fvu"])
+    logits = ms.pop("top logits (tokens: of the vocabulary)")
+    assert logits["tokens"] == list(bench.QUICK.logit_vocab)
+    assert positive(logits["flops_per_s"]) and logits["features"] == 512
+    for label in labels[1:]:
+        if label in ms:
+            assert ms[label]["tokens"] == [rows, 16 * rows], label
+    assert math.isfinite(ms["train: loupe, layer 0"]["final_fvu"][0])
+    assert len(ms["train: loupe, all 3 layers in one job"]["final_fvu"]) == 3
+    assert math.isfinite(ms["train: loupe, layer 0"]["optimizer_step_s"])  # tiny here: noise
     assert ms["maxact: loupe, layer 0"]["examples"] > 0
     assert math.isfinite(ms["evaluate: loupe, layer 0"]["fvu"])
     assert ms["train: sparsify Trainer, all 3 layers"]["saes"] == 3
+    variants = ms["sampling pass: loupe, layer 0"]["variants"]
+    assert list(variants) == list(bench.SAMPLERS)
+    assert all(positive(v["seconds_per_token"]) for v in variants.values())
+    assert "| no histogram |" in markdown
 
 
 def test_projection_is_finite(quick_run):
@@ -59,10 +71,9 @@ def test_projection_is_finite(quick_run):
     assert all(positive(h) for h in hours)
     plans = p["train_gpu_hours"]
     # Truncation never costs: the same jobs with the full forward take longer.
-    assert (
-        plans["one layer per job, full forward (sparsify plain)"]
-        > plans["one layer per job, truncated forward (loupe)"]
-    )
+    assert plans["one layer per job, full forward (sparsify used plainly)"] > plans[flops.PER_LAYER]
+    assert p["train_x_floor"][flops.FLOOR] == 1.0 and p["train_x_per_layer"][flops.PER_LAYER] == 1.0
+    assert positive(p["logits_gpu_seconds_per_layer"])
     assert "A quick run" in quick_run[1]
 
 
@@ -70,7 +81,7 @@ def test_a_measurement_in_its_own_process(quick_run):
     """The default path: the measurement runs in a child process and its JSON comes back."""
     _, _, root = quick_run
     ctx = bench.fixtures(bench.QUICK, root / "work", "cpu")  # the quick run's inputs, reused
-    m = bench.measure("train: loupe, layer 0", "train_loupe", {"layer": 0}, ctx, False)
+    m = bench.measure("train: loupe, layer 0", "train_loupe", {"layers": [0]}, ctx, False)
     assert m["tokens"] == [bench.QUICK.rows * bench.CTX_LEN * b for b in bench.QUICK.batches]
     assert positive(m["peak_rss_mb"]) and positive(m["floor"]["encode"])
     assert (root / "work" / "quick" / "logs" / "train--loupe--layer-0.log").exists()
@@ -108,7 +119,7 @@ def test_training_hours_per_plan():
     assert hours() == pytest.approx(9.0)  # (1+1) + (2+1) + (3+1) s per token, 3600 tokens
     assert hours(truncate=False) == pytest.approx(12.0)  # 3 x (3+1)
     assert hours(group_size=3) == pytest.approx(6.0)  # one 3-layer forward, three SAEs
-    assert hours(group_size=2) == pytest.approx(8.0)  # layers [0, 1]: 2+2; [2]: 3+1
+    assert hours(group_size=2) == pytest.approx(7.0)  # as loupe groups: [0]: 1+1; [1, 2]: 3+2
     assert hours(b=2.0) == pytest.approx(12.0)  # doubling b adds one encoder per SAE
 
 

@@ -413,17 +413,22 @@ def stage_settings(data: dict, stage: str, schema: dict | None = None) -> dict:
     return out
 
 
+def runs_of(layers: list[int], n: int) -> list[list[int]]:
+    """Sorted `layers` in runs of n, filled from the deepest layer up: the one smaller run (if
+    any) is the shallowest, whose forward is the cheapest. [0..34] by 12: 0-10, 11-22, 23-34."""
+    layers = sorted(layers)
+    return [layers[max(0, end - n) : end] for end in range(len(layers), 0, -n)][::-1]
+
+
 def layer_groups(config: Config) -> list[list[int]]:
     """The layers each training job trains together on one shared forward pass, each group in
     depth order: train.layer_groups when given (it overrides layers_per_job, which the
-    reference config sets), else model.layers in runs of train.layers_per_job filled
-    from the deepest layer up, so that the one smaller run (if any) is the shallowest, whose
-    forward is the cheapest. One LoupeError line if a layer is in no group or in two."""
+    reference config sets), else model.layers in runs of train.layers_per_job
+    (runs_of). One LoupeError line if a layer is in no group or in two."""
     train, layers = config.train, sorted(config.model.layers)
     where = "config error at train/layer_groups"
     if train.layer_groups is None:
-        n = train.layers_per_job
-        return [layers[max(0, end - n) : end] for end in range(len(layers), 0, -n)][::-1]
+        return runs_of(layers, train.layers_per_job)
     group_of: dict[int, list[int]] = {}
     for group in train.layer_groups:
         for layer in group:

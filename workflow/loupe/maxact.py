@@ -45,13 +45,13 @@ def encode_batch(
 
 @dataclass
 class Sampled:
-    """What one pass keeps: the top examples, the interval examples (None if switched off),
-    the firing statistics and the activation histogram."""
+    """What one pass keeps: the top examples, the interval examples and the activation
+    histogram (each None if switched off), and the firing statistics."""
 
     top: TopExamples
     intervals: IntervalExamples | None
     stats: FiringStats
-    histogram: ActivationHistogram
+    histogram: ActivationHistogram | None
 
 
 @torch.inference_mode()
@@ -64,8 +64,11 @@ def stream(
     special_ids: list[int],
     desc: str = "maxact",
     intervals: bool = True,
+    histogram: bool = True,
 ) -> Sampled:
-    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch."""
+    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch. `intervals`
+    and `histogram` switch those samplers off, to measure what each costs (benchmarks/); the
+    others keep the same values either way."""
     device = sae.device
     num = sae.num_latents
     special = torch.tensor(special_ids, dtype=torch.int64, device=device)
@@ -75,7 +78,7 @@ def stream(
         if intervals
         else None,
         FiringStats(num, device),
-        ActivationHistogram(num, device),
+        ActivationHistogram(num, device) if histogram else None,
     )
     rows, seq = tokens.shape
     bar = progress(total=rows * seq, desc=desc, unit="tok", unit_scale=True)
@@ -83,7 +86,8 @@ def stream(
         ids = torch.from_numpy(tokens[start : start + spec.batch_size].astype(np.int64))
         acts, indices, counted = encode_batch(model, sae, hookpoint, ids.to(device), special)
         kept.stats.update(acts, indices, counted)
-        kept.histogram.update(acts, indices)
+        if kept.histogram is not None:
+            kept.histogram.update(acts, indices)
         batch = Batch(acts, indices, start, num)  # peaks and dense computed once, for both
         kept.top.update(batch)
         if kept.intervals is not None:
