@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from browser_repo import build_synthetic_repo
 
-from loupe.browse import make_server, serve, suite_manifest
+from loupe.browse import make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
 
 CHROMIUM_ARGS = [
@@ -232,9 +232,9 @@ def test_token_search_finds_features_by_their_top_token(page, page_url, repo, su
     assert page.errors == []
 
 
-def test_page_reads_a_hub_repo_named_in_the_url(page, page_url, repo, suite):
-    """?repo=owner/name&revision=main reads https://huggingface.co/owner/name/resolve/main/
-    (answered here from the local files, with the CORS and Range headers the Hub sends)."""
+def route_hub(page, repo: Path) -> list[str]:
+    """Answer https://huggingface.co/{HUB_REPO}/resolve/main/... from the local repo, with the
+    CORS and Range headers the Hub sends; returns the URLs asked for (filled as they come)."""
     asked = []
     cors = {
         "access-control-allow-origin": "*",
@@ -257,6 +257,12 @@ def test_page_reads_a_hub_repo_named_in_the_url(page, page_url, repo, suite):
         route.fulfill(status=206, headers=headers, body=data[first : last + 1])
 
     page.route("https://huggingface.co/**", hub)
+    return asked
+
+
+def test_page_reads_a_hub_repo_named_in_the_url(page, page_url, repo, suite):
+    """?repo=owner/name&revision=main reads https://huggingface.co/owner/name/resolve/main/."""
+    asked = route_hub(page, repo)
     layer, feature = 0, 70  # layer 0's histogram has bins + 1 edges, layer 3's open ends
     files = suite["files"][str(layer)]
     top = max(rows_of(repo, files["examples"], feature), key=lambda r: r["activation"])
@@ -268,6 +274,26 @@ def test_page_reads_a_hub_repo_named_in_the_url(page, page_url, repo, suite):
     assert f"{HUB_BASE}browser/suite.json" in asked
     fetched = page.evaluate("window.loupeFetched")
     assert fetched and all(url.startswith(HUB_BASE) for url in fetched)
+
+
+def test_the_space_copy_reads_the_model_repo_it_names(page, repo, suite, tmp_path):
+    """The static Space hub.space publishes: the page, no data, set to read the model repo. Its
+    own site has no suite.json, so only the repo it names can make the feature appear."""
+    space = space_folder(repo, tmp_path / "site" / "browser", HUB_REPO, "main")
+    assert not (space / "suite.json").exists()
+    front = (space / "README.md").read_text().split("---")[1]
+    assert "sdk: static" in front and "app_file: index.html" in front and HUB_REPO in front
+    asked = route_hub(page, repo)
+    server, url = serve(tmp_path / "site")
+    try:
+        files = suite["files"][str(LAYER)]
+        top = max(rows_of(repo, files["examples"], FEATURE), key=lambda r: r["activation"])
+        state = open_feature(page, url, LAYER, FEATURE)  # no ?repo=: the page's own setting
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert state["base"] == HUB_BASE and state["topToken"] == top["token"]
+    assert f"{HUB_BASE}browser/suite.json" in asked
 
 
 def _get(url: str, headers: dict | None = None, method: str = "GET"):

@@ -481,6 +481,12 @@ def test_card_states_the_reference_settings(monkeypatch):
         ("rhizomatous/gemma-loupe", [f"{prefix}/language_model.layers.{i}" for i in range(35)]),
     ]
     assert len(namespace["saes"]) == 35
+    # hub.space: the card links the feature browser's Space at the top and where it is described.
+    assert "huggingface.co/spaces/" not in card
+    raw = load_yaml(REPO / "config.yaml")
+    raw["hub"]["space"] = "rhizomatous/gemma-loupe-browser"
+    linked = render_card(typed(raw), facts)
+    assert linked.count("(https://huggingface.co/spaces/rhizomatous/gemma-loupe-browser)") == 2
 
 
 @pytest.fixture()

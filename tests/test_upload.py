@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,8 +41,10 @@ class FakeHub:
         self.corrupt = corrupt  # a path whose bytes the "server" mangles
 
     # --- the HfApi methods loupe uses --------------------------------------------------
-    def create_repo(self, repo_id, *, repo_type=None, private=False, exist_ok=False):
-        self.calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
+    def create_repo(
+        self, repo_id, *, repo_type=None, private=False, exist_ok=False, space_sdk=None
+    ):
+        self.calls.append(("create_repo", repo_id, repo_type, private, exist_ok, space_sdk))
         if repo_id in self.repos and not exist_ok:
             raise RuntimeError("409 repo exists")
         self.repos.setdefault(
@@ -251,7 +254,7 @@ def test_upload_sends_everything_then_verifies_and_writes_receipt(
     assert run_upload(tmp_path, staged, hub_config(), receipt) == 0
     (client,) = hub.clients
     assert client.token == FAKE_TOKEN  # the token reached the client, and nothing else
-    assert client.calls[0] == ("create_repo", "someone/demo-sae", "model", False, True)
+    assert client.calls[0] == ("create_repo", "someone/demo-sae", "model", False, True, None)
     assert client.uploads() == [all_paths(staged)]
     r = json.loads(receipt.read_text())
     remote = hub.remote["someone/demo-sae"]
@@ -331,7 +334,7 @@ def test_branch_private_and_large_folder_uploader(tmp_path, staged, hub, token):
     receipt = tmp_path / "upload.json"
     assert run_upload(tmp_path, staged, hub_config(revision="v1", private=True), receipt) == 0
     (client,) = hub.clients
-    assert client.calls[0] == ("create_repo", "someone/demo-sae", "model", True, True)
+    assert client.calls[0] == ("create_repo", "someone/demo-sae", "model", True, True, None)
     assert client.calls[1] == ("create_branch", "someone/demo-sae", "v1")
     assert client.calls[3][:4] == ("upload", "someone/demo-sae", "model", "v1")
     assert json.loads(receipt.read_text())["revision"] == "v1"
@@ -416,6 +419,81 @@ def _snakemake_upload(workdir: Path, env: dict, target: str = "upload"):
 def _clean_env(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     return {**env, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+
+
+def with_browser(staged: Path) -> Path:
+    """The staged repo with loupe's browser page in browser/ (what staging installs)."""
+    from loupe.browse import ASSETS
+
+    shutil.copytree(ASSETS, staged / "browser")
+    (staged / "browser/suite.json").write_text('{"prefix": "sfx"}\n')
+    restage(staged)
+    return staged
+
+
+def test_space_publishes_the_page_set_to_read_the_model_repo(tmp_path, staged, hub, token):
+    staged, space = with_browser(staged), "someone/demo-browser"
+    config, receipt = hub_config(space=space, revision="v1"), tmp_path / "upload.json"
+    assert run_upload(tmp_path, staged, config, receipt) == 0
+    assert ("create_repo", space, "space", False, True, "static") in hub.clients[0].calls
+    files = hub.remote[space]["files"]
+    page = sorted(
+        p.relative_to(staged / "browser").as_posix()
+        for p in (staged / "browser").rglob("*")
+        if p.is_file()
+    )
+    assert sorted(set(files) - {".gitattributes"}) == sorted({*page, "README.md"} - {"suite.json"})
+    html = files["index.html"].decode()
+    assert '<meta name="loupe-repo" content="someone/demo-sae">' in html
+    assert '<meta name="loupe-revision" content="v1">' in html
+    assert (
+        html.replace(
+            '<meta name="loupe-repo" content="someone/demo-sae">\n  '
+            '<meta name="loupe-revision" content="v1">\n  ',
+            "",
+        )
+        == (staged / "browser/index.html").read_text()
+    )
+    assert files["app.js"] == (staged / "browser/app.js").read_bytes()
+    front = files["README.md"].decode().split("---")[1]
+    assert "sdk: static" in front and "- someone/demo-sae" in front
+    r = json.loads(receipt.read_text())
+    assert r["space"]["commit"] == hub.remote[space]["commits"][-1]
+    assert r["space"]["app"] == f"https://huggingface.co/spaces/{space}"
+    assert r["commit"] == hub.remote["someone/demo-sae"]["commits"][-1]
+    # Again: nothing to send to either repo.
+    assert run_upload(tmp_path, staged, config, receipt) == 0
+    assert len(hub.clients[1].uploads()) == 0
+
+    # A plan lists the Space's files too, and sends nothing.
+    plan_path = tmp_path / "plan.json"
+    assert run_dry_run(tmp_path, staged, config, plan_path, tmp_path / "plan.log") == 0
+    plan = json.loads(plan_path.read_text())
+    assert plan["space"]["repo"] == space and "README.md" in [
+        f["path"] for f in plan["space"]["files"]
+    ]
+    assert (
+        f"would upload to https://huggingface.co/spaces/{space}"
+        in (tmp_path / "plan.log").read_text()
+    )
+    assert len(hub.clients) == 2
+
+
+def test_a_space_that_differs_after_upload_fails_with_no_receipt(
+    tmp_path, staged, hub, token, capfd
+):
+    hub.kwargs = {"corrupt": "index.html"}  # only the Space has it at its root
+    receipt = tmp_path / "upload.json"
+    config, staged = hub_config(space="someone/demo-browser"), with_browser(staged)
+    capfd.readouterr()  # staging's progress bar
+    assert run_upload(tmp_path, staged, config, receipt) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        "loupe upload: error: upload to someone/demo-browser incomplete: 1 files missing or"
+        f" different at commit {hub.remote['someone/demo-browser']['commits'][-1][:12]}:"
+        " index.html (run again to resume)"
+    ]
+    assert not receipt.exists()
 
 
 @pytest.mark.e2e

@@ -68,6 +68,48 @@ def install_browser(
     return suite
 
 
+SPACE_README = """---
+title: {title}
+emoji: 🔍
+colorFrom: indigo
+colorTo: gray
+sdk: static
+app_file: index.html
+pinned: false
+models:
+- {repo}
+---
+
+# {title}
+
+The feature browser of [{repo}](https://huggingface.co/{repo}) (revision `{revision}`): pick a
+layer and a feature, or search features by a token. The page reads the model repo's parquet files
+directly with HTTP range requests, fetching only the feature shown; nothing is copied here.
+`?repo=owner/name&revision=main` points it at another loupe repo. Published by loupe.
+"""
+
+
+def space_folder(staged: Path, out: Path, repo: str, revision: str) -> Path:
+    """A static Hugging Face Space in `out`: the staged repo's page (without its suite.json,
+    which the page reads from the model repo) set to read `repo` at `revision` on the Hub, and a
+    README with the Space's front matter. Returns `out`."""
+    page = Path(staged) / BROWSER
+    if not (page / "index.html").is_file():
+        raise LoupeError(f"{page / 'index.html'} not found: stage the repo first")
+    out = Path(out)
+    shutil.copytree(page, out, ignore=shutil.ignore_patterns(SUITE_FILE), dirs_exist_ok=True)
+    index = out / "index.html"
+    names = f'<meta name="loupe-repo" content="{repo}">\n  '
+    names += f'<meta name="loupe-revision" content="{revision}">\n  '
+    html = index.read_text()
+    if '<meta name="viewport"' not in html:
+        raise LoupeError(f"{page / 'index.html'} is not loupe's page: stage the repo again")
+    index.write_text(html.replace('<meta name="viewport"', names + '<meta name="viewport"', 1))
+    title = f"{repo.split('/')[-1]} feature browser"
+    (out / "README.md").write_text(SPACE_README.format(title=title, repo=repo, revision=revision))
+    return out
+
+
 class RangeRequestHandler(SimpleHTTPRequestHandler):
     """Static files with single-range requests (206 Partial Content) and module-script MIME
     types; directories fall back to the standard listing."""

@@ -170,6 +170,7 @@ class HubConfig:
     license: str
     language: str
     authors: str | None
+    space: str | None
 
 
 @dataclass(frozen=True)
@@ -285,8 +286,9 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "hub.license",
         "hub.language",
         "hub.authors",
+        "hub.space",
     ),
-    "upload": ("hub.repo", "hub.revision"),
+    "upload": ("hub.repo", "hub.revision", "hub.space"),
 }
 
 

@@ -1,6 +1,7 @@
 """Publishing the staged repo: create the hub repo, send only the files the remote lacks or holds
 in another version (with the hub client's resumable uploader), read the remote file list back,
-check it against the manifest, and only then write a receipt.
+check it against the manifest, and only then write a receipt. With hub.space set, the feature
+browser then goes the same way to a static Space that reads the model repo.
 
 The token comes from HF_TOKEN or the user's login (huggingface_hub.get_token) and goes nowhere
 but the client: never into a log line, an error message, the plan or the receipt."""
@@ -12,17 +13,41 @@ import glob
 import hashlib
 import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from .browse import space_folder
 from .config import Config, HubConfig
 from .errors import LoupeError
 from .io import write_json
 from .layout import MANIFEST
-from .publish import read_manifest, sha256_file
+from .publish import read_manifest, repo_files, sha256_file
 
 log = logging.getLogger(__name__)
 
-REPO_TYPE = "model"
+
+@dataclass(frozen=True)
+class Target:
+    """A hub repo to publish a folder to: the model repo, or the browser's static Space."""
+
+    repo: str
+    revision: str
+    private: bool
+    repo_type: str = "model"
+
+    @classmethod
+    def model(cls, s: HubConfig) -> Target:
+        return cls(s.repo, s.revision, s.private)
+
+    @classmethod
+    def space(cls, s: HubConfig) -> Target:
+        return cls(s.space, "main", s.private, "space")  # a Space serves its main branch
+
+    @property
+    def url(self) -> str:
+        kind = "spaces/" if self.repo_type == "space" else ""
+        return f"https://huggingface.co/{kind}{self.repo}"
 
 
 def hub_client(token: str):
@@ -65,6 +90,14 @@ def local_files(staged: Path) -> list[dict]:
     return files
 
 
+def folder_files(folder: Path) -> list[dict]:
+    """Path, size and sha256 of every file under `folder` (the Space has no manifest)."""
+    return [
+        {"path": rel, "size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
+        for rel in repo_files(folder)
+    ]
+
+
 def _git_blob_sha1(data_size: int, chunks) -> str:
     h = hashlib.sha1(f"blob {data_size}\0".encode())
     for chunk in chunks:
@@ -99,9 +132,9 @@ def same_content(remote, local: dict, staged: Path) -> bool:
     return remote.blob_id == _file_blob_sha1(Path(staged) / local["path"])
 
 
-def remote_files(api, s: HubConfig, revision: str) -> dict:
+def remote_files(api, t: Target, revision: str) -> dict:
     """Path -> RepoFile for every file of the repo at `revision`."""
-    tree = api.list_repo_tree(s.repo, recursive=True, revision=revision, repo_type=REPO_TYPE)
+    tree = api.list_repo_tree(t.repo, recursive=True, revision=revision, repo_type=t.repo_type)
     return {f.path: f for f in tree if hasattr(f, "blob_id")}  # folders have no blob
 
 
@@ -119,18 +152,25 @@ def _size(n: int) -> str:
 
 def dry_run(config: Config, repo: Path, plan: Path) -> dict:
     """Write to `plan` (and log) what `upload` would send from the staged `repo`; send nothing."""
-    result, text = dry_run_plan(config.hub, local_files(Path(repo)), token_source())
+    s, staged = config.hub, Path(repo)
+    result, text = dry_run_plan(Target.model(s), local_files(staged), token_source())
+    if s.space:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = space_folder(staged, Path(tmp), s.repo, s.revision)
+            result["space"], more = dry_run_plan(Target.space(s), folder_files(folder), None)
+        text = text.replace("\nnothing was sent", "") + "\n" + more.split("\ntoken:")[0]
+        text += "\nnothing was sent"
     write_json(plan, result)
     log.info("%s", text)
     return result
 
 
-def dry_run_plan(s: HubConfig, files: list[dict], token: str | None) -> tuple[dict, str]:
+def dry_run_plan(t: Target, files: list[dict], token: str | None) -> tuple[dict, str]:
     """What a real upload would consider sending (it skips what the remote already holds)."""
     total = sum(f["size"] for f in files)
     lines = [
-        f"dry run: would upload to https://huggingface.co/{s.repo} (revision {s.revision},"
-        f" {'private' if s.private else 'public'} if created): {len(files)} files, {_size(total)};"
+        f"dry run: would upload to {t.url} (revision {t.revision},"
+        f" {'private' if t.private else 'public'} if created): {len(files)} files, {_size(total)};"
         " files the remote already holds unchanged are skipped",
         *(f"  {_size(f['size']):>10}  {f['path']}" for f in files),
         f"token: from {token}"
@@ -140,8 +180,8 @@ def dry_run_plan(s: HubConfig, files: list[dict], token: str | None) -> tuple[di
     ]
     plan = {
         "dry_run": True,
-        "repo": s.repo,
-        "revision": s.revision,
+        "repo": t.repo,
+        "revision": t.revision,
         "token_source": token,
         "total_size": total,
         "files": [{"path": f["path"], "size": f["size"]} for f in files],
@@ -149,12 +189,12 @@ def dry_run_plan(s: HubConfig, files: list[dict], token: str | None) -> tuple[di
     return plan, "\n".join(lines)
 
 
-def _send(api, s: HubConfig, staged: Path, paths: list[str]) -> None:
+def _send(api, t: Target, staged: Path, paths: list[str]) -> None:
     where = dict(
-        repo_id=s.repo,
+        repo_id=t.repo,
         folder_path=str(staged),
-        repo_type=REPO_TYPE,
-        revision=s.revision,
+        repo_type=t.repo_type,
+        revision=t.revision,
         # Exact paths as patterns: escape the glob characters a file name may hold.
         allow_patterns=[glob.escape(p) for p in paths],
     )
@@ -166,13 +206,75 @@ def _send(api, s: HubConfig, staged: Path, paths: list[str]) -> None:
         api.upload_folder(**where, commit_message=f"Upload {len(paths)} files with loupe")
 
 
-def _hub_error(e: Exception, s: HubConfig, token: str) -> LoupeError:
+def _hub_error(e: Exception, t: Target, token: str) -> LoupeError:
     message = (str(e).strip().splitlines() or [""])[0].replace(token, "***")
-    return LoupeError(f"upload to {s.repo} failed: {type(e).__name__}: {message}")
+    return LoupeError(f"upload to {t.repo} failed: {type(e).__name__}: {message}")
+
+
+def publish(api, t: Target, folder: Path, files: list[dict], token: str) -> dict:
+    """Create `t` if missing, send the files of `folder` it lacks or holds in another version,
+    then read it back: every file must be there with the same content. Returns what happened
+    (commit, url, files sent) or raises one LoupeError line."""
+    try:
+        if t.repo_type == "space":
+            api.create_repo(
+                t.repo, repo_type="space", private=t.private, exist_ok=True, space_sdk="static"
+            )
+        else:
+            api.create_repo(t.repo, repo_type=t.repo_type, private=t.private, exist_ok=True)
+        if t.revision != "main":
+            api.create_branch(t.repo, branch=t.revision, repo_type=t.repo_type, exist_ok=True)
+        todo = differences(remote_files(api, t, t.revision), files, folder)
+        log.info(
+            "%s@%s: %d of %d files to send (%s)",
+            t.url,
+            t.revision,
+            len(todo),
+            len(files),
+            _size(sum(f["size"] for f in files if f["path"] in set(todo))),
+        )
+        if todo:
+            _send(api, t, folder, todo)
+        commit = api.repo_info(t.repo, revision=t.revision, repo_type=t.repo_type).sha
+        remote = remote_files(api, t, commit)
+    except LoupeError:
+        raise
+    except Exception as e:  # network, auth, server: one line, the token masked out of it
+        raise _hub_error(e, t, token) from None
+
+    wrong = differences(remote, files, folder)
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise LoupeError(
+            f"upload to {t.repo} incomplete: {len(wrong)} files missing or different at commit"
+            f" {commit[:12]}: {shown} (run again to resume)"
+        )
+    stale = sorted(set(remote) - {f["path"] for f in files} - {".gitattributes"})
+    if stale:
+        log.warning("remote files not in this upload (left in place): %s", ", ".join(stale[:10]))
+    log.info(
+        "verified %d files at %s@%s (commit %s); %d sent, %d unchanged",
+        len(files),
+        t.url,
+        t.revision,
+        commit[:12],
+        len(todo),
+        len(files) - len(todo),
+    )
+    return {
+        "repo": t.repo,
+        "revision": t.revision,
+        "commit": commit,
+        "url": f"{t.url}/tree/{commit}",
+        "uploaded": todo,
+        "total_size": sum(f["size"] for f in files),
+        "files": files,
+    }
 
 
 def upload(config: Config, repo: Path, receipt: Path) -> dict:
-    """Publish the staged `repo` to config.hub.repo; returns the receipt written to `receipt`."""
+    """Publish the staged `repo` to config.hub.repo, and the browser to config.hub.space if
+    set; returns the receipt written to `receipt` once both are verified."""
     s = config.hub
     staged, receipt = Path(repo), Path(receipt)
     receipt.unlink(missing_ok=True)  # a receipt only ever describes a verified upload
@@ -183,56 +285,13 @@ def upload(config: Config, repo: Path, receipt: Path) -> dict:
             f"no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was sent to {s.repo})"
         )
     api = hub_client(token)
-    try:
-        api.create_repo(s.repo, repo_type=REPO_TYPE, private=s.private, exist_ok=True)
-        if s.revision != "main":
-            api.create_branch(s.repo, branch=s.revision, repo_type=REPO_TYPE, exist_ok=True)
-        todo = differences(remote_files(api, s, s.revision), files, staged)
-        log.info(
-            "%s@%s: %d of %d files to send (%s)",
-            s.repo,
-            s.revision,
-            len(todo),
-            len(files),
-            _size(sum(f["size"] for f in files if f["path"] in set(todo))),
-        )
-        if todo:
-            _send(api, s, staged, todo)
-        commit = api.repo_info(s.repo, revision=s.revision, repo_type=REPO_TYPE).sha
-        remote = remote_files(api, s, commit)
-    except LoupeError:
-        raise
-    except Exception as e:  # network, auth, server: one line, the token masked out of it
-        raise _hub_error(e, s, token) from None
-
-    wrong = differences(remote, files, staged)
-    if wrong:
-        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise LoupeError(
-            f"upload to {s.repo} incomplete: {len(wrong)} files missing or different at commit"
-            f" {commit[:12]}: {shown} (run again to resume)"
-        )
-    stale = sorted(set(remote) - {f["path"] for f in files} - {".gitattributes"})
-    if stale:
-        log.warning("remote files not in this upload (left in place): %s", ", ".join(stale[:10]))
-    result = {
-        "repo": s.repo,
-        "revision": s.revision,
-        "commit": commit,
-        "url": f"https://huggingface.co/{s.repo}/tree/{commit}",
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "uploaded": todo,
-        "total_size": sum(f["size"] for f in files),
-        "files": files,
-    }
+    result = publish(api, Target.model(s), staged, files, token)
+    if s.space:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = space_folder(staged, Path(tmp), s.repo, s.revision)
+            space = publish(api, Target.space(s), folder, folder_files(folder), token)
+        result["space"] = {**space, "app": Target.space(s).url}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {**result, "time": now.isoformat(timespec="seconds")}
     write_json(receipt, result)
-    log.info(
-        "verified %d files at %s@%s (commit %s); %d sent, %d unchanged",
-        len(files),
-        s.repo,
-        s.revision,
-        commit[:12],
-        len(todo),
-        len(files) - len(todo),
-    )
     return result

@@ -23,13 +23,15 @@ const base = baseUrl(params)
 let suite = null
 let ticket = 0 // the latest request wins; older ones drop their results
 
-/** The repo root: ?base=URL, ?repo=owner/name[&revision=main] on the Hub, else ../ of this page. */
+/** The repo root: ?base=URL, ?repo=owner/name[&revision=main] on the Hub, else the repo the
+ * page names in <meta name="loupe-repo"> (a Space's copy does), else ../ of this page. */
 function baseUrl(params) {
   const slash = url => (url.endsWith('/') ? url : `${url}/`)
+  const meta = name => document.querySelector(`meta[name="${name}"]`)?.content
   if (params.get('base')) return slash(new URL(params.get('base'), location.href).href)
-  const repo = params.get('repo')
+  const repo = params.get('repo') || meta('loupe-repo')
   if (repo) {
-    const revision = encodeURIComponent(params.get('revision') || 'main')
+    const revision = encodeURIComponent(params.get('revision') || meta('loupe-revision') || 'main')
     return `https://huggingface.co/${repo.replace(/^\/+|\/+$/g, '')}/resolve/${revision}/`
   }
   return new URL('../', location.href).href
