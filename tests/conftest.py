@@ -23,6 +23,42 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # no GPU in CI
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 
+def split_with_manifest(token_dir: Path, dest: Path, rows: int) -> Path:
+    """The first `rows` rows of the training split in `dest`, with a manifest describing them
+    (training checks a split against its manifest); the split's path."""
+    import hashlib
+
+    import numpy as np
+
+    split = np.load(token_dir / "train.npy")[:rows]
+    dest.mkdir(parents=True, exist_ok=True)
+    np.save(dest / "train.npy", split)
+    manifest = json.loads((token_dir / "manifest.json").read_text())
+    manifest["rows"]["train"] = rows
+    manifest["sha256"]["train"] = hashlib.sha256(np.ascontiguousarray(split).tobytes()).hexdigest()
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest / "train.npy"
+
+
+def kill_after_first_checkpoint(cmd: list[str], state: Path, timeout: float = 180) -> None:
+    """Run a training command and kill -9 it once `state` (its checkpoint) exists, a moment
+    later: past the first checkpoint, maybe in the middle of a later one."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd)
+    try:
+        deadline = time.time() + timeout
+        while not state.exists():
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 def load_yaml(path: Path) -> dict:
     return yaml.safe_load(Path(path).read_text())
 

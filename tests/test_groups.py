@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import copy_workflow, run_snakemake, typed
+from conftest import (
+    copy_workflow,
+    kill_after_first_checkpoint,
+    run_snakemake,
+    split_with_manifest,
+    typed,
+)
 from safetensors.torch import load_file
-from test_train import split_with_manifest
 
 from loupe.config import layer_groups
 from loupe.errors import LoupeError
@@ -211,17 +213,9 @@ def test_group_killed_with_sigkill_resumes_every_member_from_one_checkpoint(
     s["train"].update(batch_size=1, grad_acc_steps=2, save_every=8, log_every=8)
     tokens, layers = token_dir / "train.npy", [3, 1]
     outs, ckpt, log = [tmp_path / "out3", tmp_path / "out1"], tmp_path / "ckpt", tmp_path / "log"
-    proc = subprocess.Popen(_train_cmd(s, layers, tokens, outs, ckpt, log))
-    try:
-        deadline = time.time() + 180
-        while not (ckpt / STATE / "state.pt").exists():
-            assert proc.poll() is None, "training ended before its first checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.01)
-        time.sleep(0.3)  # past the first checkpoint, maybe in the middle of a later one
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_first_checkpoint(
+        _train_cmd(s, layers, tokens, outs, ckpt, log), ckpt / STATE / "state.pt"
+    )
     assert not any((out / "sae.safetensors").exists() for out in outs)
 
     subprocess.run(_train_cmd(s, layers, tokens, outs, ckpt, log), check=True)

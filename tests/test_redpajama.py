@@ -154,6 +154,21 @@ def test_bad_sources_are_one_clear_error(mirror):
         list(iter_documents(mirror.source(base_url=f"{mirror.base_url}/nothing")))
 
 
+def mirror_config(mirror, tokenizer: Path, **tokens) -> dict:
+    """config.yaml reading RedPajama from the local mirror, with the tokenizer saved at
+    `tokenizer`, rows of 64 tokens and 1,024-token sample and eval splits (`tokens` overrides)."""
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["dataset"]["redpajama"].update(
+        snapshots=list(SNAPSHOTS),
+        shard_count=SHARDS,
+        base_url=mirror.base_url,
+        missing_list_url=mirror.missing_list_url,
+    )
+    raw["model"].update(name=str(tokenizer), tokenizer=None)
+    raw["tokens"].update({"ctx_len": 64, "sample_tokens": 1024, "eval_tokens": 1024, **tokens})
+    return raw
+
+
 def test_real_tokenizer_splits_whole_documents_from_many_shards(mirror, tmp_path):
     """tokens.tokenize end to end through exactly the real config's path: the config.yaml's
     dataset.redpajama block, only base_url and missing_list_url pointed at the local mirror."""
@@ -168,18 +183,8 @@ def test_real_tokenizer_splits_whole_documents_from_many_shards(mirror, tmp_path
     tok = train_tokenizer(corpus, vocab_size=400)
     tok.save_pretrained(tmp_path / "tokenizer")
 
-    raw = yaml.safe_load((REPO / "config.yaml").read_text())
-    assert raw["dataset"]["redpajama"]["partition"] == "head_middle"
-    raw["dataset"]["redpajama"].update(
-        snapshots=list(SNAPSHOTS),
-        shard_count=SHARDS,
-        base_url=mirror.base_url,
-        missing_list_url=mirror.missing_list_url,
-    )
-    raw["model"].update(name=str(tmp_path / "tokenizer"), tokenizer=None)
-    raw["tokens"].update(
-        ctx_len=64, train_tokens=4096, sample_tokens=1024, eval_tokens=1024, doc_batch_size=16
-    )
+    raw = mirror_config(mirror, tmp_path / "tokenizer", train_tokens=4096, doc_batch_size=16)
+    assert raw["dataset"]["redpajama"]["partition"] == "head_middle"  # config.yaml's own
     manifest = tokens.tokenize(Config.from_dict(raw), tmp_path / "out")
 
     file_of = {int(re.match(r"QQ(\d+)ZZ", t)[1]): tag for t, tag in mirror.file_of().items()}
@@ -213,15 +218,7 @@ def test_running_out_says_collected_needed_files_and_what_to_add(mirror, tmp_pat
     with gzip.open(corpus, "wt") as f:
         f.write(json.dumps({"text": "a few words"}) + "\n")
     train_tokenizer(corpus, vocab_size=300).save_pretrained(tmp_path / "tokenizer")
-    raw = yaml.safe_load((REPO / "config.yaml").read_text())
-    raw["dataset"]["redpajama"].update(
-        snapshots=list(SNAPSHOTS),
-        shard_count=SHARDS,
-        base_url=mirror.base_url,
-        missing_list_url=mirror.missing_list_url,
-    )
-    raw["model"].update(name=str(tmp_path / "tokenizer"), tokenizer=None)
-    raw["tokens"].update(ctx_len=64, train_tokens=10**7, sample_tokens=1024, eval_tokens=1024)
+    raw = mirror_config(mirror, tmp_path / "tokenizer", train_tokens=10**7)
     with pytest.raises(LoupeError) as e:
         tokens.tokenize(Config.from_dict(raw), tmp_path / "out")
     message = str(e.value)

@@ -4,19 +4,14 @@ resumes after kill -9, and works on another architecture; truncation changes not
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import typed
+from conftest import kill_after_first_checkpoint, split_with_manifest, typed
 
 from loupe.errors import LoupeError
 from loupe.gpus import select_device
@@ -24,19 +19,6 @@ from loupe.model import capture, import_sparsify, load_model, truncate_after
 from loupe.train import train_config, train_layer
 
 sparsify = import_sparsify()
-
-
-def split_with_manifest(token_dir: Path, dest: Path, rows: int) -> Path:
-    """The first `rows` rows of the training split in `dest`, with a manifest describing them
-    (training checks a split against its manifest); the split's path."""
-    split = np.load(token_dir / "train.npy")[:rows]
-    dest.mkdir(parents=True, exist_ok=True)
-    np.save(dest / "train.npy", split)
-    manifest = json.loads((token_dir / "manifest.json").read_text())
-    manifest["rows"]["train"] = rows
-    manifest["sha256"]["train"] = hashlib.sha256(np.ascontiguousarray(split).tobytes()).hexdigest()
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest / "train.npy"
 
 
 def _eval_activations(settings, token_dir, layer: int, rows: int = 32) -> torch.Tensor:
@@ -193,17 +175,9 @@ def test_resume_after_kill_continues_and_matches_uninterrupted(tmp_path, setting
     s["train"].update(batch_size=1, grad_acc_steps=2, save_every=8, log_every=8)
     tokens = token_dir / "train.npy"
     ckpt, log = tmp_path / "ckpt", tmp_path / "train.log"
-    proc = subprocess.Popen(_train_cmd(s, 3, tokens, tmp_path / "out", ckpt, log))
-    try:
-        deadline = time.time() + 120
-        while not (ckpt / "state" / "state.pt").exists():
-            assert proc.poll() is None, "training ended before its first checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.01)
-        time.sleep(0.3)  # past the first checkpoint, maybe in the middle of a later one
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_first_checkpoint(
+        _train_cmd(s, 3, tokens, tmp_path / "out", ckpt, log), ckpt / "state" / "state.pt"
+    )
     assert not (tmp_path / "out" / "sae.safetensors").exists()
 
     subprocess.run(_train_cmd(s, 3, tokens, tmp_path / "out", ckpt, log), check=True)
