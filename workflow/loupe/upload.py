@@ -151,42 +151,44 @@ def _size(n: int) -> str:
 
 
 def dry_run(config: Config, repo: Path, plan: Path) -> dict:
-    """Write to `plan` (and log) what `upload` would send from the staged `repo`; send nothing."""
-    s, staged = config.hub, Path(repo)
-    result, text = dry_run_plan(Target.model(s), local_files(staged), token_source())
+    """Write to `plan` (and log) what `upload` would send from the staged `repo` (and to the
+    Space, with hub.space set); send nothing."""
+    s, staged, token = config.hub, Path(repo), token_source()
+    result, lines = dry_run_plan(Target.model(s), local_files(staged))
+    result = {"dry_run": True, **result, "token_source": token}
     if s.space:
         with tempfile.TemporaryDirectory() as tmp:
             folder = space_folder(staged, Path(tmp), s.repo, s.revision)
-            result["space"], more = dry_run_plan(Target.space(s), folder_files(folder), None)
-        text = text.replace("\nnothing was sent", "") + "\n" + more.split("\ntoken:")[0]
-        text += "\nnothing was sent"
+            result["space"], more = dry_run_plan(Target.space(s), folder_files(folder))
+        lines += more
+    lines += [
+        f"token: from {token}"
+        if token
+        else "token: none (a real upload would stop: set HF_TOKEN or run `hf auth login`)",
+        "nothing was sent",
+    ]
     write_json(plan, result)
-    log.info("%s", text)
+    log.info("%s", "\n".join(lines))
     return result
 
 
-def dry_run_plan(t: Target, files: list[dict], token: str | None) -> tuple[dict, str]:
-    """What a real upload would consider sending (it skips what the remote already holds)."""
+def dry_run_plan(t: Target, files: list[dict]) -> tuple[dict, list[str]]:
+    """What a real upload to `t` would consider sending (it skips what the remote already
+    holds): the plan and its lines of text."""
     total = sum(f["size"] for f in files)
     lines = [
         f"dry run: would upload to {t.url} (revision {t.revision},"
         f" {'private' if t.private else 'public'} if created): {len(files)} files, {_size(total)};"
         " files the remote already holds unchanged are skipped",
         *(f"  {_size(f['size']):>10}  {f['path']}" for f in files),
-        f"token: from {token}"
-        if token
-        else "token: none (a real upload would stop: set HF_TOKEN or run `hf auth login`)",
-        "nothing was sent",
     ]
     plan = {
-        "dry_run": True,
         "repo": t.repo,
         "revision": t.revision,
-        "token_source": token,
         "total_size": total,
         "files": [{"path": f["path"], "size": f["size"]} for f in files],
     }
-    return plan, "\n".join(lines)
+    return plan, lines
 
 
 def _send(api, t: Target, staged: Path, paths: list[str]) -> None:
