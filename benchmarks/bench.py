@@ -326,10 +326,15 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
     """loupe.maxact.stream, the sampling pass alone, with every sampler and with the histogram,
     the interval examples or both off: every variant at both sizes, `repeats` times, interleaved
     in one process so that they share its state and its drift; per variant the medians' cost
-    per token (`variants`) and what a pass pays once (`fixed_s`: allocating the samplers). The
-    table row is the full pass."""
-    from loupe.maxact import stream
+    per token (`variants`). An addition's share can sit within that noise, so each one's own
+    update is also timed alone on the pass's real batches (`updates`, seconds per token), and
+    the interval buffers' allocation once per pass (`interval_allocation_s`). The table row is
+    the full pass."""
+    import torch
+
+    from loupe.maxact import encode_batch, stream
     from loupe.model import open_layer
+    from loupe.samplers import ActivationHistogram, Batch, IntervalExamples, TopExamples
     from loupe.tokens import open_split, read_manifest
 
     config, sizes = config_of(ctx), ctx["batches"]
@@ -362,8 +367,32 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
     (t0, t1), variants = (rows[size].size for size in sizes), {}
     for name in SAMPLERS:
         s0, s1 = (statistics.median(times[name, size]) for size in sizes)
-        spt = (s1 - s0) / (t1 - t0)
-        variants[name] = {"seconds": [s0, s1], "seconds_per_token": spt, "fixed_s": s0 - spt * t0}
+        variants[name] = {"seconds": [s0, s1], "seconds_per_token": (s1 - s0) / (t1 - t0)}
+
+    spec, num, device = config.maxact, job.sae.num_latents, job.sae.device
+    special = torch.tensor(job.special_ids, dtype=torch.int64, device=device)
+    updates = {"histogram": 0.0, "interval examples": 0.0}
+    with torch.inference_mode():
+        batches, top = [], TopExamples(num, spec, device)
+        for start in range(0, len(rows[sizes[1]]), spec.batch_size):
+            ids = torch.from_numpy(rows[sizes[1]][start : start + spec.batch_size].astype(np.int64))
+            acts, indices, _ = encode_batch(
+                job.model, job.sae, job.hookpoint, ids.to(device), special
+            )
+            batches.append(Batch(acts, indices, start, num))
+            top.update(batches[-1])  # computes the peaks the interval examples share, as in stream
+        t = now(ctx)
+        intervals = IntervalExamples(num, spec, device, spec.intervals, spec.per_interval)
+        allocation = now(ctx) - t
+        histogram = ActivationHistogram(num, device)
+        for _ in range(repeats):
+            for batch in batches:
+                t = now(ctx)
+                histogram.update(batch.acts, batch.indices)
+                updates["histogram"] += now(ctx) - t
+                t = now(ctx)
+                intervals.update(batch)
+                updates["interval examples"] += now(ctx) - t
     return {
         "layers_run": layer + 1,
         "saes": 1,
@@ -373,6 +402,8 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
         "seconds": variants["all"]["seconds"],
         "seconds_per_token": variants["all"]["seconds_per_token"],
         "variants": variants,
+        "updates": {name: s / (repeats * t1) for name, s in updates.items()},
+        "interval_allocation_s": allocation,
     }
 
 
@@ -566,8 +597,9 @@ def compare(ms: dict, n: int) -> dict:
     per_layer = n / sum(m["seconds_per_token"] for m in alone)
     first, last = alone[0], alone[-1]
     b_alone = statistics.mean(m["b"] for m in alone)
-    variants = ms["sampling pass: loupe, layer 0"]["variants"]
-    cost = {name: v["seconds_per_token"] for name, v in variants.items()}
+    sampling = ms["sampling pass: loupe, layer 0"]
+    cost = {name: v["seconds_per_token"] for name, v in sampling["variants"].items()}
+    updates = sampling["updates"]
     return {
         f"per-layer jobs, layers 0-{n - 1} (layer-tokens/s)": per_layer,
         f"one loupe job, all {n} layers (layer-tokens/s)": group["layer_tokens_per_s"],
@@ -596,14 +628,19 @@ def compare(ms: dict, n: int) -> dict:
         / first["floor"]["encode"],
         "b: sample": ms["maxact: loupe, layer 0"]["b"],
         "b: eval": ms["evaluate: loupe, layer 0"]["b"],
-        "sampling pass: histogram's share of the per-token cost": 1
-        - cost["no histogram"] / cost["all"],
-        "sampling pass: interval examples' share of the per-token cost": 1
-        - cost["no interval examples"] / cost["all"],
-        "sampling pass: both additions' share of the per-token cost": 1
-        - cost["neither"] / cost["all"],
-        "sampling pass: interval examples, s per pass (allocation)": variants["all"]["fixed_s"]
-        - variants["no interval examples"]["fixed_s"],
+        "sampling pass: histogram update, share of the full pass (timed alone)": updates[
+            "histogram"
+        ]
+        / cost["all"],
+        "sampling pass: interval examples update, share of the full pass (timed alone)": updates[
+            "interval examples"
+        ]
+        / cost["all"],
+        "sampling pass: interval examples, s to allocate per pass": sampling[
+            "interval_allocation_s"
+        ],
+        "sampling pass: without both additions, over the full pass (end to end)": cost["neither"]
+        / cost["all"],
         "top logits: GFLOP/s": ms["top logits (tokens: of the vocabulary)"]["flops_per_s"] / 1e9,
     }
 
@@ -634,12 +671,16 @@ def render(meta: dict, ms: dict, cmp: dict, p: dict) -> str:
         "",
         "## The sampling pass by addition (loupe.maxact.stream, layer 0)",
         "",
-        "| samplers | tokens/s | x the full pass's cost per token | s per pass, fixed |",
-        "|---|---|---|---|",
+        "| samplers | tokens/s | cost per token, x the full pass's |",
+        "|---|---|---|",
         *(
             f"| {name} | {num(1 / v['seconds_per_token'])} | "
-            f"{v['seconds_per_token'] / sampling['seconds_per_token']:.3f} | {num(v['fixed_s'])} |"
+            f"{v['seconds_per_token'] / sampling['seconds_per_token']:.3f} |"
             for name, v in sampling["variants"].items()
+        ),
+        *(
+            f"| {name} update alone | {num(1 / spt)} | {spt / sampling['seconds_per_token']:.3f} |"
+            for name, spt in sampling["updates"].items()
         ),
     ]
     lines += ["", "## Projected cost of the full gemma-loupe build on one H100", ""]

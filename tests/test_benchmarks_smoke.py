@@ -62,6 +62,10 @@ def test_every_measurement_is_finite_and_positive(quick_run):
     variants = ms["sampling pass: loupe, layer 0"]["variants"]
     assert list(variants) == list(bench.SAMPLERS)
     assert all(positive(v["seconds_per_token"]) for v in variants.values())
+    sampling = ms["sampling pass: loupe, layer 0"]
+    assert set(sampling["updates"]) == {"histogram", "interval examples"}
+    assert all(positive(v) for v in sampling["updates"].values())
+    assert positive(sampling["interval_allocation_s"])
     assert "| no histogram |" in markdown
 
 
