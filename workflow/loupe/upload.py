@@ -213,7 +213,7 @@ def _hub_error(e: Exception, t: Target, token: str) -> LoupeError:
     return LoupeError(f"upload to {t.repo} failed: {type(e).__name__}: {message}")
 
 
-def publish(api, t: Target, folder: Path, files: list[dict], token: str) -> dict:
+def send_and_verify(api, t: Target, folder: Path, files: list[dict], token: str) -> dict:
     """Create `t` if missing, send the files of `folder` it lacks or holds in another version,
     then read it back: every file must be there with the same content. Returns what happened
     (commit, url, files sent) or raises one LoupeError line."""
@@ -287,11 +287,11 @@ def upload(config: Config, repo: Path, receipt: Path) -> dict:
             f"no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was sent to {s.repo})"
         )
     api = hub_client(token)
-    result = publish(api, Target.model(s), staged, files, token)
+    result = send_and_verify(api, Target.model(s), staged, files, token)
     if s.space:
         with tempfile.TemporaryDirectory() as tmp:
             folder = space_folder(staged, Path(tmp), s.repo, s.revision)
-            space = publish(api, Target.space(s), folder, folder_files(folder), token)
+            space = send_and_verify(api, Target.space(s), folder, folder_files(folder), token)
         result["space"] = {**space, "app": Target.space(s).url}
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {**result, "time": now.isoformat(timespec="seconds")}
