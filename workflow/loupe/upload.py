@@ -22,7 +22,7 @@ from .config import Config, HubConfig
 from .errors import LoupeError
 from .io import write_json
 from .layout import MANIFEST
-from .publish import read_manifest, repo_files, sha256_file
+from .publish import build_manifest, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class Target:
     revision: str
     private: bool
     repo_type: str = "model"
+    space_sdk: str | None = None
 
     @classmethod
     def model(cls, s: HubConfig) -> Target:
@@ -42,7 +43,7 @@ class Target:
 
     @classmethod
     def space(cls, s: HubConfig) -> Target:
-        return cls(s.space, "main", s.private, "space")  # a Space serves its main branch
+        return cls(s.space, "main", s.private, "space", "static")  # a Space serves main
 
     @property
     def url(self) -> str:
@@ -88,14 +89,6 @@ def local_files(staged: Path) -> list[dict]:
         if not path.is_file() or path.stat().st_size != f["size"]:
             raise LoupeError(f"{path} does not match {MANIFEST}: stage the repo again")
     return files
-
-
-def folder_files(folder: Path) -> list[dict]:
-    """Path, size and sha256 of every file under `folder` (the Space has no manifest)."""
-    return [
-        {"path": rel, "size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
-        for rel in repo_files(folder)
-    ]
 
 
 def _git_blob_sha1(data_size: int, chunks) -> str:
@@ -159,7 +152,9 @@ def dry_run(config: Config, repo: Path, plan: Path) -> dict:
     if s.space:
         with tempfile.TemporaryDirectory() as tmp:
             folder = space_folder(staged, Path(tmp), s.repo, s.revision)
-            result["space"], more = dry_run_plan(Target.space(s), folder_files(folder))
+            # The Space has no manifest of its own: its files are listed as staging lists them.
+            files = build_manifest(folder)["files"]
+            result["space"], more = dry_run_plan(Target.space(s), files)
         lines += more
     lines += [
         f"token: from {token}"
@@ -218,12 +213,13 @@ def send_and_verify(api, t: Target, folder: Path, files: list[dict], token: str)
     then read it back: every file must be there with the same content. Returns what happened
     (commit, url, files sent) or raises one LoupeError line."""
     try:
-        if t.repo_type == "space":
-            api.create_repo(
-                t.repo, repo_type="space", private=t.private, exist_ok=True, space_sdk="static"
-            )
-        else:
-            api.create_repo(t.repo, repo_type=t.repo_type, private=t.private, exist_ok=True)
+        api.create_repo(
+            t.repo,
+            repo_type=t.repo_type,
+            private=t.private,
+            exist_ok=True,
+            space_sdk=t.space_sdk,
+        )
         if t.revision != "main":
             api.create_branch(t.repo, branch=t.revision, repo_type=t.repo_type, exist_ok=True)
         todo = differences(remote_files(api, t, t.revision), files, folder)
@@ -289,10 +285,14 @@ def upload(config: Config, repo: Path, receipt: Path) -> dict:
     api = hub_client(token)
     result = send_and_verify(api, Target.model(s), staged, files, token)
     if s.space:
+        space = Target.space(s)
         with tempfile.TemporaryDirectory() as tmp:
             folder = space_folder(staged, Path(tmp), s.repo, s.revision)
-            space = send_and_verify(api, Target.space(s), folder, folder_files(folder), token)
-        result["space"] = {**space, "app": Target.space(s).url}
+            files = build_manifest(folder)["files"]
+            result["space"] = {
+                **send_and_verify(api, space, folder, files, token),
+                "app": space.url,
+            }
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {**result, "time": now.isoformat(timespec="seconds")}
     write_json(receipt, result)
