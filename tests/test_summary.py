@@ -16,7 +16,8 @@ from conftest import demo_config, run_snakemake
 
 from loupe.cli import main as cli_main
 from loupe.errors import LoupeError
-from loupe.summary import COLUMNS, SummaryOutputs, write_summary
+from loupe.metrics import CSV_COLUMNS
+from loupe.summary import SummaryOutputs, write_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("fvu", "delta_ce", "dead", "density", "curves")
@@ -101,7 +102,7 @@ def test_metrics_csv_has_one_row_per_layer_with_the_eval_numbers(tmp_path, suite
     with open(out.metrics, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["layer"]) for r in rows] == [0, 2, 4, 5]
-    assert tuple(rows[0]) == COLUMNS
+    assert tuple(rows[0]) == CSV_COLUMNS
     for r in rows:
         expected = fake_eval(int(r["layer"]))
         for key in ("fvu", "delta_ce", "dead_fraction", "kl", "explained_variance"):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 ASSETS = Path(__file__).with_name("assets")
 CARD_TEMPLATE = "card.md"  # in ASSETS
 QUICKSTART = ASSETS / "quickstart.py"
+RECIPES = ASSETS / "recipes"  # SAELens and delphi, rendered into the card beside the quick start
 
 EXAMPLE_COLUMNS = {
     "feature": "feature (latent) index",
@@ -80,11 +81,9 @@ class CardFacts:
     example_rows: int  # summed over layers
     stats_columns: list[tuple[str, str]]
     plots: list[str]  # repo paths
-    tokens: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)  # tokens/manifest.json's per-split token counts
     sources: dict | None = None  # tokens/manifest.json's sources: what RedPajama files were read
-    histogram_bins: int = (
-        0  # feature_stats' histogram columns  # tokens/manifest.json's per-split token counts
-    )
+    histogram_bins: int = 0  # feature_stats' histogram columns
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -205,9 +204,6 @@ def code_cells(source: str) -> dict[str, str]:
     cell, the file's own header, is left out)."""
     parts = re.split(r"^# %% (\w+)\n", source, flags=re.M)
     return {name: body.strip("\n") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-
-
-RECIPES = Path(__file__).with_name("assets") / "recipes"
 
 
 def quick_start(config: Config, layout: Layout, layers: list[int]) -> dict[str, str]:

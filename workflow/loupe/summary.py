@@ -22,10 +22,6 @@ from .metrics import CSV_COLUMNS, EVAL_COLUMNS
 
 log = logging.getLogger(__name__)
 
-# metrics.csv's header (loupe.metrics' vocabulary): eval.json's shared keys, then the
-# training run's final line.
-COLUMNS = CSV_COLUMNS
-
 
 @dataclass
 class LayerRecord:
@@ -97,7 +93,7 @@ def load_records(
 
 def write_metrics_csv(records: list[LayerRecord], out: Path) -> None:
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for r in records:
             writer.writerow({k: "" if v is None else v for k, v in r.row().items()})
