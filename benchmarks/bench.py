@@ -338,12 +338,14 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
     from loupe.tokens import open_split, read_manifest
 
     config, sizes = config_of(ctx), ctx["batches"]
-    manifest = split(ctx, sizes[0], "manifest.json")
-    job = open_layer(config, layer, ctx["threads"], sae=trained(ctx, layer), manifest=manifest)
-    rows = {}
-    for size in sizes:
-        manifest = read_manifest(split(ctx, size, "manifest.json"))
-        rows[size] = open_split(split(ctx, size, "sample.npy"), manifest)
+    manifests = {size: split(ctx, size, "manifest.json") for size in sizes}
+    job = open_layer(
+        config, layer, ctx["threads"], sae=trained(ctx, layer), manifest=manifests[sizes[0]]
+    )
+    rows = {
+        size: open_split(split(ctx, size, "sample.npy"), read_manifest(manifests[size]))
+        for size in sizes
+    }
 
     def run(size: int, **switches) -> float:
         t0 = now(ctx)
