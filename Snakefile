@@ -20,6 +20,7 @@ include: "workflow/rules/maxact.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/publish.smk"
+include: "workflow/rules/neuronpedia.smk"
 
 
 localrules:

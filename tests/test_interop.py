@@ -1,11 +1,13 @@
-"""The published SAEs in the two other libraries users reach for, with the real packages, on the
-demo's staged repo: the card's SAELens recipe builds a TopK SAE that encodes and reconstructs
-like sparsify, and the card's delphi recipe caches activations whose peaks are loupe's
-max-activating examples."""
+"""The published SAEs in the other libraries users reach for, with the real packages, on the
+demo's staged repo: SAELens loads the staged SAELens copies by repo id (the card's one line),
+from disk, and by release name through the staged registry entry, each encoding and
+reconstructing like sparsify; the card's SAEBench check passes; the card's delphi recipe
+caches activations whose peaks are loupe's max-activating examples."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import re
@@ -146,40 +148,169 @@ def sparsify_dense(sae, x: torch.Tensor) -> torch.Tensor:
 # --- SAELens --------------------------------------------------------------------------------
 
 
+@pytest.fixture()
+def hub_cache(monkeypatch, tmp_path):
+    """huggingface_hub's own cache, pointed at a scratch folder: `serve(root, repo_id)` lays a
+    staged repo into it as a download of `repo_id` would (refs/main -> a snapshot), so the
+    real hf_hub_download resolves it offline (HF_HUB_OFFLINE is set for every test)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def serve(root: Path, repo_id: str, under: str) -> None:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = "0" * 40
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        for path in (root / under).rglob("*"):
+            if path.is_file():
+                dest = repo / "snapshots" / commit / path.relative_to(root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, dest)
+
+    return serve
+
+
+@pytest.fixture(scope="module")
+def repo_id(config) -> str:
+    """The demo's hub repo id: the card fills it in as the release."""
+    return config["hub"]["repo"]
+
+
+def saelens_folder(prefix: str, layer: int) -> str:
+    return f"{prefix}/saelens/{HOOKPOINT.format(layer=layer)}"
+
+
+def assert_same_sae(sae, reference, real: torch.Tensor, layer: int) -> None:
+    """SAELens' `sae` encodes and decodes like sparsify's `reference` within 1e-5, on the
+    layer's real activations and inputs drawn around them (so other latents win too)."""
+    torch.manual_seed(layer)
+    drawn = real.mean(0) + torch.randn(256, reference.d_in) * real.std(0)
+    x = torch.cat([real, drawn])
+    with torch.inference_mode():
+        want = sparsify_dense(reference, x)
+        got = sae.encode(x)
+        # decode(encode(x)): forward's sae_out is the multi-TopK (4k) reconstruction.
+        want_recon = reference.decode(*reference.encode(x)[:2])
+        got_recon = sae.decode(got)
+    assert torch.equal(got != 0, want != 0), f"layer {layer}: other latents chosen"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_recon, want_recon, atol=1e-5, rtol=0)
+    assert (want != 0).sum(1).float().mean() > reference.cfg.k / 2  # the test has teeth
+
+
 @pytest.mark.e2e
-def test_saelens_recipe_encodes_and_reconstructs_like_sparsify(
-    hub, prefix, layers, model, sample, local_hub, tmp_path
+def test_saelens_loads_every_layer_by_repo_id_like_sparsify(
+    hub, prefix, layers, model, sample, repo_id, hub_cache, tmp_path
 ):
+    """The card's one line, `SAE.from_pretrained(release=<repo id>, sae_id=<folder>)`, through
+    the real Hub client (offline, from its cache), builds each layer's SAE as sparsify has it;
+    SAE.load_from_disk on the staged folder does too; the sparsity file is the log10 density."""
+    import polars as pl
+    from sae_lens import SAE, TopKSAE
+    from safetensors.torch import load_file
+
+    hub_cache(hub, repo_id, f"{prefix}/saelens")
     rows = sample[:4]
     for layer in layers:
-        suite = {"REPO": str(hub), "PREFIX": prefix, "LAYER_MODULE": HOOKPOINT, "LAYER": layer}
+        folder = saelens_folder(prefix, layer)
+        suite = {"REPO": repo_id, "SAE_ID": folder}
         ns, printed = run_recipe("saelens_load.py", suite, tmp_path)
-        folder = f"{prefix}/{HOOKPOINT.format(layer=layer)}"
-        assert sorted(local_hub[-1]) == [f"{folder}/cfg.json", f"{folder}/sae.safetensors"]
-        reference = sparsify.SparseCoder.load_from_disk(hub / folder).float().eval()
-        sae = ns["sae"]
-        assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (
-            reference.d_in,
-            reference.num_latents,
-            reference.cfg.k,
+        reference = (
+            sparsify.SparseCoder.load_from_disk(hub / prefix / HOOKPOINT.format(layer=layer))
+            .float()
+            .eval()
         )
-        assert f"layer {layer}: d_in {reference.d_in}, {reference.num_latents} latents" in printed
-
         real = layer_outputs(model, layer, rows).reshape(-1, reference.d_in).float()
-        # Plus inputs drawn around the real ones, so other latents win the top k too.
-        torch.manual_seed(layer)
-        drawn = real.mean(0) + torch.randn(256, reference.d_in) * real.std(0)
-        x = torch.cat([real, drawn])
-        with torch.inference_mode():
-            want = sparsify_dense(reference, x)
-            got = sae.encode(x)
-            # decode(encode(x)): forward's sae_out is the multi-TopK (4k) reconstruction.
-            want_recon = reference.decode(*reference.encode(x)[:2])
-            got_recon = sae.decode(got)
-        assert torch.equal(got != 0, want != 0), f"layer {layer}: other latents chosen"
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-        torch.testing.assert_close(got_recon, want_recon, atol=1e-5, rtol=0)
-        assert (want != 0).sum(1).float().mean() > reference.cfg.k / 2  # the test has teeth
+        from_disk = SAE.load_from_disk(hub / folder)
+        for sae in (ns["sae"], from_disk):
+            assert isinstance(sae, TopKSAE)
+            assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k) == (
+                reference.d_in,
+                reference.num_latents,
+                reference.cfg.k,
+            )
+            assert_same_sae(sae, reference, real, layer)
+        meta = ns["sae"].cfg.metadata
+        assert meta.hook_name == f"blocks.{layer}.hook_resid_post" in printed
+        assert meta.hf_hook_name == HOOKPOINT.format(layer=layer)
+        assert meta.context_size == 128 and meta.model_name == "results/demo/model"
+
+        stats = pl.read_parquet(hub / prefix / f"feature_stats/layer_{layer}.parquet")
+        sparsity = load_file(hub / folder / "sparsity.safetensors")["sparsity"]
+        assert sparsity.shape == (reference.num_latents,)
+        want = np.log10(stats.sort("feature")["density"].to_numpy() + 1e-10)
+        np.testing.assert_allclose(sparsity.numpy(), want, rtol=1e-6)
+
+
+@pytest.mark.e2e
+def test_registry_entry_loads_the_suite_by_release_name(
+    hub, prefix, layers, repo_id, hub_cache, monkeypatch, tmp_path
+):
+    """The staged pretrained_saes.yaml, read by SAELens' own registry reader in place of its
+    packaged one, makes every layer load by release name; its l0 and variance_explained are
+    metrics.csv's."""
+    import yaml
+    from sae_lens import SAE
+    from sae_lens.loading import pretrained_saes_directory as directory
+
+    entry = yaml.safe_load((hub / prefix / "saelens/pretrained_saes.yaml").read_text())
+    (release,) = entry
+    assert entry[release]["repo_id"] == repo_id and entry[release]["conversion_func"] is None
+    rows = {row["id"]: row for row in entry[release]["saes"]}
+    assert list(rows) == [saelens_folder(prefix, layer) for layer in layers]
+    with open(hub / prefix / "metrics.csv", newline="") as f:
+        metrics = {int(float(r["layer"])): r for r in csv.DictReader(f)}
+    for layer in layers:
+        row = rows[saelens_folder(prefix, layer)]
+        assert row["path"] == saelens_folder(prefix, layer)
+        assert row["l0"] == pytest.approx(float(metrics[layer]["l0"]), abs=1e-4)
+        want = float(metrics[layer]["explained_variance"])
+        assert row["variance_explained"] == pytest.approx(want, abs=1e-4)
+        assert re.fullmatch(rf"[a-z0-9-]+/{layer}-[a-z0-9-]+", row["neuronpedia"])
+
+    (tmp_path / "pretrained_saes.yaml").write_text(yaml.safe_dump(entry))
+    monkeypatch.setattr(directory, "files", lambda package: tmp_path)
+    directory.get_pretrained_saes_directory.cache_clear()
+    hub_cache(hub, repo_id, f"{prefix}/saelens")
+    try:
+        for layer in (layers[0], layers[-1]):
+            sae_id = saelens_folder(prefix, layer)
+            sae, cfg, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(release, sae_id)
+            assert cfg["metadata"]["neuronpedia_id"] == rows[sae_id]["neuronpedia"]
+            assert sparsity is not None and sparsity.shape == (sae.cfg.d_sae,)
+    finally:
+        directory.get_pretrained_saes_directory.cache_clear()
+
+
+@pytest.mark.e2e
+def test_saebench_check_passes_on_every_layer(hub, prefix, layers, repo_id, hub_cache, tmp_path):
+    hub_cache(hub, repo_id, f"{prefix}/saelens")
+    for layer in layers:
+        suite = {"REPO": repo_id, "SAE_ID": saelens_folder(prefix, layer)}
+        ns, printed = run_recipe("saebench_check.py", suite, tmp_path)
+        assert "SAEBench's custom-SAE checks pass" in printed
+        assert ns["norms"].shape == (ns["d_sae"],)
+
+
+def test_saebench_check_fails_on_a_decoder_without_unit_norm_rows(tmp_path, monkeypatch):
+    """The card's check has teeth: an SAE whose decoder rows are not unit norm fails it."""
+    from sae_lens import SAE, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    meta = SAEMetadata(model_name="m", hook_name="blocks.0.hook_resid_post")
+    sae = TopKSAE(TopKSAEConfig(d_in=8, d_sae=32, k=4, dtype="float32", metadata=meta))
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    monkeypatch.setattr(SAE, "from_pretrained", classmethod(lambda cls, **kw: sae))
+    with pytest.raises(AssertionError, match="tensor"):  # the norms' deviation
+        run_recipe("saebench_check.py", {"REPO": "a/b", "SAE_ID": "x"}, tmp_path)
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+    _, printed = run_recipe("saebench_check.py", {"REPO": "a/b", "SAE_ID": "x"}, tmp_path)
+    assert "checks pass" in printed
 
 
 @pytest.mark.e2e

@@ -21,6 +21,7 @@ from .config import Config
 from .errors import LoupeError
 from .layout import SAE_CFG, SAE_WEIGHTS, Layout, example_layer
 from .metrics import METRICS
+from .saelens import release_name
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
@@ -84,6 +85,7 @@ class CardFacts:
     tokens: dict = field(default_factory=dict)  # tokens/manifest.json's per-split token counts
     sources: dict | None = None  # tokens/manifest.json's sources: what RedPajama files were read
     histogram_bins: int = 0  # feature_stats' histogram columns
+    saelens_registry: str = ""  # the staged SAELens registry entry (hub.saelens), as YAML
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -139,7 +141,12 @@ def collect_facts(
         tokens=tokens,
         sources=manifest.get("sources"),
         histogram_bins=_histogram_bins(root / layout.stats(layers[0])),
+        saelens_registry=_text_if_present(root / layout.saelens_registry),
     )
+
+
+def _text_if_present(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
 def _histogram_bins(stats: Path) -> int:
@@ -216,6 +223,7 @@ def quick_start(config: Config, layout: Layout, layers: list[int]) -> dict[str, 
         "LAYERS": range(len(layers)) if layers == list(range(len(layers))) else layers,
         "LAYER": example_layer(layers),
         "MODEL": config.model.name,
+        "SAE_ID": layout.saelens_dir(example_layer(layers)),  # the SAELens recipes' layer
     }
     cells = code_cells(fill_constants(QUICKSTART.read_text(), values))
     # The SAELens and delphi recipes: the same constants, those each file has.
@@ -381,6 +389,7 @@ def render_card(config: Config, facts: CardFacts) -> str:
             ),
             code=quick_start(config, layout, facts.layers),
             example_layer=example_layer(facts.layers),
+            saelens_release=release_name(config),
             training=_training_rows(config, facts),
             example_columns=_columns(facts.example_columns, EXAMPLE_COLUMNS),
             stats_columns=_columns(facts.stats_columns, STATS_COLUMNS),

@@ -33,6 +33,7 @@ class Command:
     help: str
     paths: tuple[str, ...] = ()  # one path each
     path_lists: tuple[str, ...] = ()  # one or more paths each (one per layer, in layer order)
+    optional_lists: tuple[str, ...] = ()  # like path_lists, but may be given empty
     layer: bool = False
     layers: bool = False  # --layers: one or more
     threads: bool = False
@@ -95,6 +96,13 @@ COMMANDS = {
         path_lists=("sae", "examples", "intervals", "stats", "logits", "summary"),
         threads=True,
     ),
+    "neuronpedia": Command(
+        "loupe.neuronpedia:export",
+        "the suite as a Neuronpedia export (its own export's layout and fields)",
+        ("out_dir",),
+        path_lists=("sae", "examples", "intervals", "stats", "logits"),
+        optional_lists=("neighbours", "explanations"),
+    ),
     "upload": Command(
         "loupe.upload:upload", "publish the staged repo and verify it", ("repo", "receipt")
     ),
@@ -143,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(_flag(path), dest=path, type=Path, required=True)
         for paths in command.path_lists:
             p.add_argument(_flag(paths), dest=paths, type=Path, nargs="+", required=True)
+        for paths in command.optional_lists:
+            p.add_argument(_flag(paths), dest=paths, type=Path, nargs="*", default=[])
     return parser
 
 

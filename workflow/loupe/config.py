@@ -171,6 +171,9 @@ class HubConfig:
     language: str
     authors: str | None
     space: str | None
+    saelens: bool
+    neuronpedia_model: str | None
+    neuronpedia_set: str | None
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,20 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "hub.language",
         "hub.authors",
         "hub.space",
+        "hub.saelens",
+        "hub.neuronpedia_model",
+        "hub.neuronpedia_set",
+    ),
+    "neuronpedia": (
+        "model.name",
+        "model.layers",
+        "model.hookpoint",
+        "dataset",
+        "tokens.ctx_len",
+        "hub.repo",
+        "hub.prefix",
+        "hub.neuronpedia_model",
+        "hub.neuronpedia_set",
     ),
     "upload": ("hub.repo", "hub.revision", "hub.space"),
 }

@@ -16,6 +16,10 @@ RUN_CONFIG = "config.json"
 MANIFEST = "manifest.json"
 NOTEBOOK = "quickstart.ipynb"
 BROWSER = "browser"
+# Under the prefix: each layer once more in SAELens' layout (loupe.saelens), and the suite's
+# entry for SAELens' registry beside them.
+SAELENS = "saelens"
+SAELENS_REGISTRY = "pretrained_saes.yaml"
 # The suite's per-layer parquet files: kind -> folder (under the prefix), each
 # `{folder}/layer_N.parquet`. max_activations/ is the seed's published layout.
 PER_LAYER = {
@@ -50,6 +54,14 @@ class Layout:
 
     def stats(self, layer: int) -> str:
         return self.per_layer("stats", layer)
+
+    def saelens_dir(self, layer: int) -> str:
+        """Layer `layer` in SAELens' layout: the `sae_id` SAE.from_pretrained takes."""
+        return f"{self.prefix}/{SAELENS}/{self.hookpoint(layer)}"
+
+    @property
+    def saelens_registry(self) -> str:
+        return f"{self.prefix}/{SAELENS}/{SAELENS_REGISTRY}"
 
     @property
     def metrics(self) -> str:

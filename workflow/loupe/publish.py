@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .browse import install_browser
-from .card import collect_facts, fill_constants, render_card
+from .card import collect_facts, fill_constants, metrics_rows, render_card
 from .config import Config, TrainConfig
 from .errors import LoupeError
 from .io import atomic_dir
@@ -32,6 +32,7 @@ from .layout import (
     example_layer,
 )
 from .progress import progress
+from .saelens import stage_saelens
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,9 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
             for kind, path in li.parquet.items():
                 place(path, tmp / layout.per_layer(kind, li.layer))
         place(inputs.metrics, tmp / layout.metrics)
+        if config.hub.saelens:
+            layers = [(li.layer, li.sae_dir, li.parquet["stats"]) for li in inputs.layers]
+            stage_saelens(config, tmp, layers, metrics_rows(inputs.metrics))
         for plot in inputs.plots:
             place(plot, tmp / layout.plots / Path(plot).name)
 
