@@ -260,8 +260,13 @@ def test_staged_layout(staged, pub_settings, results):
         f"{prefix}/config.json",
         f"{prefix}/metrics.csv",
         f"{prefix}/plots/fvu_by_layer.png",
+        f"{prefix}/saelens/pretrained_saes.yaml",  # hub.saelens (default on)
     }
     for n in LAYERS:
+        expected |= {
+            f"{prefix}/saelens/language_model.layers.{n}/{name}"
+            for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
+        }
         expected |= {
             f"{prefix}/language_model.layers.{n}/cfg.json",
             f"{prefix}/language_model.layers.{n}/sae.safetensors",
@@ -294,6 +299,41 @@ def test_every_layer_loads_with_sparsify(staged, pub_settings, trained_layer):
         sae = sparsify.SparseCoder.load_from_disk(folder)
         assert sae.num_latents == reference.num_latents
         assert torch.equal(sae.encoder.weight, reference.encoder.weight)
+
+
+def test_saelens_copies_load_like_sparsify(staged, pub_settings):
+    """Each layer's SAELens folder loads with SAELens' default disk loader as a TopK SAE that
+    encodes and decodes like the sparsify folder beside it (the demo's e2e test does this by
+    repo id on real activations)."""
+    from sae_lens import SAE, TopKSAE
+
+    prefix = pub_settings["hub"]["prefix"]
+    for n in LAYERS:
+        reference = sparsify.SparseCoder.load_from_disk(
+            staged / prefix / f"language_model.layers.{n}"
+        )
+        sae = SAE.load_from_disk(staged / prefix / f"saelens/language_model.layers.{n}")
+        assert isinstance(sae, TopKSAE) and sae.cfg.d_sae == reference.num_latents
+        assert sae.cfg.metadata.hook_name == f"blocks.{n}.hook_resid_post"
+        torch.manual_seed(n)
+        x = torch.randn(64, reference.d_in) * 2
+        with torch.inference_mode():
+            out = reference.encode(x)
+            want = x.new_zeros(64, reference.num_latents).scatter_(1, out.top_indices, out.top_acts)
+            got = sae.encode(x)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            want_recon = reference.decode(out.top_acts, out.top_indices)
+            torch.testing.assert_close(sae.decode(got), want_recon, atol=1e-5, rtol=0)
+
+
+def test_saelens_off_stages_sparsify_folders_only(tmp_path, pub_settings, results):
+    settings = copy.deepcopy(pub_settings)
+    settings["hub"]["saelens"] = False
+    out = tmp_path / "hub"
+    stage(typed(settings), _inputs(settings, results), out)
+    assert not (out / settings["hub"]["prefix"] / "saelens").exists()
+    card = (out / "README.md").read_text()
+    assert "staged without SAELens' layout" in card and "SAE.from_pretrained" not in card
 
 
 def test_run_config_has_what_saelens_reads(staged, pub_settings):
@@ -380,10 +420,10 @@ def _front_matter(card: str) -> dict:
     return yaml.safe_load(m.group(1))
 
 
-# The card's python blocks: the quick start's, then the SAELens and delphi recipes (run by
+# The card's python blocks: the quick start's, then the SAELens, SAEBench and delphi recipes (run by
 # tests/test_interop.py).
 QUICK_START_BLOCKS = 4
-RECIPE_BLOCKS = 2
+RECIPE_BLOCKS = 3
 
 
 def _python_blocks(card: str) -> list[str]:

@@ -223,9 +223,9 @@ def quick_start(config: Config, layout: Layout, layers: list[int]) -> dict[str, 
         "LAYERS": range(len(layers)) if layers == list(range(len(layers))) else layers,
         "LAYER": example_layer(layers),
         "MODEL": config.model.name,
-        "SAE_ID": layout.saelens_dir(example_layer(layers)),  # the SAELens recipes' layer
     }
     cells = code_cells(fill_constants(QUICKSTART.read_text(), values))
+    values["SAE_ID"] = layout.saelens_dir(example_layer(layers))  # the SAELens recipes' layer
     # The SAELens and delphi recipes: the same constants, those each file has.
     for recipe in sorted(RECIPES.glob("*.py")):
         source = recipe.read_text()

@@ -33,7 +33,10 @@ from .saelens import SuiteFacts, model_link, release_name, source_id, suite_fact
 log = logging.getLogger(__name__)
 
 BATCH_FEATURES = 1024  # features per batch file (export-data.py's FEATURES_EXPLANATIONS_BATCH_SIZE)
-CREATOR_ID = None  # Neuronpedia sets its own creator on import (export-data.py replaces it too)
+# Every row names a creator (creatorId/authorId are required in Neuronpedia's prisma schema):
+# its default creator, the user its seed creates in every instance (apps/webapp/prisma/seed.ts,
+# DEFAULT_CREATOR_USER_ID in apps/webapp/lib/env.ts), whose activations are public.
+CREATOR_ID = "clkht01d40000jv08hvalcvly"
 # Neighbours kept per feature: Neuronpedia's exports carry the top 25 cosine neighbours.
 TOP_COS_SIM = 25
 GZIP_LEVEL = 5  # as Neuronpedia's exports
@@ -165,7 +168,7 @@ def source_row(config: Config, facts: SuiteFacts, layer: int, created: str) -> d
         "hasUmap": False,
         "hasUmapLogSparsity": False,
         "hasUmapClusters": False,
-        "num_prompts": None,  # the sample split's rows: filled by export from the files
+        "num_prompts": config.tokens.rows()["sample"],  # the rows the examples come from
         "num_tokens_in_prompt": config.tokens.ctx_len,
         "dataset": facts.dataset_path,
         "notes": None,
@@ -391,8 +394,6 @@ def export_layer(config: Config, files: LayerFiles, facts: SuiteFacts, out: Path
         counts["explanations"] = len(explanations)
 
     source = source_row(config, facts, files.layer, created)
-    sample = pl.read_parquet(files.examples, columns=["sequence"])["sequence"]
-    source["num_prompts"] = int(sample.max()) + 1 if len(sample) else None
     d_in = _d_in(files.sae)
     _write_jsonl(out / "release.jsonl", [release_row(config, facts, created)], False)
     _write_jsonl(out / "model.jsonl", [model_row(config, facts, d_in, created)], False)
@@ -452,7 +453,7 @@ def export(
     created = _now()
     summary = {}
     with atomic_dir(out_dir) as tmp:
-        for layer, *paths in progress(list(given), desc="neuronpedia", unit="layer"):
+        for layer, *paths in progress(iterable=list(given), desc="neuronpedia", unit="layer"):
             files = LayerFiles(layer, *(Path(p) if p is not None else None for p in paths))
             folder = f"{facts.neuronpedia_model}/{source_id(facts, layer)}"
             summary[folder] = export_layer(config, files, facts, tmp / folder, created)
