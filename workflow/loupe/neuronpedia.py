@@ -27,8 +27,9 @@ import numpy as np
 from .config import Config
 from .errors import LoupeError
 from .io import atomic_dir
+from .layout import Layout
 from .progress import progress
-from .saelens import SuiteFacts, model_link, release_name, source_id, suite_facts
+from .saelens import SuiteFacts, model_link, release_name, sae_shape, source_id, suite_facts
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ class LayerFiles:
     logits: Path
     neighbours: Path | None = None  # feature_neighbours.parquet (relation "same" is used)
     explanations: Path | None = None  # explanations.parquet
-
-
-def _num_latents(sae: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(sae, framework="pt") as f:
-        return f.get_slice("encoder.bias").get_shape()[0]
 
 
 def _now() -> str:
@@ -146,8 +140,6 @@ def sourceset_row(config: Config, facts: SuiteFacts, num_latents: int, created: 
 def source_row(config: Config, facts: SuiteFacts, layer: int, created: str) -> dict:
     """source.jsonl (db_models/source.py: Source): the SAE's Hub folder, in SAELens' layout
     when staged (hub.saelens), else sparsify's."""
-    from .layout import Layout
-
     layout = Layout(config.hub.prefix, config.model.hookpoint)
     folder = layout.saelens_dir(layer) if config.hub.saelens else layout.sae_dir(layer)
     return {
@@ -372,7 +364,7 @@ def export_layer(config: Config, files: LayerFiles, facts: SuiteFacts, out: Path
     """One source's folder `out` (`<model id>/<source id>`); returns rows written per kind."""
     import polars as pl
 
-    num_latents = _num_latents(files.sae)
+    d_in, num_latents = sae_shape(files.sae)
     counts = {}
     features = list(feature_rows(files, facts, num_latents, created))
     for b, rows in _batched(features, lambda r: r["index"]).items():
@@ -394,20 +386,12 @@ def export_layer(config: Config, files: LayerFiles, facts: SuiteFacts, out: Path
         counts["explanations"] = len(explanations)
 
     source = source_row(config, facts, files.layer, created)
-    d_in = _d_in(files.sae)
     _write_jsonl(out / "release.jsonl", [release_row(config, facts, created)], False)
     _write_jsonl(out / "model.jsonl", [model_row(config, facts, d_in, created)], False)
     sourceset = sourceset_row(config, facts, num_latents, created)
     _write_jsonl(out / "sourceset.jsonl", [sourceset], False)
     _write_jsonl(out / "source.jsonl", [source], False)
     return counts
-
-
-def _d_in(sae: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(sae, framework="pt") as f:
-        return f.get_slice("b_dec").get_shape()[0]
 
 
 def _per_layer(name: str, paths: list[Path], layers: list[int]) -> list[Path | None]:
@@ -449,7 +433,7 @@ def export(
         _per_layer("explanations", explanations or [], layers),
         strict=True,
     )
-    facts = suite_facts(config, _num_latents(Path(sae[0])))
+    facts = suite_facts(config, sae_shape(Path(sae[0]))[1])
     created = _now()
     summary = {}
     with atomic_dir(out_dir) as tmp:

@@ -189,6 +189,14 @@ def registry_yaml(entry: dict) -> str:
     return yaml.safe_dump(entry, sort_keys=False, allow_unicode=True)
 
 
+def sae_shape(weights: Path) -> tuple[int, int]:
+    """(d_in, num_latents) of a sparsify sae.safetensors, read from its header."""
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        return f.get_slice("b_dec").get_shape()[0], f.get_slice("encoder.bias").get_shape()[0]
+
+
 def model_link(name: str) -> str | None:
     """The model's Hub page, if `name` is a Hub id (owner/name) rather than a local folder."""
     if "/" in name and not Path(name).exists() and len(name.split("/")) == 2:
@@ -201,12 +209,9 @@ def stage_saelens(
 ) -> None:
     """Write every layer's SAELens folder and the registry entry into the staged repo at
     `root`; `layers`: (layer, sparsify SAE folder, feature_stats parquet) each."""
-    from safetensors import safe_open
 
     layout = Layout(config.hub.prefix, config.model.hookpoint)
-    with safe_open(Path(layers[0][1]) / SAE_WEIGHTS, framework="pt") as f:
-        num_latents = f.get_slice("encoder.bias").get_shape()[0]
-    facts = suite_facts(config, num_latents)
+    facts = suite_facts(config, sae_shape(Path(layers[0][1]) / SAE_WEIGHTS)[1])
     for layer, sae_dir, stats in layers:
         out = root / layout.saelens_dir(layer)
         write_saelens_folder(sae_dir, stats, out, layer, layout.hookpoint(layer), facts)
