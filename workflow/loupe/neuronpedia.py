@@ -418,8 +418,14 @@ def export(
     `<model id>/<source id>/` folder per layer. Per-layer lists in model.layers order;
     `neighbours` and `explanations` may be empty."""
     layers = list(config.model.layers)
-    required = {"sae": sae, "examples": examples, "intervals": intervals, "stats": stats}
-    for name, paths in {**required, "logits": logits}.items():
+    required = {
+        "sae": sae,
+        "examples": examples,
+        "intervals": intervals,
+        "stats": stats,
+        "logits": logits,
+    }
+    for name, paths in required.items():
         if len(paths) != len(layers):
             raise LoupeError(f"{name}: {len(paths)} files for {len(layers)} layers {layers}")
     given = zip(
