@@ -21,7 +21,9 @@ from loupe.tokens import (
     MANIFEST,
     SPLITS,
     STORE,
+    check_hub_ids,
     check_sources,
+    is_local,
     open_split,
     read_manifest,
     store_key,
@@ -142,7 +144,7 @@ def test_bad_gzip_and_missing_folders_are_found_before_any_job(tmp_path, setting
     for key in ("name", "tokenizer"):
         s = small(settings, path=str(ok))
         s["model"][key] = str(tmp_path / "no-such-model")
-        with pytest.raises(LoupeError, match=f"model.{key}: model folder not found"):
+        with pytest.raises(LoupeError, match=f"model.{key}: not found: .*no-such-model"):
             check_sources(typed(s))
     # What the workflow builds itself (the demo model) is not expected to exist yet.
     s = small(settings, path=str(ok))
@@ -199,3 +201,45 @@ def test_a_truncated_split_is_one_line(splits):
     with pytest.raises(LoupeError) as e:
         open_split(path)
     assert "is truncated or corrupt" in str(e.value) and "rerun tokenize" in str(e.value)
+
+
+def test_one_test_tells_local_paths_from_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hub = ["google/gemma-4-E2B", "gpt2", "models/gemma", "results/no_such_model"]
+    local = ["/abs/model", "./model", "~/model", "a/b/c", "docs.jsonl.gz", "my model/x"]
+    assert [is_local(n) for n in hub + local] == [False] * len(hub) + [True] * len(local)
+    # A first part that is a folder here makes a two-part name local.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "results").mkdir()
+    assert is_local("models/gemma") and is_local("results/no_such_model")
+    assert not is_local("google/gemma-4-E2B")
+
+
+@pytest.mark.parametrize("key", ["model.name", "model.tokenizer", "dataset.path"])
+def test_a_missing_local_name_is_not_found_not_a_network_error(
+    tmp_path, monkeypatch, settings, key
+):
+    """`results/no_such_model` used to pass the start check as a hub id; the tokenize job then
+    blamed the network ("couldn't connect to huggingface.co")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    s = small(settings)
+    section, name = key.split(".")
+    s[section][name] = "results/no_such_model"
+    with pytest.raises(LoupeError) as e:
+        check_sources(typed(s))
+    assert str(e.value) == f"{key}: not found: results/no_such_model (no such local file or folder)"
+
+
+def test_offline_a_hub_id_missing_from_the_cache_is_not_found(tmp_path, monkeypatch, settings):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    s = small(settings)
+    s["model"]["tokenizer"] = "someone/no-such-model"
+    check_sources(typed(s))  # the start check needs no cache: dry runs plan offline
+    with pytest.raises(LoupeError, match=r"^model.tokenizer: not found: someone/no-such-model is"):
+        check_hub_ids(typed(s))
+    (tmp_path / "hub" / "models--someone--no-such-model").mkdir(parents=True)
+    check_hub_ids(typed(s))

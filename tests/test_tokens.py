@@ -100,7 +100,7 @@ def _no_outputs(out_dir):
 
 def test_missing_dataset_path(tmp_path, settings):
     config = _config(settings, {"path": str(tmp_path / "nope.jsonl.gz")})
-    with pytest.raises(LoupeError, match="dataset path not found"):
+    with pytest.raises(LoupeError, match="dataset.path: not found"):
         tokenize(config, tmp_path / "out")
     assert _no_outputs(tmp_path / "out")
 
@@ -191,7 +191,8 @@ def test_cli_prints_one_line_for_bad_input(tmp_path, settings):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"loupe tokenize: error: dataset path not found: {tmp_path / 'missing.parquet'}"
+        f"loupe tokenize: error: dataset.path: not found: {tmp_path / 'missing.parquet'}"
+        " (no such local file or folder)"
     ]
     assert "Traceback" not in log.read_text()
     assert not (tmp_path / "t" / "train.npy").exists()

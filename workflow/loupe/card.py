@@ -21,6 +21,7 @@ from .config import Config
 from .errors import LoupeError
 from .layout import SAE_CFG, SAE_WEIGHTS, Layout, example_layer
 from .metrics import METRICS
+from .tokens import is_local
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
@@ -152,7 +153,7 @@ def _histogram_bins(stats: Path) -> int:
 
 def _is_hub_id(name: str | None) -> bool:
     """A hub id (owner/name), not a local folder: only those go into the card's metadata."""
-    return bool(name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists())
+    return bool(name and "/" in name and not is_local(name))
 
 
 def card_data(config: Config) -> ModelCardData:

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -54,15 +55,40 @@ def _builder_for(path: str) -> str | None:
     return None
 
 
-def looks_local(name: str) -> bool:
-    """A local file or folder, not a hub id ("owner/name" or "name"): a path prefix, deeper
-    nesting, a data file extension, or something that exists here."""
-    return (
-        name.startswith(("/", ".", "~"))
-        or name.count("/") > 1
-        or _builder_for(name) is not None
-        or os.path.exists(name)
-    )
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def is_local(name: str) -> bool:
+    """Whether a model, tokenizer or dataset name means a local file or folder rather than a
+    Hugging Face Hub id ("owner/name", or a legacy "name"): the one test loupe uses for this.
+    Local: a path prefix (/ . ~), more than one slash, a data file's extension, anything that
+    exists here, a first part that is a folder here (`results/no_such_model`), or no valid hub
+    id at all. Anything else is a hub id (`models/gemma` too, unless ./models exists)."""
+    if name.startswith(("/", ".", "~")) or _builder_for(name) or os.path.exists(name):
+        return True
+    if not _HUB_ID.fullmatch(name):
+        return True
+    return "/" in name and os.path.isdir(name.split("/")[0])
+
+
+def check_name(key: str, name: str) -> None:
+    """One line naming config `key` if `name` cannot be found: a local name that does not
+    exist (else transformers and datasets try the hub and blame the network), or, with
+    HF_HUB_OFFLINE set, a hub id that is not in the Hugging Face cache."""
+    if is_local(name):
+        if not os.path.exists(os.path.expanduser(name)):
+            raise LoupeError(f"{key}: not found: {name} (no such local file or folder)")
+        return
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not any(
+        (Path(constants.HF_HUB_CACHE) / f"{kind}--{name.replace('/', '--')}").is_dir()
+        for kind in ("models", "datasets")
+    ):
+        raise LoupeError(
+            f"{key}: not found: {name} is no local folder, and with HF_HUB_OFFLINE set the"
+            f" hub id must be in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        )
 
 
 def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
@@ -72,10 +98,9 @@ def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
             if "://" not in f and not any(ch in f for ch in "*?[") and not os.path.exists(f):
                 raise LoupeError(f"dataset file not found: {f}")
         return spec.path, {"data_files": list(spec.data_files)}
-    if looks_local(spec.path):
+    if is_local(spec.path):
+        check_name("dataset.path", spec.path)
         path = Path(spec.path).expanduser()
-        if not path.exists():
-            raise LoupeError(f"dataset path not found: {spec.path}")
         files = (
             sorted(p for p in path.rglob("*") if _builder_for(p.name)) if path.is_dir() else [path]
         )
@@ -90,22 +115,38 @@ def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
     return spec.path, {"name": spec.name}
 
 
+def _names(config: Config, built: set[str]) -> list[tuple[str, str]]:
+    """(config key, name) of the model, tokenizer and dataset the workflow does not build."""
+    m, d = config.model, config.dataset
+    named = [("model.name", m.name), ("model.tokenizer", m.tokenizer)]
+    if not d.data_files:
+        named.append(("dataset.path", d.path))
+    return [(key, name) for key, name in named if name and name not in built]
+
+
 def check_sources(config: Config, built: set[str] = frozenset()) -> None:
     """Cheap checks of the local inputs before any job runs (Snakemake deletes a job's old
-    outputs before starting it): model and tokenizer folders exist, a local dataset is there,
-    not empty, and its first megabyte reads as text. Paths in `built` are made by the workflow."""
-    m = config.model
-    for key, name in (("model.name", m.name), ("model.tokenizer", m.tokenizer)):
-        if name and name not in built and looks_local(name):
-            if not os.path.isdir(os.path.expanduser(name)):
-                raise LoupeError(f"{key}: model folder not found: {name}")
+    outputs before starting it): local model, tokenizer and dataset names exist (check_name),
+    a local dataset is not empty and its first megabyte reads as text. Paths in `built` are
+    made by the workflow."""
+    for key, name in _names(config, built):
+        if is_local(name):
+            check_name(key, name)
     d = config.dataset
-    if d.path is None or d.path in built or not (d.data_files or looks_local(d.path)):
+    if d.path is None or d.path in built or not (d.data_files or is_local(d.path)):
         return
     _, kwargs = resolve_source(d)
     for f in kwargs.get("data_files", []):
         if "://" not in f and not any(ch in f for ch in "*?["):
             _check_readable(Path(f))
+
+
+def check_hub_ids(config: Config, built: set[str] = frozenset()) -> None:
+    """With HF_HUB_OFFLINE set, the hub ids in the config are in the Hugging Face cache
+    (check_name). The workflow calls it when jobs are about to run; a dry run needs no cache."""
+    for key, name in _names(config, built):
+        if not is_local(name):
+            check_name(key, name)
 
 
 def _check_readable(path: Path, size: int = 1 << 20) -> None:
@@ -220,6 +261,7 @@ class _SplitWriter:
 def load_tokenizer(name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    check_name("model.tokenizer", name)
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision)
     except Exception as e:

@@ -15,7 +15,7 @@ sys.path.insert(0, PACKAGE_ROOT)
 
 from loupe.config import Config, check_train_settings, stage_settings  # noqa: E402
 from loupe.errors import LoupeError  # noqa: E402
-from loupe.tokens import check_sources  # noqa: E402
+from loupe.tokens import check_hub_ids, check_sources  # noqa: E402
 
 # Validated once (one line naming the key on error); the schema's defaults filled in. The local
 # inputs are checked here, before any job: Snakemake deletes a job's old outputs before it
@@ -27,6 +27,16 @@ try:
     check_train_settings(Config.from_dict(config))
 except LoupeError as e:
     raise WorkflowError(str(e)) from None
+
+
+
+onstart:
+    # Hub ids offline only when jobs are about to run: a dry run plans without the cache.
+    try:
+        check_hub_ids(Config.from_dict(config), built=set(BUILT))
+    except LoupeError as e:
+        raise WorkflowError(str(e)) from None
+
 
 LAYERS = config["model"]["layers"]
 TOKENS = "results/tokens"
