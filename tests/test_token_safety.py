@@ -200,7 +200,7 @@ def test_a_truncated_split_is_one_line(splits):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(LoupeError) as e:
         open_split(path)
-    assert "is truncated or corrupt" in str(e.value) and "rerun tokenize" in str(e.value)
+    assert "is truncated or corrupt" in str(e.value) and "and run again" in str(e.value)
 
 
 def test_one_test_tells_local_paths_from_hub_ids(tmp_path, monkeypatch):
@@ -243,3 +243,39 @@ def test_offline_a_hub_id_missing_from_the_cache_is_not_found(tmp_path, monkeypa
         check_hub_ids(typed(s))
     (tmp_path / "hub" / "models--someone--no-such-model").mkdir(parents=True)
     check_hub_ids(typed(s))
+
+
+def test_a_bit_flipped_split_leads_out_of_the_loop(tmp_path, settings, capfd):
+    """Issue 27 #2: a split damaged in place (same size) made training advise deleting the
+    manifest; tokenize then relinked the same damaged copy from its store, unchecked."""
+    good = small(settings)
+    out = tmp_path / "tokens"
+    tokenize(typed(good), out)
+    before = split_bytes(out)
+    a = np.load(out / "train.npy", mmap_mode="r+")  # through the hard link: the store too
+    a[5, 5] ^= 1
+    a.flush()
+    del a
+    capfd.readouterr()
+    code = cli.main(
+        [
+            "--log", str(tmp_path / "train.log"),
+            "train", "--config", json.dumps(good), "--layers", "1",
+            "--tokens", str(out / "train.npy"), "--manifest", str(out / MANIFEST),
+            "--out-dir", str(tmp_path / "layer_1"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+        ]
+    )  # fmt: skip
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        f"loupe train: error: token split {out / 'train.npy'} does not match its manifest's"
+        f" sha256: delete {out / MANIFEST} and run again (tokenize checks its stored copy and"
+        " tokenizes again if that is damaged too)"
+    ]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "layer_1").exists()
+    # Following the advice: the damaged store is set aside, not relinked; the same splits again.
+    (out / MANIFEST).unlink()
+    tokenize(typed(good), out)
+    assert split_bytes(out) == before
+    store = out / STORE / store_key(typed(good))
+    assert (store.parent / f"{store.name}.damaged" / "train.npy").is_file()
+    open_split(out / "train.npy", read_manifest(out / MANIFEST))

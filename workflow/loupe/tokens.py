@@ -181,6 +181,9 @@ def iter_texts(spec: DatasetConfig, seed: int, shuffle_buffer: int, stats=None) 
         return
     from datasets import load_dataset
 
+    # datasets logs through its own handler on the terminal's stderr, bound at import: its
+    # records go to the root logger (the rule's log) instead, the terminal gets one line.
+    logging.getLogger("datasets").handlers.clear()
     source, kwargs = resolve_source(spec)
     files = kwargs.get("data_files") or []
     where = f"dataset {spec.path!r}" + (
@@ -293,16 +296,27 @@ def link_into(store: Path, out_dir: Path) -> None:
         os.replace(tmp, dst)
 
 
-def _stored(store: Path, rows: dict[str, int], ctx_len: int) -> bool:
-    """A complete split set in `store`: its manifest, and every split of the right shape."""
+def _reusable(store: Path) -> bool:
+    """Whether `store` holds a complete, intact split set: its manifest, and every split
+    matching it (open_split: shape, dtype, sha256, token ids). A damaged set (a bit flipped in
+    place reaches the store too: the outputs are hard links to it) is moved aside to
+    `{key}.damaged`, never relinked, so deleting the manifest really tokenizes again."""
     if not (store / MANIFEST).is_file():
         return False
     try:
-        return all(
-            np.load(store / f"{s}.npy", mmap_mode="r").shape == (rows[s], ctx_len) for s in SPLITS
+        manifest = read_manifest(store / MANIFEST)
+        for s in SPLITS:
+            open_split(store / f"{s}.npy", manifest)
+    except LoupeError as e:
+        aside = store.with_name(f"{store.name}.damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(store, aside)
+        store.mkdir()
+        log.warning(
+            "stored token splits damaged (%s): moved them to %s, tokenizing again", e, aside
         )
-    except (OSError, ValueError, EOFError):
         return False
+    return True
 
 
 def _check_disk(folder: Path, needed: int) -> None:
@@ -328,7 +342,7 @@ def tokenize(config: Config, out_dir: Path, threads: int = 1) -> dict:
     removed = remove_stale_tmp(store) + remove_stale_tmp(out_dir)
     if removed:
         log.info("removed %d temporary files of killed tokenize jobs", removed)
-    if _stored(store, rows, spec.ctx_len):
+    if _reusable(store):
         link_into(store, out_dir)
         log.info("reused the token splits tokenized before with these settings (%s)", store)
         return read_manifest(out_dir / MANIFEST)
@@ -472,7 +486,10 @@ def open_split(path: str | Path, manifest: dict | None = None) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise LoupeError(f"token split not found: {path} (run the tokenize rule first)")
-    rerun = f"rerun tokenize (delete {path.parent / MANIFEST})"
+    rerun = (
+        f"delete {path.parent / MANIFEST} and run again (tokenize checks its stored copy and"
+        " tokenizes again if that is damaged too)"
+    )
     try:
         arr = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
