@@ -23,6 +23,7 @@ from .errors import LoupeError
 from .progress import setup_logging
 
 CONFIG_ENV = "LOUPE_CONFIG"
+INTERRUPTED = "nothing finished is lost: run it again (training resumes from its last checkpoint)"
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.log:
             print(f"loupe {args.command}: error: {e}", file=terminal)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: no traceback through sparsify and torch. Every output is written whole or
+        # not at all, and training resumes from its last checkpoint.
+        line = f"loupe {args.command}: interrupted (Ctrl-C); {INTERRUPTED}"
+        print(line, file=terminal)
+        for path in args.log or []:
+            with open(path, "a") as f:
+                print(line, file=f)
+        return 130
     return 0
 
 
