@@ -337,6 +337,23 @@ def check_train_settings(
         raise LoupeError(f"train.exclude_tokens {outside} outside the vocabulary ({vocab} ids)")
 
 
+def check_yaml(path: str | Path) -> None:
+    """One line naming the file and the line of a YAML mistake in a config file (Snakemake's
+    own message names neither)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoupeError(f"config file {path} cannot be read: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LoupeError(f"config file {path}{where} is not valid YAML: {what}") from None
+
+
 # --- the schema -------------------------------------------------------------------------------
 
 

@@ -13,9 +13,26 @@ min_version("9.21")
 PACKAGE_ROOT = os.path.join(workflow.basedir, "workflow")
 sys.path.insert(0, PACKAGE_ROOT)
 
-from loupe.config import Config, check_train_settings, stage_settings  # noqa: E402
+from loupe.config import (  # noqa: E402
+    Config,
+    check_train_settings,
+    check_yaml,
+    stage_settings,
+)
 from loupe.errors import LoupeError  # noqa: E402
 from loupe.tokens import check_hub_ids, check_sources  # noqa: E402
+
+# The workflow's config.yaml, read here rather than in the Snakefile: Snakemake's own message for
+# a YAML mistake names neither the file nor the line. (Files given with --configfile are read
+# by Snakemake's command line before any of this runs: their YAML mistakes get its message.)
+try:
+    check_yaml("config.yaml")
+except LoupeError as e:
+    raise WorkflowError(str(e)) from None
+
+
+configfile: "config.yaml"
+
 
 # Validated once (one line naming the key on error); the schema's defaults filled in. The local
 # inputs are checked here, before any job: Snakemake deletes a job's old outputs before it
@@ -27,7 +44,6 @@ try:
     check_train_settings(Config.from_dict(config))
 except LoupeError as e:
     raise WorkflowError(str(e)) from None
-
 
 
 onstart:
