@@ -203,6 +203,13 @@ def _log_to(paths: list[Path] | None):
         logging.root.handlers[:] = handlers
 
 
+def error_line(command: str, error: LoupeError) -> str:
+    """The one line a LoupeError prints, also when it quotes a library's message of several
+    lines (torch's state-dict size mismatches list one line per tensor)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"loupe {command}: error: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     terminal = sys.stderr
@@ -215,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run(args)
             except LoupeError as e:
-                print(f"loupe {args.command}: error: {e}", file=sys.stderr)
+                print(error_line(args.command, e), file=sys.stderr)
                 raise
     except LoupeError as e:
         # The log has it too; the terminal gets exactly one line.
         if args.log:
-            print(f"loupe {args.command}: error: {e}", file=terminal)
+            print(error_line(args.command, e), file=terminal)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C: no traceback through sparsify and torch. Every output is written whole or

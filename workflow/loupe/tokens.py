@@ -363,7 +363,7 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
     rows = spec.rows()
     rng = np.random.default_rng(spec.seed)
     total_rows = sum(rows.values())
-    docs = tokens_seen = 0
+    docs = tokens_seen = blank = 0
     start = time.perf_counter()
     stream_stats = None
     if dataset.redpajama is not None:
@@ -399,7 +399,14 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
                     f"corpus too small: collected {found:,} of {total_rows * spec.ctx_len:,}"
                     f" tokens ({filled()}) from {docs:,} documents{more}"
                 )
-            encoded = tok(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            # A document of only whitespace has no word to learn from: skipped, counted.
+            kept = [text for text in batch if text.strip()]
+            blank += len(batch) - len(kept)
+            encoded = (
+                tok(kept, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+                if kept
+                else []
+            )
             for ids in encoded:
                 docs += 1
                 open_splits = [s for s in SPLITS if not writers[s].full]
@@ -420,6 +427,8 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
             w.discard()
         raise
     elapsed = time.perf_counter() - start
+    if blank:
+        log.info("skipped %s documents that are only whitespace", f"{blank:,}")
     log.info(
         "tokenized %s documents into %s rows (%s tokens) in %.1fs: %.0f tokens/s",
         f"{docs:,}",
