@@ -279,3 +279,35 @@ def test_a_bit_flipped_split_leads_out_of_the_loop(tmp_path, settings, capfd):
     store = out / STORE / store_key(typed(good))
     assert (store.parent / f"{store.name}.damaged" / "train.npy").is_file()
     open_split(out / "train.npy", read_manifest(out / MANIFEST))
+
+
+def test_a_dataset_folder_with_symlink_loops(tmp_path, settings):
+    """Not yet tried in issue 27: a folder linking to itself is read once; a file link that
+    loops is one line at workflow start (it was a traceback)."""
+    from loupe.tokens import resolve_source
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.jsonl").write_text('{"text": "one"}\n')
+    (data / "sub" / "b.jsonl").write_text('{"text": "two"}\n')
+    (data / "sub" / "up").symlink_to("..")  # data/sub/up/sub/up/... forever
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "c.jsonl").write_text('{"text": "three"}\n')
+    (data / "linked").symlink_to(tmp_path / "more")  # a folder assembled from links
+    s = small(settings, path=str(data))
+    check_sources(typed(s))
+    _, kwargs = resolve_source(typed(s).dataset)
+    assert kwargs["data_files"] == [
+        str(data / "a.jsonl"),
+        str(data / "linked" / "c.jsonl"),
+        str(data / "sub" / "b.jsonl"),
+    ]
+    (data / "loop.jsonl").symlink_to("loop.jsonl")
+    with pytest.raises(LoupeError) as e:
+        check_sources(typed(s))
+    assert str(e.value) == (
+        f"dataset path {data}: {data / 'loop.jsonl'} is a broken symlink or a symlink loop"
+    )
+    s = small(settings, path=str(data / "loop.jsonl"))
+    with pytest.raises(LoupeError, match="^dataset.path: .*loop.jsonl is a broken symlink"):
+        check_sources(typed(s))

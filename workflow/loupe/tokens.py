@@ -76,6 +76,8 @@ def check_name(key: str, name: str) -> None:
     exist (else transformers and datasets try the hub and blame the network), or, with
     HF_HUB_OFFLINE set, a hub id that is not in the Hugging Face cache."""
     if is_local(name):
+        if os.path.islink(name) and not os.path.exists(name):
+            raise LoupeError(f"{key}: {name} is a broken symlink or a symlink loop")
         if not os.path.exists(os.path.expanduser(name)):
             raise LoupeError(f"{key}: not found: {name} (no such local file or folder)")
         return
@@ -101,9 +103,12 @@ def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
     if is_local(spec.path):
         check_name("dataset.path", spec.path)
         path = Path(spec.path).expanduser()
-        files = (
-            sorted(p for p in path.rglob("*") if _builder_for(p.name)) if path.is_dir() else [path]
-        )
+        files = _data_files(path) if path.is_dir() else [path]
+        for f in files:
+            if not f.is_file():
+                raise LoupeError(
+                    f"dataset path {spec.path}: {f} is a broken symlink or a symlink loop"
+                )
         builders = {_builder_for(p.name) for p in files}
         if not files or None in builders:
             raise LoupeError(
@@ -122,6 +127,20 @@ def _names(config: Config, built: set[str]) -> list[tuple[str, str]]:
     if not d.data_files:
         named.append(("dataset.path", d.path))
     return [(key, name) for key, name in named if name and name not in built]
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The data files under `folder`, following symlinked folders (a dataset assembled from
+    links) but each real folder once: a symlink loop ends the descent instead of recursing."""
+    seen, found = set(), []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(root, f) for f in files if _builder_for(f)]
+    return sorted(found)
 
 
 def check_sources(config: Config, built: set[str] = frozenset()) -> None:
