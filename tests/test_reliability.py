@@ -65,3 +65,12 @@ def test_a_missing_local_folder_is_not_found_at_workflow_start(checkout, key):
     (checkout / "override.yaml").write_text(f"{section}:\n  {name}: results/no_such_model\n")
     err = stops_before_any_job(checkout, "override.yaml")
     assert f"{key}: not found: results/no_such_model (no such local file or folder)" in err
+
+
+@pytest.mark.parametrize("key", ["repo", "space"])
+def test_an_invalid_hub_id_stops_the_workflow_at_start(checkout, key):
+    """Not yet tried in issue 27: invalid hub.repo / hub.space ids passed the schema's
+    owner/name pattern; the upload, after every other stage, could not create them."""
+    (checkout / "override.yaml").write_text(f"hub:\n  {key}: me/gemma--loupe\n")
+    err = stops_before_any_job(checkout, "override.yaml")
+    assert f"config error at hub/{key}: Cannot have -- or .. in repo_id: 'me/gemma--loupe'" in err

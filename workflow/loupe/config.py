@@ -406,6 +406,9 @@ def validate(data: dict, schema: dict | None = None) -> dict:
         dataset = data.get("dataset") or {}
         if (dataset.get("path") is None) == (dataset.get("redpajama") is None):
             raise LoupeError("config error at dataset: give exactly one of path and redpajama")
+        for key in ("repo", "space"):
+            if name := (data.get("hub") or {}).get(key):
+                _check_repo_id(f"hub/{key}", name)
         return data
     key = "/".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties":
@@ -416,6 +419,17 @@ def validate(data: dict, schema: dict | None = None) -> dict:
             f" (known keys here: {', '.join(known)})"
         )
     raise LoupeError(f"config error at {key or '(top level)'}: {error.message}")
+
+
+def _check_repo_id(key: str, name: str) -> None:
+    """The Hub's own rules for a repo id (characters, length, no `--`), checked at start: else
+    the staged card names a repo that the upload, hours later, cannot create."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise LoupeError(f"config error at {key}: {e}") from None
 
 
 def stage_settings(data: dict, stage: str, schema: dict | None = None) -> dict:
