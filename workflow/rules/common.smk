@@ -20,7 +20,7 @@ from loupe.config import (  # noqa: E402
     stage_settings,
 )
 from loupe.errors import LoupeError  # noqa: E402
-from loupe.tokens import check_hub_ids, check_sources  # noqa: E402
+from loupe.tokens import check_hub_ids, check_sources, store_key  # noqa: E402
 
 # The workflow's config.yaml, read here rather than in the Snakefile: Snakemake's own message for
 # a YAML mistake names neither the file nor the line. (Files given with --configfile are read
@@ -54,6 +54,12 @@ onstart:
         raise WorkflowError(str(e)) from None
 
 
+# The token splits' identity: the key of their store (loupe.tokens.store_key, the hash of the
+# settings that make them). Rules reading the splits take them as ancient() and this as a
+# param: tokenize ends by touching its outputs, hard links into the store, so returning to
+# earlier token settings (a relink) would otherwise look like new tokens and rerun every GPU
+# stage; other settings change this key, and so rerun them.
+TOKENS_KEY = store_key(Config.from_dict(config))
 LAYERS = config["model"]["layers"]
 TOKENS = "results/tokens"
 LAYER_DIR = "results/layer_{layer}"
