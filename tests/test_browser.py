@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from browser_repo import build_synthetic_repo
 
-from loupe.browse import make_server, serve, space_folder, suite_manifest
+from loupe.browse import ASSETS, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
 
 CHROMIUM_ARGS = [
@@ -433,3 +433,14 @@ def test_server_stays_in_its_folder_and_answers_only_its_own_host(tmp_path):
         server.shutdown()
         server.server_close()
     assert secret.read_text() == "outside" and (site / "data" / "a.txt").read_text() == "inside"
+
+
+def test_the_page_never_turns_data_into_markup():
+    """README: data read through ?base= or ?repo= (any origin) is shown as text. The page's
+    own scripts set no HTML from strings; markup in a token is rendered as text (the e2e
+    browser tests show tokens through textContent)."""
+    sinks = re.compile(
+        r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function"
+    )
+    for script in sorted(ASSETS.glob("*.js")):
+        assert not sinks.search(script.read_text()), script.name

@@ -3,12 +3,23 @@ problem, Snakemake stops with exit status 1 before any job, and finished files s
 
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
-from conftest import copy_workflow, run_snakemake
+from conftest import copy_workflow, run_snakemake, snakemake_env
 
 from loupe.config import check_yaml
 from loupe.errors import LoupeError
 
+TOKENS_TARGET = "results/tokens/manifest.json"
+SAE_TARGET = "results/layer_3/sae.safetensors"
 DEMO = ("--profile", "profiles/demo", "--configfile", "profiles/demo/demo-config.yaml")
 
 
@@ -74,3 +85,107 @@ def test_an_invalid_hub_id_stops_the_workflow_at_start(checkout, key):
     (checkout / "override.yaml").write_text(f"hub:\n  {key}: me/gemma--loupe\n")
     err = stops_before_any_job(checkout, "override.yaml")
     assert f"config error at hub/{key}: Cannot have -- or .. in repo_id: 'me/gemma--loupe'" in err
+
+
+# --- after a finished demo (e2e) --------------------------------------------------------------
+
+
+def demo_copy(demo_run, tmp_path):
+    return Path(shutil.copytree(demo_run, tmp_path / "run", symlinks=True))
+
+
+def digests(folder: Path, pattern: str) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.glob(pattern))
+    }
+
+
+def run(work, *args, check=True):
+    proc = run_snakemake(work, "--profile", "profiles/demo", *args, check=check)
+    return proc, proc.stdout + proc.stderr
+
+
+def jobs_run(text: str) -> set[str]:
+    return set(re.findall(r"^rule (\w+):", text, re.M)) - {"all"}
+
+
+@pytest.mark.e2e
+def test_going_back_to_earlier_token_settings_reruns_nothing(demo_run, tmp_path):
+    """Issue 27 #1: the relinked splits were touched by Snakemake at the end of tokenize (and
+    with them the store's copy): the run with the original settings reran train, maxact and
+    evaluate of every layer, summary and stage (21 jobs)."""
+    work = demo_copy(demo_run, tmp_path)
+    finished = digests(work, "results/layer_*/*")
+    # A tokenize that fails (a column the corpus lacks): Snakemake removed the links first.
+    (work / "bad.yaml").write_text("dataset:\n  text_column: nope\n")
+    proc, text = run(
+        work, "--configfile", "profiles/demo/demo-config.yaml", "bad.yaml", check=False
+    )
+    assert proc.returncode == 1 and "loupe tokenize: error: text column 'nope' not in" in text
+    # Other token settings, tokenized (only the splits asked for).
+    (work / "seed.yaml").write_text("tokens:\n  seed: 7\n")
+    run(work, "--configfile", "profiles/demo/demo-config.yaml", "seed.yaml", TOKENS_TARGET)
+    # Back to the demo's settings: the stored splits are relinked, and nothing else runs.
+    _, text = run(work)
+    assert jobs_run(text) == {"tokenize"}
+    assert "reused the token splits" in (work / "results/tokens/tokenize.log").read_text()
+    _, text = run(work, "-n")
+    assert "Nothing to be done" in text
+    assert digests(work, "results/layer_*/*") == finished
+
+
+@pytest.mark.e2e
+def test_a_republished_sae_reruns_nothing_downstream_at_real_sizes(demo_run, tmp_path):
+    """Issue 27 #1: an SAE republished from its finished checkpoint has a new mtime, and
+    Snakemake compares by checksum only files under --max-checksum-file-size (1 MB; the
+    demo's SAEs are smaller, so the limit here is set below their size, as for real SAEs)."""
+    work = demo_copy(demo_run, tmp_path)
+    sae = work / "results/layer_3/sae.safetensors"
+    before = sae.read_bytes()
+    real_sizes = ("--max-checksum-file-size", str(sae.stat().st_size // 2))
+    sae.unlink()
+    _, text = run(work, "results/layer_3/sae.safetensors", *real_sizes)
+    assert jobs_run(text) == {"train"}
+    assert "had finished training" in (work / "results/layer_3/train.log").read_text()
+    assert sae.read_bytes() == before
+    _, text = run(work, "-n", *real_sizes)
+    assert "Nothing to be done" in text
+
+
+@pytest.mark.e2e
+def test_killing_only_snakemake_while_training_loses_nothing(demo_run, tmp_path):
+    """Issue 27 #7: killed Snakemake leaves its jobs' outputs marked incomplete; the orphaned
+    train job finishes them, and the next run stopped with IncompleteFilesException. The
+    profiles make them again (rerun-incomplete): training republishes its finished checkpoint."""
+    import psutil
+
+    work = demo_copy(demo_run, tmp_path)
+    for name in ("sae.safetensors", "cfg.json", "train_metrics.jsonl", "sae.sha256"):
+        (work / "results/layer_3" / name).unlink()
+    shutil.rmtree(work / "results/checkpoints/layer_3")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", "--profile", "profiles/demo", SAE_TARGET],
+        cwd=work, env=snakemake_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    state = work / "results/checkpoints/layer_3/state"
+    try:
+        deadline = time.time() + 300
+        while not state.exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        orphans = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)  # Snakemake only: its train job runs on
+        proc.wait()
+        assert any(p.is_running() for p in orphans)
+        psutil.wait_procs(orphans, timeout=600)
+    finally:
+        proc.kill()
+        proc.wait()
+    sae = work / "results/layer_3/sae.safetensors"
+    trained = sae.read_bytes()  # the orphan finished it
+    proc, text = run(work, SAE_TARGET, check=False)
+    assert proc.returncode == 0 and "IncompleteFilesException" not in text, text[-3000:]
+    assert jobs_run(text) == {"train"}
+    assert "had finished training" in (work / "results/layer_3/train.log").read_text()
+    assert sae.read_bytes() == trained
