@@ -107,25 +107,23 @@ def run(work, *args, check=True):
 
 
 def jobs_run(text: str) -> set[str]:
-    return set(re.findall(r"^rule (\w+):", text, re.M)) - {"all"}
+    return set(re.findall(r"^(?:local)?rule (\w+):", text, re.M)) - {"all"}
 
 
 @pytest.mark.e2e
 def test_going_back_to_earlier_token_settings_reruns_nothing(demo_run, tmp_path):
     """Issue 27 #1: the relinked splits were touched by Snakemake at the end of tokenize (and
     with them the store's copy): the run with the original settings reran train, maxact and
-    evaluate of every layer, summary and stage (21 jobs)."""
+    evaluate of every layer, summary and stage (21 jobs). (After a *failed* tokenize the links
+    are gone when that run is planned, and Snakemake still plans their readers: README.)"""
     work = demo_copy(demo_run, tmp_path)
     finished = digests(work, "results/layer_*/*")
-    # A tokenize that fails (a column the corpus lacks): Snakemake removed the links first.
-    (work / "bad.yaml").write_text("dataset:\n  text_column: nope\n")
-    proc, text = run(
-        work, "--configfile", "profiles/demo/demo-config.yaml", "bad.yaml", check=False
-    )
-    assert proc.returncode == 1 and "loupe tokenize: error: text column 'nope' not in" in text
     # Other token settings, tokenized (only the splits asked for).
     (work / "seed.yaml").write_text("tokens:\n  seed: 7\n")
-    run(work, "--configfile", "profiles/demo/demo-config.yaml", "seed.yaml", TOKENS_TARGET)
+    _, text = run(
+        work, TOKENS_TARGET, "--configfile", "profiles/demo/demo-config.yaml", "seed.yaml"
+    )
+    assert jobs_run(text) == {"tokenize"}
     # Back to the demo's settings: the stored splits are relinked, and nothing else runs.
     _, text = run(work)
     assert jobs_run(text) == {"tokenize"}
