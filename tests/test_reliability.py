@@ -153,9 +153,10 @@ def test_a_republished_sae_reruns_nothing_downstream_at_real_sizes(demo_run, tmp
 
 @pytest.mark.e2e
 def test_killing_only_snakemake_while_training_loses_nothing(demo_run, tmp_path):
-    """Issue 27 #7: killed Snakemake leaves its jobs' outputs marked incomplete; the orphaned
-    train job finishes them, and the next run stopped with IncompleteFilesException. The
-    profiles make them again (rerun-incomplete): training republishes its finished checkpoint."""
+    """Issue 27 #7: a killed Snakemake leaves its jobs' outputs marked incomplete; the orphaned
+    train job finishes them, and the next run stopped with IncompleteFilesException. Every
+    profile now makes them again (rerun-incomplete; the demo's lacked it): training republishes
+    its finished checkpoint, the same bytes."""
     import psutil
 
     work = demo_copy(demo_run, tmp_path)
@@ -182,6 +183,11 @@ def test_killing_only_snakemake_while_training_loses_nothing(demo_run, tmp_path)
         proc.wait()
     sae = work / "results/layer_3/sae.safetensors"
     trained = sae.read_bytes()  # the orphan finished it
+    # A killed Snakemake leaves its lock: its own message says to run --unlock (a SIGTERM
+    # would have stopped the train job with it: no orphan).
+    proc, text = run(work, SAE_TARGET, check=False)
+    assert proc.returncode == 1 and "LockException" in text and "--unlock" in text
+    run(work, "--unlock")
     proc, text = run(work, SAE_TARGET, check=False)
     assert proc.returncode == 0 and "IncompleteFilesException" not in text, text[-3000:]
     assert jobs_run(text) == {"train"}
