@@ -3,9 +3,6 @@
 # (workflow/loupe/), which every rule calls through `python -m loupe <stage>`.
 
 
-configfile: "config.yaml"
-
-
 include: "workflow/rules/common.smk"
 
 

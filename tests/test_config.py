@@ -157,6 +157,13 @@ def test_config_builds_once_with_defaults_from_the_schema():
             {"dataset": {"redpajama": {"snapshots": ["2023-14"], "shard_count": 2}}},
             "config error at dataset: give exactly one of path and redpajama",
         ),
+        # The Hub's own rules, at start: the upload could not create these hours later.
+        ({"hub": {"repo": "me/gemma..loupe"}}, "config error at hub/repo: Cannot have -- or .."),
+        (
+            {"hub": {"space": "me/browser!"}},
+            "config error at hub/space: Repo id must use alphanumeric chars",
+        ),
+        ({"hub": {"repo": "me/loupe.git"}}, "config error at hub/repo: Repo_id cannot end by"),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(patch, message):

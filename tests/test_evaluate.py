@@ -387,3 +387,31 @@ def test_cli_rejects_stats_of_another_sae_in_one_line(
     argv[argv.index("--layer") + 1] = "9"
     assert cli_main(argv) == 2
     assert "layer 9 is not in model.layers" in capsys.readouterr().err
+
+
+def test_an_sae_whose_cfg_does_not_match_its_weights_is_one_line(
+    tmp_path, settings, trained_layer, token_dir, capfd
+):
+    """Issue 27 #8: torch's state-dict error lists one line per tensor; the CLI prints one."""
+    from loupe import cli
+
+    sae = shutil.copytree(trained_layer, tmp_path / "layer_2")
+    cfg = json.loads((sae / "cfg.json").read_text())
+    cfg["num_latents"] = 2 * (cfg["num_latents"] or cfg["d_in"] * cfg["expansion_factor"])
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    weights = (sae / "sae.safetensors").read_bytes()
+    capfd.readouterr()
+    code = cli.main(
+        [
+            "--log", str(tmp_path / "evaluate.log"), "evaluate", "--config", json.dumps(settings),
+            "--layer", "2", "--sae", str(sae / "sae.safetensors"),
+            "--tokens", str(token_dir / "eval.npy"), "--manifest", str(token_dir / "manifest.json"),
+            "--stats", str(tmp_path / "stats.parquet"), "--metrics", str(tmp_path / "eval.json"),
+        ]
+    )  # fmt: skip
+    err = capfd.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"loupe evaluate: error: cannot load SAE from {sae}: RuntimeError:")
+    assert "size mismatch for encoder.weight" in err[0] and "size mismatch for W_dec" in err[0]
+    assert (sae / "sae.safetensors").read_bytes() == weights
+    assert not (tmp_path / "eval.json").exists()

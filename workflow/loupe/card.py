@@ -22,6 +22,7 @@ from .errors import LoupeError
 from .layout import SAE_CFG, SAE_WEIGHTS, Layout, example_layer
 from .metrics import METRICS
 from .saelens import release_name
+from .tokens import is_local
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
@@ -159,7 +160,7 @@ def _histogram_bins(stats: Path) -> int:
 
 def _is_hub_id(name: str | None) -> bool:
     """A hub id (owner/name), not a local folder: only those go into the card's metadata."""
-    return bool(name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists())
+    return bool(name and "/" in name and not is_local(name))
 
 
 def card_data(config: Config) -> ModelCardData:

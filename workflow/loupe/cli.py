@@ -23,6 +23,7 @@ from .errors import LoupeError
 from .progress import setup_logging
 
 CONFIG_ENV = "LOUPE_CONFIG"
+INTERRUPTED = "nothing finished is lost: run it again (training resumes from its last checkpoint)"
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,13 @@ def _log_to(paths: list[Path] | None):
         logging.root.handlers[:] = handlers
 
 
+def error_line(command: str, error: LoupeError) -> str:
+    """The one line a LoupeError prints, also when it quotes a library's message of several
+    lines (torch's state-dict size mismatches list one line per tensor)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"loupe {command}: error: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     terminal = sys.stderr
@@ -224,13 +232,22 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run(args)
             except LoupeError as e:
-                print(f"loupe {args.command}: error: {e}", file=sys.stderr)
+                print(error_line(args.command, e), file=sys.stderr)
                 raise
     except LoupeError as e:
         # The log has it too; the terminal gets exactly one line.
         if args.log:
-            print(f"loupe {args.command}: error: {e}", file=terminal)
+            print(error_line(args.command, e), file=terminal)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: no traceback through sparsify and torch. Every output is written whole or
+        # not at all, and training resumes from its last checkpoint.
+        line = f"loupe {args.command}: interrupted (Ctrl-C); {INTERRUPTED}"
+        print(line, file=terminal)
+        for path in args.log or []:
+            with open(path, "a") as f:
+                print(line, file=f)
+        return 130
     return 0
 
 

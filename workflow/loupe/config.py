@@ -358,6 +358,23 @@ def check_train_settings(
         raise LoupeError(f"train.exclude_tokens {outside} outside the vocabulary ({vocab} ids)")
 
 
+def check_yaml(path: str | Path) -> None:
+    """One line naming the file and the line of a YAML mistake in a config file (Snakemake's
+    own message names neither)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoupeError(f"config file {path} cannot be read: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LoupeError(f"config file {path}{where} is not valid YAML: {what}") from None
+
+
 # --- the schema -------------------------------------------------------------------------------
 
 
@@ -410,6 +427,9 @@ def validate(data: dict, schema: dict | None = None) -> dict:
         dataset = data.get("dataset") or {}
         if (dataset.get("path") is None) == (dataset.get("redpajama") is None):
             raise LoupeError("config error at dataset: give exactly one of path and redpajama")
+        for key in ("repo", "space"):
+            if name := (data.get("hub") or {}).get(key):
+                _check_repo_id(f"hub/{key}", name)
         return data
     key = "/".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties":
@@ -420,6 +440,17 @@ def validate(data: dict, schema: dict | None = None) -> dict:
             f" (known keys here: {', '.join(known)})"
         )
     raise LoupeError(f"config error at {key or '(top level)'}: {error.message}")
+
+
+def _check_repo_id(key: str, name: str) -> None:
+    """The Hub's own rules for a repo id (characters, length, no `--`), checked at start: else
+    the staged card names a repo that the upload, hours later, cannot create."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise LoupeError(f"config error at {key}: {e}") from None
 
 
 def stage_settings(data: dict, stage: str, schema: dict | None = None) -> dict:

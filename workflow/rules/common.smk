@@ -13,9 +13,26 @@ min_version("9.21")
 PACKAGE_ROOT = os.path.join(workflow.basedir, "workflow")
 sys.path.insert(0, PACKAGE_ROOT)
 
-from loupe.config import Config, check_train_settings, stage_settings  # noqa: E402
+from loupe.config import (  # noqa: E402
+    Config,
+    check_train_settings,
+    check_yaml,
+    stage_settings,
+)
 from loupe.errors import LoupeError  # noqa: E402
-from loupe.tokens import check_sources  # noqa: E402
+from loupe.tokens import check_hub_ids, check_sources, store_key  # noqa: E402
+
+# The workflow's config.yaml, read here rather than in the Snakefile: Snakemake's own message for
+# a YAML mistake names neither the file nor the line. (Files given with --configfile are read
+# by Snakemake's command line before any of this runs: their YAML mistakes get its message.)
+try:
+    check_yaml("config.yaml")
+except LoupeError as e:
+    raise WorkflowError(str(e)) from None
+
+
+configfile: "config.yaml"
+
 
 # Validated once (one line naming the key on error); the schema's defaults filled in. The local
 # inputs are checked here, before any job: Snakemake deletes a job's old outputs before it
@@ -28,6 +45,21 @@ try:
 except LoupeError as e:
     raise WorkflowError(str(e)) from None
 
+
+onstart:
+    # Hub ids offline only when jobs are about to run: a dry run plans without the cache.
+    try:
+        check_hub_ids(Config.from_dict(config), built=set(BUILT))
+    except LoupeError as e:
+        raise WorkflowError(str(e)) from None
+
+
+# The token splits' identity: the key of their store (loupe.tokens.store_key, the hash of the
+# settings that make them). Rules reading the splits take them as ancient() and this as a
+# param: tokenize ends by touching its outputs, hard links into the store, so returning to
+# earlier token settings (a relink) would otherwise look like new tokens and rerun every GPU
+# stage; other settings change this key, and so rerun them.
+TOKENS_KEY = store_key(Config.from_dict(config))
 LAYERS = config["model"]["layers"]
 TOKENS = "results/tokens"
 LAYER_DIR = "results/layer_{layer}"

@@ -1,9 +1,12 @@
 rule evaluate:
     input:
-        sae=rules.train.output.sae,
+        # ancient: files judged by content, not mtime (see common.smk, TOKENS_KEY): the SAE
+        # by its digest (a small file Snakemake compares by checksum), the splits by params.tokens
+        sae=ancient(str(rules.train.output.sae)),
+        digest=rules.train.output.digest,
         cfg=rules.train.output.cfg,
-        tokens=rules.tokenize.output.eval,
-        manifest=rules.tokenize.output.manifest,
+        tokens=ancient(str(rules.tokenize.output.eval)),
+        manifest=ancient(str(rules.tokenize.output.manifest)),
         stats=rules.maxact.output.stats,
         model=model_inputs,
     output:
@@ -20,6 +23,7 @@ rule evaluate:
         runtime=120,
     params:
         layer=checked_layer,
+        tokens=TOKENS_KEY,
         settings=settings_for("evaluate"),
     shell:
         "python -m loupe --log {log} evaluate --threads {threads}"

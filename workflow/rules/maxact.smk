@@ -5,10 +5,13 @@
 
 rule maxact:
     input:
-        sae=rules.train.output.sae,
+        # ancient: files judged by content, not mtime (see common.smk, TOKENS_KEY): the SAE
+        # by its digest (a small file Snakemake compares by checksum), the splits by params.tokens
+        sae=ancient(str(rules.train.output.sae)),
+        digest=rules.train.output.digest,
         cfg=rules.train.output.cfg,
-        tokens=rules.tokenize.output.sample,
-        manifest=rules.tokenize.output.manifest,
+        tokens=ancient(str(rules.tokenize.output.sample)),
+        manifest=ancient(str(rules.tokenize.output.manifest)),
         model=model_inputs,
     output:
         examples=f"{LAYER_DIR}/max_activations.parquet",
@@ -27,6 +30,7 @@ rule maxact:
         runtime=360,
     params:
         layer=checked_layer,
+        tokens=TOKENS_KEY,
         settings=settings_for("maxact"),
     shell:
         "python -m loupe --log {log} maxact --threads {threads}"
