@@ -71,6 +71,11 @@ def is_local(name: str) -> bool:
     return "/" in name and os.path.isdir(name.split("/")[0])
 
 
+def is_hub_id(name: str | None) -> bool:
+    """A hub id with an owner (owner/name), not a local path: what links to a Hub page."""
+    return bool(name and "/" in name and not is_local(name))
+
+
 def check_name(key: str, name: str) -> None:
     """One line naming config `key` if `name` cannot be found: a local name that does not
     exist (else transformers and datasets try the hub and blame the network), or, with
