@@ -136,6 +136,7 @@ def test_config_builds_once_with_defaults_from_the_schema():
         per_interval=5,
         top_logits=10,
         batch_size=8,
+        random_windows=1000,
     )
     assert c.model.hookpoint_of(17) == "language_model.layers.17"
     assert c.model.tokenizer_name == c.model.name == "google/gemma-4-E2B"

@@ -72,7 +72,7 @@ COMMANDS = {
     "maxact": Command(
         "loupe.maxact:sample_layer",
         "max-activating examples and feature stats of one layer",
-        ("sae", "tokens", "manifest", "examples", "intervals", "stats", "logits"),
+        ("sae", "tokens", "manifest", "examples", "intervals", "stats", "logits", "random_windows"),
         layer=True,
         threads=True,
     ),

@@ -147,6 +147,7 @@ class MaxactConfig:
     per_interval: int
     top_logits: int
     batch_size: int
+    random_windows: int
 
     @property
     def width(self) -> int:
