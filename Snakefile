@@ -21,10 +21,12 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/publish.smk"
 include: "workflow/rules/neuronpedia.smk"
+include: "workflow/rules/explain.smk"
 
 
 localrules:
     all,
+    explanations,
 
 
 rule all:

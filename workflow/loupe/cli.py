@@ -83,6 +83,12 @@ COMMANDS = {
         layer=True,
         threads=True,
     ),
+    "explain": Command(
+        "loupe.explain:explain_layer",
+        "explanations of one layer's features by an explainer LLM, a sample scored",
+        ("examples", "intervals", "stats", "random_windows", "record", "explanations"),
+        layer=True,
+    ),
     "summary": Command(
         "loupe.summary:summarize",
         "metrics.csv and plots of the whole suite",

@@ -155,6 +155,26 @@ class MaxactConfig:
 
 
 @dataclass(frozen=True)
+class ExplainConfig:
+    """Feature explanations by an explainer LLM, scored with delphi's detection and fuzzing
+    (loupe.explain)."""
+
+    base_url: str | None
+    model: str
+    api_key_env: str | None
+    features: int | str
+    score_features: int
+    scorers: list[str]
+    explain_examples: int
+    score_examples: int
+    examples_per_prompt: int
+    max_tokens: int
+    concurrency: int
+    timeout: float
+    retries: int
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int
     max_tokens: int
@@ -196,6 +216,7 @@ class Config:
     evaluate: EvaluateConfig
     hub: HubConfig
     demo: DemoConfig | None = None
+    explain: ExplainConfig | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:
@@ -245,6 +266,7 @@ SECTIONS = {
     "evaluate": EvaluateConfig,
     "hub": HubConfig,
     "demo": DemoConfig,
+    "explain": ExplainConfig,
 }
 
 # The output-changing keys each stage reads ("section" = all of its output-changing keys,
@@ -276,6 +298,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "maxact",
     ),
     "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
+    "explain": ("model.name", "maxact", "explain"),
     "summary": ("model.name", "model.layers"),
     "stage": (
         "model",
