@@ -4,9 +4,15 @@ examples that contain that token, so a detection score can be computed independe
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -34,8 +40,9 @@ def answer(messages: list[dict]) -> str:
 class Server:
     """ThreadingHTTPServer answering /v1/chat/completions; counts requests by status."""
 
-    def __init__(self, status: int = 200, unparsed: str | None = None):
+    def __init__(self, status: int = 200, unparsed: str | None = None, delay: float = 0.0):
         self.status, self.unparsed, self.requests, self.keys = status, unparsed, 0, []
+        self.delay, self.sent = delay, {}  # request key (loupe's) -> times sent
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,6 +53,10 @@ class Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests += 1
                 outer.keys.append(self.headers.get("Authorization"))
+                key = [body["model"], body["max_tokens"], body["messages"]]
+                key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+                outer.sent[key] = outer.sent.get(key, 0) + 1
+                time.sleep(outer.delay)
                 if outer.status != 200:
                     self.send_response(outer.status)
                     self.end_headers()
@@ -301,3 +312,34 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path, capsys):
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert code == 2 and len(errors) == 1
     assert errors[0].startswith("loupe explain: error: no request to http://127.0.0.1:9/v1/")
+
+
+def test_kill_9_mid_run_resumes_without_resending_answers(tmp_path):
+    """A real job (python -m loupe explain) killed with SIGKILL after some answers: the rerun
+    sends each answered request never again (counted at the server) and finishes every row."""
+    s = Server(delay=0.15)
+    ex, iv, st, rw = _layer_files(tmp_path)
+    raw = demo_config()
+    raw["explain"].update(base_url=s.url, concurrency=2, retries=0, score_features=6)
+    record, out = tmp_path / "record.jsonl", tmp_path / "o.parquet"
+    args = [sys.executable, "-m", "loupe", "explain", "--config", json.dumps(raw)]
+    args += ["--layer", "0", "--examples", str(ex), "--intervals", str(iv), "--stats", str(st)]
+    args += ["--random-windows", str(rw), "--record", str(record), "--explanations", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(explain.__file__).parents[1])}
+    try:
+        job = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (record.exists() and len(record.read_text().splitlines()) >= 5):
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        answered = {json.loads(x)["key"] for x in record.read_text().splitlines() if x.strip()}
+        assert not out.exists() and len(answered) < sum(s.sent.values())  # cut mid-run
+        assert subprocess.run(args, env=env, stderr=subprocess.DEVNULL).returncode == 0
+    finally:
+        s.close()
+    assert all(s.sent[key] == 1 for key in answered)
+    assert sum(s.sent.values()) <= len(s.sent) + 2  # at most the 2 in flight sent twice
+    df = pl.read_parquet(out)
+    assert df["status"].to_list() == ["ok"] * 6 and df["detection"].is_not_null().all()
