@@ -27,6 +27,7 @@ include: "workflow/rules/explain.smk"
 localrules:
     all,
     explanations,
+    explain_dry_run,
 
 
 rule all:

@@ -32,7 +32,8 @@ def answer(messages: list[dict]) -> str:
     if "[EXPLANATION]" in messages[0]["content"]:
         first = re.search(r"<<(.*?)>>", last)
         return f'Thinking.\n[EXPLANATION]: contains "{first.group(1) if first else ""}"'
-    token = re.search(r'Latent explanation: contains "(.*)"', last).group(1)
+    named = re.search(r'Latent explanation: contains "(.*)"', last)
+    token = named.group(1) if named else "\x00"  # any other explanation: all 0
     texts = re.findall(r"^Example \d+: (.*)$", last, re.MULTILINE)
     return json.dumps([int(token in t.replace("<<", "").replace(">>", "")) for t in texts])
 
@@ -40,9 +41,18 @@ def answer(messages: list[dict]) -> str:
 class Server:
     """ThreadingHTTPServer answering /v1/chat/completions; counts requests by status."""
 
-    def __init__(self, status: int = 200, unparsed: str | None = None, delay: float = 0.0):
+    def __init__(
+        self,
+        status: int = 200,
+        unparsed: str | None = None,
+        delay: float = 0.0,
+        explanation: str | None = None,
+        tokenizer=None,
+    ):
         self.status, self.unparsed, self.requests, self.keys = status, unparsed, 0, []
         self.delay, self.sent = delay, {}  # request key (loupe's) -> times sent
+        self.explanation, self.tokenizer, self.prompt_tokens = explanation, tokenizer, 0
+        self.lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,6 +72,12 @@ class Server:
                     self.end_headers()
                     return
                 text = answer(body["messages"])
+                if outer.explanation and "[EXPLANATION]" in text:
+                    text = f"[EXPLANATION]: {outer.explanation}"
+                if outer.tokenizer is not None:
+                    with outer.lock:  # a fast tokenizer is not to be shared across threads
+                        n = explain.count_tokens(outer.tokenizer, body["messages"])
+                        outer.prompt_tokens += n
                 if outer.unparsed and outer.unparsed in body["messages"][-1]["content"]:
                     text = "I cannot tell."
                 reply = {
@@ -343,3 +359,29 @@ def test_kill_9_mid_run_resumes_without_resending_answers(tmp_path):
     assert sum(s.sent.values()) <= len(s.sent) + 2  # at most the 2 in flight sent twice
     df = pl.read_parquet(out)
     assert df["status"].to_list() == ["ok"] * 6 and df["detection"].is_not_null().all()
+
+
+def test_the_dry_run_counts_the_prompts_a_run_sends(tmp_path, tiny_model, capsys):
+    """With the explainer answering the dry run's assumed explanation, a real run sends
+    exactly the requests and prompt tokens the dry run printed."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    s = Server(explanation=explain.ASSUMED_EXPLANATION, tokenizer=tokenizer)
+    files = _layer_files(tmp_path)
+    raw = demo_config()
+    raw["model"]["name"] = str(tiny_model)
+    raw["explain"].update(base_url=s.url, score_features=3, features=5)
+    config = typed(raw)
+    try:
+        dry = explain.explain_dry_run(config, [4], *[[f] for f in files])
+        assert s.requests == 0  # the dry run sends nothing
+        explain.explain_layer(config, 4, *files, tmp_path / "r", tmp_path / "o")
+    finally:
+        s.close()
+    assert dry["tokenizer"] == str(tiny_model)  # the explainer's is not cached offline
+    assert dry["total"]["requests"] == s.requests == 5 + 3 * (1 + 2)
+    assert dry["total"]["prompt_tokens"] == s.prompt_tokens
+    assert 0 < dry["total"]["uncached_prompt_tokens"] < s.prompt_tokens / 2
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].split()[:3] == ["total", "5", "3"] and printed[-2].split()[0] == "4"

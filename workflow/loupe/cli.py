@@ -89,6 +89,12 @@ COMMANDS = {
         ("examples", "intervals", "stats", "random_windows", "record", "explanations"),
         layer=True,
     ),
+    "explain-dry-run": Command(
+        "loupe.explain:explain_dry_run",
+        "print the tokens the explain stage would send, per layer and in total",
+        path_lists=("examples", "intervals", "stats", "random_windows"),
+        layers=True,
+    ),
     "summary": Command(
         "loupe.summary:summarize",
         "metrics.csv and plots of the whole suite",

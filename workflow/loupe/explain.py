@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -374,6 +375,44 @@ def explain_feature(endpoint, spec, feature, shown, held_out, inactive, scored) 
     return row
 
 
+@dataclass
+class Plan:
+    """What a layer's run sends: the features explained and scored, and their examples."""
+
+    chosen: np.ndarray
+    scored: set[int]
+    top: dict[int, list]
+    spread: dict[int, list]
+    inactive: dict[int, list[list[str]]]
+
+    def shown(self, spec: ExplainConfig, f: int) -> list:
+        return self.top.get(int(f), [])[: spec.explain_examples]
+
+    def held_out(self, spec: ExplainConfig, f: int) -> list:
+        """Interval examples not among those shown to the explainer."""
+        seen = {json.dumps(t) for t, _ in self.shown(spec, f)}
+        return [e for e in self.spread.get(int(f), []) if json.dumps(e[0]) not in seen]
+
+
+def plan_layer(
+    spec: ExplainConfig, examples: Path, intervals: Path, stats: Path, random_windows: Path
+) -> Plan:
+    import polars as pl
+
+    feature_stats = pl.read_parquet(stats, columns=["feature", "density", "examples"])
+    live = feature_stats.filter(pl.col("examples") > 0)
+    ids, density = live["feature"].to_numpy(), live["density"].to_numpy()
+    chosen = ids if spec.features == "all" else stratified(ids, density, int(spec.features))
+    scored = stratified(chosen, density[np.isin(ids, chosen)], spec.score_features)
+    return Plan(
+        chosen,
+        set(scored.tolist()),
+        _examples(examples, chosen),
+        _examples(intervals, scored),
+        _inactive_windows(random_windows, scored),
+    )
+
+
 def explain_layer(
     config: Config,
     layer: int,
@@ -386,38 +425,33 @@ def explain_layer(
 ) -> dict:
     """explanations.parquet of one layer: one row per explained feature. Exits with a
     LoupeError only where nothing could be answered at all."""
-    import polars as pl
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     spec = config.explain
     endpoint = Endpoint(spec, record)
-    feature_stats = pl.read_parquet(stats, columns=["feature", "density", "examples"])
-    live = feature_stats.filter(pl.col("examples") > 0)
-    ids, density = live["feature"].to_numpy(), live["density"].to_numpy()
-    chosen = ids if spec.features == "all" else stratified(ids, density, int(spec.features))
-    scored = set(stratified(chosen, density[np.isin(ids, chosen)], spec.score_features).tolist())
-    top = _examples(examples, chosen)
-    spread = _examples(intervals, np.array(sorted(scored)))
-    inactive = _inactive_windows(random_windows, np.array(sorted(scored)))
+    plan = plan_layer(spec, examples, intervals, stats, random_windows)
     log.info(
         "layer %d: explaining %d features with %s at %s, scoring %d (%s)",
-        layer, len(chosen), spec.model, spec.base_url, len(scored), ", ".join(spec.scorers),
+        layer, len(plan.chosen), spec.model, spec.base_url, len(plan.scored),
+        ", ".join(spec.scorers),
     )  # fmt: skip
 
     def one(f: int) -> dict:
-        shown = top.get(int(f), [])[: spec.explain_examples]
-        # Held out: interval examples not among those shown to the explainer.
-        seen = {json.dumps(t) for t, _ in shown}
-        held = [e for e in spread.get(int(f), []) if json.dumps(e[0]) not in seen]
         return explain_feature(
-            endpoint, spec, f, shown, held, inactive.get(int(f), []), int(f) in scored
+            endpoint,
+            spec,
+            f,
+            plan.shown(spec, f),
+            plan.held_out(spec, f),
+            plan.inactive.get(int(f), []),
+            int(f) in plan.scored,
         )
 
     rows = []
-    bar = progress(total=len(chosen), desc=f"explain layer {layer}", unit="feature")
+    bar = progress(total=len(plan.chosen), desc=f"explain layer {layer}", unit="feature")
     with concurrent.futures.ThreadPoolExecutor(spec.concurrency) as pool:
-        for row in pool.map(one, chosen):
+        for row in pool.map(one, plan.chosen):
             rows.append(row)
             bar.update(1)
     bar.close()
@@ -441,6 +475,104 @@ def explain_layer(
         layer, len(rows), counts["ok"], counts["unparsed"], counts["failed"],
     )  # fmt: skip
     return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost, before spending
+
+# Assumed answer lengths (tokens) where nothing was sent yet: an explanation line after a short
+# reasoning, and a scorer's list of 0/1 for its batch.
+EXPLANATION_TOKENS = 40
+ASSUMED_EXPLANATION = "Mentions of a file path or module name in Python documentation text."
+
+
+def count_tokens(tokenizer, messages: list[dict]) -> int:
+    """Tokens of the messages' contents plus 4 per message for the chat template's markers."""
+    return sum(len(tokenizer.encode(m["content"], add_special_tokens=False)) + 4 for m in messages)
+
+
+def shared_prefix(requests: list[list[dict]]) -> int:
+    """How many leading messages every request shares (what a server's prefix cache keeps)."""
+    if not requests:
+        return 0
+    n = 0
+    while all(len(r) > n + 1 and r[n] == requests[0][n] for r in requests):
+        n += 1
+    return n
+
+
+def dry_run_layer(spec: ExplainConfig, plan: Plan, tokenizer) -> dict:
+    """The prompt and completion tokens a layer's run would send, from its real prompts
+    (scorer prompts with ASSUMED_EXPLANATION in place of the answers not yet bought); and the
+    prompt tokens outside the prefix every request of a kind shares (the uncached ones)."""
+    explain_req, score_req = [], {s: [] for s in spec.scorers}
+    completion = 0
+    for f in plan.chosen:
+        explain_req.append(explainer_messages(plan.shown(spec, f)))
+        completion += EXPLANATION_TOKENS
+        if int(f) not in plan.scored:
+            continue
+        rng = np.random.default_rng([SEED, int(f)])
+        for scorer in spec.scorers:
+            samples = scoring_samples(
+                scorer, plan.held_out(spec, f), plan.inactive.get(int(f), []),
+                spec.score_examples, rng,
+            )  # fmt: skip
+            for start in range(0, len(samples), spec.examples_per_prompt):
+                batch = [t for t, _ in samples[start : start + spec.examples_per_prompt]]
+                score_req[scorer].append(scorer_messages(scorer, ASSUMED_EXPLANATION, batch))
+                completion += 2 * len(batch) + 2  # "[1,0,...]"
+    prompt = uncached = 0
+    for requests in (explain_req, *score_req.values()):
+        if not requests:
+            continue
+        prefix = count_tokens(tokenizer, requests[0][: shared_prefix(requests)])
+        for r in requests:
+            total = count_tokens(tokenizer, r)
+            prompt += total
+            uncached += total - prefix
+    requests = len(explain_req) + sum(len(r) for r in score_req.values())
+    return {
+        "features": len(plan.chosen),
+        "scored": len(plan.scored),
+        "requests": requests,
+        "prompt_tokens": prompt,
+        "uncached_prompt_tokens": uncached,
+        "completion_tokens": completion,
+    }
+
+
+def explain_dry_run(
+    config: Config,
+    layers: list[int],
+    examples: list[Path],
+    intervals: list[Path],
+    stats: list[Path],
+    random_windows: list[Path],
+) -> dict:
+    """Print the tokens the configured run would send, per layer and in total; sends nothing.
+    Tokens are counted with explain.model's tokenizer where it loads offline, else with the
+    SAE model's (said in the output)."""
+    from .tokens import load_tokenizer
+
+    spec = config.explain
+    try:
+        tokenizer, counted_with = load_tokenizer(spec.model, None), spec.model
+    except LoupeError:  # an explainer not in the local cache: the suite's own tokenizer
+        name = config.model.tokenizer_name
+        tokenizer, counted_with = load_tokenizer(name, config.model.revision), name
+    rows = {}
+    for layer, ex, iv, st, rw in zip(
+        layers, examples, intervals, stats, random_windows, strict=True
+    ):
+        rows[layer] = dry_run_layer(spec, plan_layer(spec, ex, iv, st, rw), tokenizer)
+    total = {k: sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
+    columns = list(total)
+    print(f"explain dry run: {spec.model}, tokens counted with {counted_with}'s tokenizer")
+    print("layer  " + "  ".join(f"{c:>22}" for c in columns))
+    for layer, r in [*rows.items(), ("total", total)]:
+        print(f"{layer!s:>5}  " + "  ".join(f"{r[c]:>22,}" for c in columns))
+    return {"layers": rows, "total": total, "tokenizer": counted_with}
 
 
 def explanations_schema():

@@ -35,3 +35,24 @@ rule explain:
 rule explanations:
     input:
         expand(f"{LAYER_DIR}/explanations.parquet", layer=LAYERS),
+
+
+# The cost before spending: `snakemake explain_dry_run` prints the prompt and completion tokens
+# of the configured run per layer and in total, from the real prompts; it sends nothing.
+rule explain_dry_run:
+    input:
+        examples=expand(rules.maxact.output.examples, layer=LAYERS),
+        intervals=expand(rules.maxact.output.intervals, layer=LAYERS),
+        stats=expand(rules.maxact.output.stats, layer=LAYERS),
+        random_windows=expand(rules.maxact.output.random_windows, layer=LAYERS),
+    log:
+        "results/logs/explain_dry_run.log",
+    conda:
+        ENV
+    params:
+        layers=" ".join(map(str, LAYERS)),
+    shell:
+        # The table goes to the terminal (stdout), the log lines to the log.
+        "python -m loupe explain-dry-run --layers {params.layers}"
+        " --examples {input.examples} --intervals {input.intervals} --stats {input.stats}"
+        " --random-windows {input.random_windows} 2> {log}"
