@@ -18,10 +18,13 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/publish.smk"
 include: "workflow/rules/neuronpedia.smk"
+include: "workflow/rules/explain.smk"
 
 
 localrules:
     all,
+    explanations,
+    explain_dry_run,
 
 
 rule all:

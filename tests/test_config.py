@@ -73,6 +73,11 @@ def test_every_key_is_documented_and_classified_once():
         "train.layer_groups",
         "dataset.redpajama.base_url",
         "dataset.redpajama.missing_list_url",
+        "explain.base_url",
+        "explain.api_key_env",
+        "explain.concurrency",
+        "explain.timeout",
+        "explain.retries",
     }
     for name, section in schema_sections(schema).items():
         for key, leaf in section["properties"].items():
@@ -136,6 +141,7 @@ def test_config_builds_once_with_defaults_from_the_schema():
         per_interval=5,
         top_logits=10,
         batch_size=8,
+        random_windows=1000,
     )
     assert c.model.hookpoint_of(17) == "language_model.layers.17"
     assert c.model.tokenizer_name == c.model.name == "google/gemma-4-E2B"

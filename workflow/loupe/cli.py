@@ -73,7 +73,7 @@ COMMANDS = {
     "maxact": Command(
         "loupe.maxact:sample_layer",
         "max-activating examples and feature stats of one layer",
-        ("sae", "tokens", "manifest", "examples", "intervals", "stats", "logits"),
+        ("sae", "tokens", "manifest", "examples", "intervals", "stats", "logits", "random_windows"),
         layer=True,
         threads=True,
     ),
@@ -83,6 +83,18 @@ COMMANDS = {
         ("sae", "tokens", "manifest", "stats", "metrics"),
         layer=True,
         threads=True,
+    ),
+    "explain": Command(
+        "loupe.explain:explain_layer",
+        "explanations of one layer's features by an explainer LLM, a sample scored",
+        ("examples", "intervals", "stats", "random_windows", "record", "explanations"),
+        layer=True,
+    ),
+    "explain-dry-run": Command(
+        "loupe.explain:explain_dry_run",
+        "print the tokens the explain stage would send, per layer and in total",
+        path_lists=("examples", "intervals", "stats", "random_windows"),
+        layers=True,
     ),
     "summary": Command(
         "loupe.summary:summarize",

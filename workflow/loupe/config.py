@@ -147,10 +147,31 @@ class MaxactConfig:
     per_interval: int
     top_logits: int
     batch_size: int
+    random_windows: int
 
     @property
     def width(self) -> int:
         return self.window_before + 1 + self.window_after
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Feature explanations by an explainer LLM, scored with delphi's detection and fuzzing
+    (loupe.explain)."""
+
+    base_url: str | None
+    model: str
+    api_key_env: str | None
+    features: int | str
+    score_features: int
+    scorers: list[str]
+    explain_examples: int
+    score_examples: int
+    examples_per_prompt: int
+    max_tokens: int
+    concurrency: int
+    timeout: float
+    retries: int
 
 
 @dataclass(frozen=True)
@@ -195,6 +216,7 @@ class Config:
     evaluate: EvaluateConfig
     hub: HubConfig
     demo: DemoConfig | None = None
+    explain: ExplainConfig | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:
@@ -244,6 +266,7 @@ SECTIONS = {
     "evaluate": EvaluateConfig,
     "hub": HubConfig,
     "demo": DemoConfig,
+    "explain": ExplainConfig,
 }
 
 # The output-changing keys each stage reads ("section" = all of its output-changing keys,
@@ -275,6 +298,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "maxact",
     ),
     "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
+    "explain": ("model.name", "maxact", "explain"),
     "summary": ("model.name", "model.layers"),
     "stage": (
         "model",

@@ -1,6 +1,8 @@
 # Max-activating examples: one streaming pass over the sample split per layer, keeping every
 # feature's top examples, examples across its activation range, its firing statistics and an
-# activation histogram; then its top logits (logic in workflow/loupe/maxact.py).
+# activation histogram, and a seeded pool of random windows with their sparse codes (the
+# explanation scorers' non-activating contexts); then its top logits (logic in
+# workflow/loupe/maxact.py).
 
 
 rule maxact:
@@ -18,6 +20,7 @@ rule maxact:
         intervals=f"{LAYER_DIR}/interval_examples.parquet",
         stats=f"{LAYER_DIR}/feature_stats.parquet",
         logits=f"{LAYER_DIR}/feature_logits.parquet",
+        random_windows=f"{LAYER_DIR}/random_windows.parquet",
     log:
         f"{LAYER_DIR}/maxact.log",
     conda:
@@ -37,3 +40,4 @@ rule maxact:
         " --layer {params.layer} --sae {input.sae} --tokens {input.tokens}"
         " --manifest {input.manifest} --examples {output.examples}"
         " --intervals {output.intervals} --stats {output.stats} --logits {output.logits}"
+        " --random-windows {output.random_windows}"
