@@ -83,6 +83,13 @@ COMMANDS = {
         layer=True,
         threads=True,
     ),
+    "neighbours": Command(
+        "loupe.neighbours:neighbours_layer",
+        "each feature's nearest features by decoder cosine, in its layer and the adjacent ones",
+        ("sae", "neighbours"),
+        optional_lists=("prev_sae", "next_sae"),  # empty where that layer is not configured
+        layer=True,
+    ),
     "summary": Command(
         "loupe.summary:summarize",
         "metrics.csv and plots of the whole suite",

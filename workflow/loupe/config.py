@@ -154,6 +154,12 @@ class MaxactConfig:
 
 
 @dataclass(frozen=True)
+class NeighboursConfig:
+    top_n: int
+    chunk: int
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int
     max_tokens: int
@@ -194,6 +200,7 @@ class Config:
     maxact: MaxactConfig
     evaluate: EvaluateConfig
     hub: HubConfig
+    neighbours: NeighboursConfig
     demo: DemoConfig | None = None
 
     @classmethod
@@ -243,6 +250,7 @@ SECTIONS = {
     "maxact": MaxactConfig,
     "evaluate": EvaluateConfig,
     "hub": HubConfig,
+    "neighbours": NeighboursConfig,
     "demo": DemoConfig,
 }
 
@@ -275,6 +283,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "maxact",
     ),
     "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
+    "neighbours": ("neighbours",),
     "summary": ("model.name", "model.layers"),
     "stage": (
         "model",
@@ -284,6 +293,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "train",
         "maxact",
         "evaluate",
+        "neighbours",
         "hub.repo",
         "hub.prefix",
         "hub.license",
