@@ -29,6 +29,7 @@ from loupe.examples import examples_schema, interval_examples_schema, write_stat
 from loupe.layout import BROWSER, MANIFEST, NOTEBOOK
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
+from loupe.neighbours import decoder_neighbours, neighbours_table, read_decoder, write_neighbours
 from loupe.publish import (
     LayerInputs,
     StageInputs,
@@ -132,6 +133,7 @@ PARQUET = {
     "intervals": "interval_examples.parquet",
     "stats": "feature_stats.parquet",
     "logits": "feature_logits.parquet",
+    "neighbours": "feature_neighbours.parquet",
 }
 
 
@@ -179,6 +181,8 @@ def results(tmp_path_factory, trained_layer) -> Path:
         pq.write_table(_intervals_table(layer, num_latents), d / PARQUET["intervals"])
         _write_stats(d / PARQUET["stats"], num_latents)
         pq.write_table(_logits_table(num_latents), d / PARQUET["logits"])
+        found = decoder_neighbours(read_decoder(d / "sae.safetensors", "cpu"), {}, layer, 3)
+        write_neighbours(d / PARQUET["neighbours"], neighbours_table(found))
     summary = root / "summary"
     summary.mkdir()
     with open(summary / "metrics.csv", "w", newline="") as f:
@@ -274,6 +278,7 @@ def test_staged_layout(staged, pub_settings, results):
             f"{prefix}/interval_examples/layer_{n}.parquet",
             f"{prefix}/feature_stats/layer_{n}.parquet",
             f"{prefix}/feature_logits/layer_{n}.parquet",
+            f"{prefix}/feature_neighbours/layer_{n}.parquet",
         }
     # The feature browser: its page, as shipped, and the suite it reads.
     expected |= {

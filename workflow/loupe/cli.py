@@ -100,7 +100,7 @@ COMMANDS = {
         "loupe.publish:stage_repo",
         "assemble the hub repo in one folder",
         ("manifest", "repo"),
-        path_lists=("sae", "examples", "intervals", "stats", "logits", "summary"),
+        path_lists=("sae", "examples", "intervals", "stats", "logits", "neighbours", "summary"),
         threads=True,
     ),
     "neuronpedia": Command(
