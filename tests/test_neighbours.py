@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 from conftest import typed
 from safetensors.torch import save_file
@@ -154,3 +155,42 @@ def test_cli_names_an_unconfigured_adjacent_layer_in_one_line(config, tmp_path, 
     assert err[-1] == f"loupe neighbours: error: layer {layers[0] - 1} is not in model.layers"
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "n.parquet").exists()
+
+
+@pytest.mark.e2e
+def test_demo_neighbours_equal_the_full_product_for_every_layer(demo_run, config):
+    """The demo's rule output, every layer and every feature: the cosines are the full
+    product's top-N of the trained SAEs' decoders, layer 0 has no "prev" and the last layer
+    no "next", and the staged copy under the prefix is the same file."""
+    from safetensors.torch import load_file
+
+    cfg = typed(config)
+    layers, top_n = cfg.model.layers, cfg.neighbours.top_n
+    results = demo_run / "results"
+    decoders = {n: load_file(results / f"layer_{n}/sae.safetensors")["W_dec"] for n in layers}
+    for layer in layers:
+        path = results / f"layer_{layer}/feature_neighbours.parquet"
+        rows = pq.read_table(path).to_pydict()
+        staged = demo_run / f"results/hub/{cfg.hub.prefix}/feature_neighbours/layer_{layer}.parquet"
+        assert staged.read_bytes() == path.read_bytes()
+        want_relations = {"same"} | {
+            r for r, n in (("prev", layer - 1), ("next", layer + 1)) if n in layers
+        }
+        assert set(rows["relation"]) == want_relations
+        unit = _unit(decoders[layer])
+        num = unit.shape[0]
+        for relation in want_relations:
+            other = {"same": layer, "prev": layer - 1, "next": layer + 1}[relation]
+            full = unit @ _unit(decoders[other]).T
+            if relation == "same":
+                np.fill_diagonal(full, -np.inf)
+            picked = [i for i, r in enumerate(rows["relation"]) if r == relation]
+            assert len(picked) == num * top_n
+            ids = np.array([rows["other_feature"][i] for i in picked]).reshape(num, top_n)
+            cos = np.array([rows["cosine"][i] for i in picked]).reshape(num, top_n)
+            want = -np.sort(-full, axis=1)[:, :top_n]
+            np.testing.assert_allclose(cos, want, atol=1e-5)
+            np.testing.assert_allclose(np.take_along_axis(full, ids, 1), want, atol=1e-5)
+            assert {rows["other_layer"][i] for i in picked} == {other}
+    log = (results / f"layer_{layers[0]}/neighbours.log").read_text()
+    assert "Traceback" not in log and "neighbours in same" in log
