@@ -4,7 +4,6 @@ product never exists whole; written as feature_logits.parquet."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import LoupeError
-from .examples import ROW_GROUP_FEATURES, schema
+from .examples import ROW_GROUP_FEATURES, feature_file_writer, schema
 from .io import atomic_path
 from .progress import progress
 
@@ -197,21 +196,10 @@ def write_feature_logits(
 ) -> int:
     """A feature-logits parquet file: sorted by feature, sign, rank; zstd; one row group per
     ROW_GROUP_FEATURES features; written atomically. Returns rows."""
-    import pyarrow.parquet as pq
-
     cpu = FeatureLogits(*(t.cpu() for t in logits))
-    schema = feature_logits_schema()
-    if metadata is not None:
-        schema = schema.with_metadata({"loupe": json.dumps(metadata, sort_keys=True)})
     written = 0
     with atomic_path(path) as tmp:
-        with pq.ParquetWriter(
-            tmp,
-            schema,
-            compression="zstd",
-            write_page_index=True,
-            sorting_columns=[pq.SortingColumn(i) for i in range(3)],
-        ) as writer:
+        with feature_file_writer(tmp, feature_logits_schema(), metadata) as writer:
             for first in range(0, cpu.positive_values.shape[0], ROW_GROUP_FEATURES):
                 part = FeatureLogits(*(t[first : first + ROW_GROUP_FEATURES] for t in cpu))
                 table = feature_logits_table(part, token_strings, first_feature=first)

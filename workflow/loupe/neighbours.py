@@ -11,7 +11,6 @@ Both products go through logits.blocked_top_k (the top-logits code), in blocks, 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from .config import Config
 from .errors import LoupeError
-from .examples import ROW_GROUP_FEATURES, schema
+from .examples import ROW_GROUP_FEATURES, feature_file_writer, schema
 from .gpus import select_device
 from .io import atomic_path
 from .logits import blocked_top_k
@@ -136,24 +135,13 @@ def neighbours_table(found: dict[str, tuple[int, torch.Tensor, torch.Tensor]]):
 def write_neighbours(path: Path, table, metadata: dict | None = None) -> int:
     """feature_neighbours.parquet: sorted by feature, relation, rank; zstd; one row group per
     ROW_GROUP_FEATURES features; written atomically. Returns rows."""
-    import pyarrow.parquet as pq
-
-    schema_ = neighbours_schema()
-    if metadata is not None:
-        schema_ = schema_.with_metadata({"loupe": json.dumps(metadata, sort_keys=True)})
     features = table.column("feature").to_numpy()
     last = int(features[-1]) + 1 if len(features) else 0
     with atomic_path(path) as tmp:
-        with pq.ParquetWriter(
-            tmp,
-            schema_,
-            compression="zstd",
-            write_page_index=True,
-            sorting_columns=[pq.SortingColumn(i) for i in range(3)],
-        ) as writer:
+        with feature_file_writer(tmp, neighbours_schema(), metadata) as writer:
             for first in range(0, max(last, 1), ROW_GROUP_FEATURES):
                 lo, hi = np.searchsorted(features, [first, first + ROW_GROUP_FEATURES])
-                part = table.slice(lo, hi - lo).cast(schema_)
+                part = table.slice(lo, hi - lo).cast(writer.schema)
                 writer.write_table(part, row_group_size=max(len(part), 1))
     return len(table)
 
