@@ -181,7 +181,10 @@ def results(tmp_path_factory, trained_layer) -> Path:
         pq.write_table(_intervals_table(layer, num_latents), d / PARQUET["intervals"])
         _write_stats(d / PARQUET["stats"], num_latents)
         pq.write_table(_logits_table(num_latents), d / PARQUET["logits"])
-        found = decoder_neighbours(read_decoder(d / "sae.safetensors", "cpu"), {}, layer, 3)
+        # Every layer holds the same SAE: each feature's best match next door is itself.
+        W = read_decoder(d / "sae.safetensors", "cpu")
+        adjacent = {r: (n, W) for r, n in (("prev", layer - 1), ("next", layer + 1)) if n in LAYERS}
+        found = decoder_neighbours(W, adjacent, layer, 3)
         write_neighbours(d / PARQUET["neighbours"], neighbours_table(found))
     summary = root / "summary"
     summary.mkdir()
@@ -666,6 +669,11 @@ def check_notebook(staged: Path, settings: dict, model: Path, workdir: Path) -> 
     assert int(shown.group(2)) > 0
     assert feature >= 0
     assert html.count("rgba(255, 140, 0, 1.00)") >= 1  # each example's peak, fully shaded
+    # The trace follows the best matches through every layer of the suite.
+    layers = settings["model"]["layers"]
+    assert f"trace of feature {feature} of layer {layer} ({len(layers)} of {len(layers)}" in text
+    steps = re.findall(r"^  layer (\d+): feature (\d+) \(cosine", text, re.M)
+    assert [int(n) for n, _ in steps] == sorted(layers)
 
 
 def test_notebook_is_filled_in_for_the_run(staged, pub_settings):
