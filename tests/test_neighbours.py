@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import typed
+from conftest import copy_workflow, run_snakemake, typed
 from safetensors.torch import save_file
 
 from loupe.cli import main
@@ -194,3 +195,30 @@ def test_demo_neighbours_equal_the_full_product_for_every_layer(demo_run, config
             assert {rows["other_layer"][i] for i in picked} == {other}
     log = (results / f"layer_{layers[0]}/neighbours.log").read_text()
     assert "Traceback" not in log and "neighbours in same" in log
+
+
+@pytest.mark.e2e
+def test_rule_runs_per_layer_with_the_adjacent_layers_there_are(tmp_path, config):
+    """`snakemake` builds each layer's feature_neighbours.parquet from the SAE files alone
+    (given here, as training leaves them): the first layer gets no "prev", the last no "next",
+    and the rows equal the full product of the files' decoders."""
+    layers = config["model"]["layers"]
+    checkout = copy_workflow(tmp_path / "checkout")
+    decoders = dict(zip(layers, _decoders(7, len(layers)), strict=True))
+    for n, W in decoders.items():
+        _sae_file(checkout / f"results/layer_{n}", W)
+    targets = [f"results/layer_{n}/feature_neighbours.parquet" for n in layers]
+    run_snakemake(checkout, "--profile", "profiles/demo", *targets)
+    top_n = typed(config).neighbours.top_n
+    for n in layers:
+        rows = pq.read_table(checkout / f"results/layer_{n}/feature_neighbours.parquet")
+        rows = rows.to_pydict()
+        want = {"same"} | {r for r, m in (("prev", n - 1), ("next", n + 1)) if m in layers}
+        assert set(rows["relation"]) == want
+        assert len(rows["feature"]) == FEATURES * top_n * len(want)
+    middle = layers[len(layers) // 2]
+    rows = pq.read_table(checkout / f"results/layer_{middle}/feature_neighbours.parquet")
+    nxt = rows.filter(pc.equal(rows["relation"], "next")).to_pydict()
+    full = _unit(decoders[middle].float()) @ _unit(decoders[middle + 1].float()).T
+    cos = np.array(nxt["cosine"]).reshape(FEATURES, top_n)
+    np.testing.assert_allclose(cos, -np.sort(-full, axis=1)[:, :top_n], atol=1e-5)
