@@ -68,6 +68,7 @@ def test_every_key_is_documented_and_classified_once():
         "maxact.batch_size",
         "evaluate.batch_size",
         "evaluate.logit_chunk",
+        "neighbours.chunk",
         "hub.private",
         "train.layers_per_job",
         "train.layer_groups",

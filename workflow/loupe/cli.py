@@ -96,6 +96,13 @@ COMMANDS = {
         path_lists=("examples", "intervals", "stats", "random_windows"),
         layers=True,
     ),
+    "neighbours": Command(
+        "loupe.neighbours:neighbours_layer",
+        "each feature's nearest features by decoder cosine, in its layer and the adjacent ones",
+        ("sae", "neighbours"),
+        optional_lists=("prev_sae", "next_sae"),  # empty where that layer is not configured
+        layer=True,
+    ),
     "summary": Command(
         "loupe.summary:summarize",
         "metrics.csv and plots of the whole suite",
@@ -106,7 +113,7 @@ COMMANDS = {
         "loupe.publish:stage_repo",
         "assemble the hub repo in one folder",
         ("manifest", "repo"),
-        path_lists=("sae", "examples", "intervals", "stats", "logits", "summary"),
+        path_lists=("sae", "examples", "intervals", "stats", "logits", "neighbours", "summary"),
         threads=True,
     ),
     "neuronpedia": Command(

@@ -175,6 +175,14 @@ class ExplainConfig:
 
 
 @dataclass(frozen=True)
+class NeighboursConfig:
+    """Each feature's nearest features by decoder cosine (loupe.neighbours)."""
+
+    top_n: int
+    chunk: int
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int
     max_tokens: int
@@ -215,6 +223,7 @@ class Config:
     maxact: MaxactConfig
     evaluate: EvaluateConfig
     hub: HubConfig
+    neighbours: NeighboursConfig
     demo: DemoConfig | None = None
     explain: ExplainConfig | None = None
 
@@ -265,6 +274,7 @@ SECTIONS = {
     "maxact": MaxactConfig,
     "evaluate": EvaluateConfig,
     "hub": HubConfig,
+    "neighbours": NeighboursConfig,
     "demo": DemoConfig,
     "explain": ExplainConfig,
 }
@@ -299,6 +309,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     ),
     "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
     "explain": ("model.name", "maxact", "explain"),
+    "neighbours": ("neighbours",),
     "summary": ("model.name", "model.layers"),
     "stage": (
         "model",
@@ -308,6 +319,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "train",
         "maxact",
         "evaluate",
+        "neighbours",
         "hub.repo",
         "hub.prefix",
         "hub.license",

@@ -31,6 +31,23 @@ def schema(columns: str):
     return pa.schema([(n, getattr(pa, t)()) for n, t in (c.split(":") for c in columns.split())])
 
 
+def feature_file_writer(path: Path, schema, metadata: dict | None = None, sorted_by: int = 3):
+    """A ParquetWriter for a per-feature file sorted by its first `sorted_by` columns: zstd,
+    a page index, the run's metadata as JSON under "loupe". Callers write one row group per
+    ROW_GROUP_FEATURES features, into a temporary path (io.atomic_path)."""
+    import pyarrow.parquet as pq
+
+    if metadata is not None:
+        schema = schema.with_metadata({"loupe": json.dumps(metadata, sort_keys=True)})
+    return pq.ParquetWriter(
+        path,
+        schema,
+        compression="zstd",
+        write_page_index=True,
+        sorting_columns=[pq.SortingColumn(i) for i in range(sorted_by)],
+    )
+
+
 def examples_schema():
     # The published columns first, exactly as the model card names them.
     return schema(

@@ -28,6 +28,7 @@ PER_LAYER = {
     "intervals": "interval_examples",
     "stats": "feature_stats",
     "logits": "feature_logits",
+    "neighbours": "feature_neighbours",
 }
 
 

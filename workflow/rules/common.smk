@@ -110,12 +110,24 @@ def model_inputs(wildcards=None):
     return sorted({p for n in names for p in built_by_workflow(n)})
 
 
+def adjacent_sae(offset):
+    """An input function: the trained SAE of layer {layer}+offset, or nothing where that layer
+    is not in model.layers (feature neighbours across layers)."""
+
+    def inputs(wildcards):
+        other = int(wildcards.layer) + offset
+        return [SAE_FILE.format(layer=other)] if other in LAYERS else []
+
+    return inputs
+
+
 def get_final_output():
     """What `snakemake` builds by default: every layer's results, the summary, the staged repo."""
     per_layer = [
         rules.train.output.sae,
         *rules.maxact.output,
         rules.evaluate.output.metrics,
+        rules.neighbours.output.neighbours,
     ]
     return [
         rules.tokenize.output.manifest,

@@ -21,6 +21,7 @@ rule stage:
         intervals=expand(rules.maxact.output.intervals, layer=LAYERS),
         stats=expand(rules.maxact.output.stats, layer=LAYERS),
         logits=expand(rules.maxact.output.logits, layer=LAYERS),
+        neighbours=expand(rules.neighbours.output.neighbours, layer=LAYERS),
         summary=rules.summary.output,
         manifest=ancient(str(rules.tokenize.output.manifest)),
     output:
@@ -35,7 +36,7 @@ rule stage:
     shell:
         "python -m loupe --log {log} stage --threads {threads}"
         " --sae {input.sae:q} --examples {input.examples:q} --intervals {input.intervals:q}"
-        " --stats {input.stats:q} --logits {input.logits:q}"
+        " --stats {input.stats:q} --logits {input.logits:q} --neighbours {input.neighbours:q}"
         " --summary {input.summary:q} --manifest {input.manifest} --repo {output.repo}"
 
 
