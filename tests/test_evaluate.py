@@ -34,7 +34,8 @@ from loupe.evaluate import (
     next_token_losses,
     read_feature_stats,
 )
-from loupe.model import capture, import_sparsify, load_model, load_sae
+from loupe.metrics import LADDER_COLUMNS
+from loupe.model import capture, get_hookpoint, import_sparsify, load_model, load_sae
 from loupe.tokens import read_manifest, special_ids
 
 sparsify = import_sparsify()
@@ -58,14 +59,18 @@ METRICS = (
 
 
 def spec(
-    batch_size: int = 4, max_tokens: int = 1_048_576, logit_chunk: int = 256
+    batch_size: int = 4,
+    max_tokens: int = 1_048_576,
+    logit_chunk: int = 256,
+    k_ladder: tuple[int, ...] = (),
 ) -> EvaluateConfig:
-    """An evaluate section (the demo's, these keys replaced)."""
+    """An evaluate section (the demo's, these keys replaced; no ladder unless asked)."""
     return dataclasses.replace(
         typed(demo_config()).evaluate,
         batch_size=batch_size,
         max_tokens=max_tokens,
         logit_chunk=logit_chunk,
+        k_ladder=list(k_ladder),
     )
 
 
@@ -274,7 +279,9 @@ def test_identity_splice_changes_nothing_and_ablation_does(
     monkeypatch, model, trained_layer, eval_rows, specials
 ):
     sae = load_sae(trained_layer, torch.device("cpu"))
-    monkeypatch.setattr(ev, "reconstruct", lambda sae, x: (x.clone(), torch.full(x.shape[:1], 8)))
+    monkeypatch.setattr(
+        ev, "reconstruct", lambda sae, x, k=None: (x.clone(), torch.full(x.shape[:1], 8))
+    )
     got = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(4, 4 * 128, 64))
     assert got["fvu"] == 0 and got["cosine"] == pytest.approx(1.0)
     assert got["ce_loss_spliced"] == pytest.approx(got["ce_loss_clean"], abs=1e-6)
@@ -300,6 +307,79 @@ def test_trained_sae_reconstructs_better_than_an_untrained_one(
     # ce_loss_score is not compared here: the demo model is random, its loss is ~log(vocab)
     # whatever layer 2 holds (zero ablation costs ~0.005 nats), so the score is noise. The
     # test below compares it on a briefly trained model.
+
+
+# --- the sparsity ladder ---------------------------------------------------------------------
+
+
+def test_ladder_at_the_trained_k_reproduces_the_metrics_exactly(
+    model, trained_layer, eval_rows, specials
+):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    plain = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(4, 6 * 128, 64))
+    laddered = evaluate_sae(
+        model, sae, HOOK, eval_rows, specials, spec(4, 6 * 128, 64, (sae.cfg.k, 3))
+    )
+    rungs = {r["k"]: r for r in laddered.pop("ladder")}
+    assert plain == laddered  # the ladder leaves every metric of the trained k as it was
+    assert set(rungs) == {3, sae.cfg.k}
+    assert rungs[sae.cfg.k] == {"k": sae.cfg.k, **{c.name: plain[c.name] for c in LADDER_COLUMNS}}
+    # The ladder's encoder at the trained k is sparsify's encode, bit for bit.
+    x = torch.randn(50, sae.d_in)
+    a, b = ev.encode_at(sae, x, sae.cfg.k), sae.encode(x)
+    assert torch.equal(a.top_acts, b.top_acts) and torch.equal(a.top_indices, b.top_indices)
+
+
+@pytest.mark.parametrize("k", [2, 21])
+def test_ladder_at_another_k_equals_an_independent_top_k(
+    k, model, trained_layer, eval_rows, specials
+):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    rows = 3
+    got = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(2, rows * 128, 50, (k,)))
+    (rung,) = got["ladder"]
+    ids = torch.from_numpy(eval_rows[:rows].astype(np.int64))
+    mask = keep_mask(ids, specials)
+    h = capture(model, HOOK, ids)
+    x = h[mask].float()
+    # The top k of ReLU(W_enc (x - b_dec) + b_enc), decoded by hand.
+    with torch.no_grad():
+        pre = torch.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
+        acts, idx = pre.topk(k, dim=-1)
+        recon = torch.einsum("nk,nkd->nd", acts, sae.W_dec[idx]) + sae.b_dec
+        err = x - recon
+        fvu = float(err.pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        cos = float(F.cosine_similarity(x, recon).mean())
+        # The reconstruction spliced into the full model, its own logits (softcap included).
+        module = get_hookpoint(model, HOOK)
+
+        def splice(_m, _i, out):
+            hs = (out[0] if isinstance(out, tuple) else out).clone()
+            hs[mask] = recon.to(hs.dtype)
+            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+        handle = module.register_forward_hook(splice)
+        try:
+            logits = model(input_ids=ids).logits.float()
+        finally:
+            handle.remove()
+    at = mask.clone()
+    at[:, -1] = False
+    ce = F.cross_entropy(logits[at], ids[:, 1:][at[:, :-1]])
+    assert rung["k"] == k
+    assert rung["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert rung["cosine"] == pytest.approx(cos, rel=1e-5)
+    assert rung["l0"] == pytest.approx(float((acts > 0).sum(-1).float().mean()))
+    assert rung["ce_loss_spliced"] == pytest.approx(float(ce), rel=1e-5)
+    assert rung["delta_ce"] == pytest.approx(float(ce) - got["ce_loss_clean"], abs=1e-5)
+    # More latents reconstruct better than the trained k, fewer worse.
+    assert (rung["fvu"] < got["fvu"]) == (k > sae.cfg.k)
+
+
+def test_ladder_rejects_a_k_wider_than_the_sae(model, trained_layer, eval_rows, specials):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    with pytest.raises(LoupeError, match="k_ladder's k .* exceeds the SAE's"):
+        evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(k_ladder=(sae.num_latents + 1,)))
 
 
 # --- next-token loss on a model that predicts something --------------------------------------

@@ -83,11 +83,24 @@ COMMANDS = {
         layer=True,
         threads=True,
     ),
+    "splice": Command(
+        "loupe.splice:splice_job",
+        "every layer's SAE spliced into one forward, and each prefix of the layers",
+        ("tokens", "manifest", "spliced"),
+        path_lists=("sae",),  # in model.layers order
+        threads=True,
+    ),
     "summary": Command(
         "loupe.summary:summarize",
         "metrics.csv and plots of the whole suite",
         ("metrics", "fvu", "delta_ce", "dead", "density", "curves"),
         path_lists=("evals", "stats", "train_metrics"),
+    ),
+    "tradeoffs": Command(
+        "loupe.tradeoffs:summarize_tradeoffs",
+        "the sparsity ladder and the all-layer splice as tables and plots",
+        ("spliced", "ladder_csv", "ladder_plot", "spliced_csv", "spliced_plot"),
+        path_lists=("evals",),
     ),
     "stage": Command(
         "loupe.publish:stage_repo",

@@ -159,6 +159,8 @@ class EvaluateConfig:
     max_tokens: int
     logit_chunk: int
     dense_threshold: float
+    k_ladder: list[int]
+    spliced_max_tokens: int
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,14 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "maxact",
     ),
     "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
+    "spliced": (
+        "model.name",
+        "model.revision",
+        "model.hookpoint",
+        "model.dtype",
+        "model.layers",
+        "evaluate.spliced_max_tokens",
+    ),
     "summary": ("model.name", "model.layers"),
     "stage": (
         "model",

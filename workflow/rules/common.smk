@@ -89,5 +89,6 @@ def get_final_output():
         rules.tokenize.output.manifest,
         *expand(per_layer, layer=LAYERS),
         *rules.summary.output,
+        *rules.tradeoffs.output,
         rules.stage.output.repo,
     ]
