@@ -34,7 +34,7 @@ from loupe.evaluate import (
     next_token_losses,
     read_feature_stats,
 )
-from loupe.metrics import LADDER_COLUMNS
+from loupe.metrics import LADDER_COLUMNS, TRANSFER_COLUMNS
 from loupe.model import capture, get_hookpoint, import_sparsify, load_model, load_sae
 from loupe.tokens import read_manifest, special_ids
 
@@ -249,7 +249,9 @@ def test_evaluate_layer_writes_finite_metrics_for_the_trained_sae(
     m, e = settings["model"], settings["evaluate"]
     assert result["config"] == {
         "model": {k: m[k] for k in ("name", "revision", "hookpoint", "dtype")},
-        "evaluate": {k: e[k] for k in ("max_tokens", "dense_threshold")},
+        "evaluate": {
+            k: e[k] for k in ("max_tokens", "dense_threshold", "k_ladder", "transfer_models")
+        },
     }
     assert {k: result["sae_cfg"][k] for k in settings["sae"]} == settings["sae"]
     assert result["sae_cfg"] == json.loads((trained_layer / "cfg.json").read_text())
@@ -380,6 +382,52 @@ def test_ladder_rejects_a_k_wider_than_the_sae(model, trained_layer, eval_rows, 
     sae = load_sae(trained_layer, torch.device("cpu"))
     with pytest.raises(LoupeError, match="k_ladder's k .* exceeds the SAE's"):
         evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(k_ladder=(sae.num_latents + 1,)))
+
+
+# --- transfer to another model ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_model, small_corpus):
+    """The demo's second model: the tiny model after more steps on other text."""
+    from loupe.demo import build_transfer_model
+
+    out = tmp_path_factory.mktemp("tuned") / "model_tuned"
+    build_transfer_model(tiny_model, small_corpus, out)
+    return out
+
+
+def test_transfer_equals_a_direct_computation_on_the_second_model(
+    tmp_path, settings, token_dir, trained_layer, eval_rows, specials, tuned, model
+):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    write_stats(tmp_path / "stats.parquet", np.ones(sae.num_latents, dtype=np.int64))
+    s = copy.deepcopy(settings)
+    s["evaluate"].update(transfer_models=[str(tuned)], k_ladder=[], max_tokens=8 * 128)
+    out = tmp_path / "eval.json"
+    args = (trained_layer, token_dir / "eval.npy", token_dir / "manifest.json")
+    evaluate_layer(typed(s), 2, *args, tmp_path / "stats.parquet", out)
+    result = json.loads(out.read_text())
+    (got,) = result["transfer"]
+    assert got["model"] == str(tuned)
+    assert set(got) == {"model", *(c.name for c in TRANSFER_COLUMNS)}
+    # Directly: the second model's own activations through sparsify, its own logits.
+    other = load_model(str(tuned), torch.device("cpu"), head=True)
+    ids = torch.from_numpy(eval_rows[:8].astype(np.int64))
+    mask = keep_mask(ids, specials)
+    with torch.no_grad():
+        x = capture(other, HOOK, ids)[mask].float()
+        logits = other(input_ids=ids).logits.float()
+        fvu = float(sae(x).fvu)
+    at = mask.clone()
+    at[:, -1] = False
+    ce = float(F.cross_entropy(logits[at], ids[:, 1:][at[:, :-1]]))
+    assert got["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert got["ce_loss_clean"] == pytest.approx(ce, rel=1e-5)
+    # The same SAE on the base model: the second model's numbers differ measurably.
+    for key in ("fvu", "ce_loss_clean", "delta_ce"):
+        assert abs(got[key] - result[key]) > 0.01 * abs(result[key]), key
+    print({k: (result[k], got[k]) for k in ("fvu", "delta_ce", "kl", "ce_loss_clean")})
 
 
 # --- next-token loss on a model that predicts something --------------------------------------

@@ -10,8 +10,13 @@ import pytest
 from conftest import demo_config, typed
 
 from loupe.cli import main as cli_main
-from loupe.metrics import LADDER_COLUMNS
-from loupe.tradeoffs import LADDER_CSV_COLUMNS, SPLICED_CSV_COLUMNS, ladder_rows
+from loupe.metrics import LADDER_COLUMNS, TRANSFER_COLUMNS
+from loupe.tradeoffs import (
+    LADDER_CSV_COLUMNS,
+    SPLICED_CSV_COLUMNS,
+    TRANSFER_CSV_COLUMNS,
+    ladder_rows,
+)
 
 
 def rung(k: int, layer: int) -> dict:
@@ -24,7 +29,10 @@ def test_tables_and_plots_from_evals_and_splice(tmp_path, monkeypatch):
     for layer in reversed(layers):  # any order in: by layer out
         path = tmp_path / f"eval_{layer}.json"
         ladder = [rung(k, layer) for k in (2, 8, 32)]
-        path.write_text(json.dumps({"layer": layer, "delta_ce": 0.1 * layer, "ladder": ladder}))
+        moved = [{"model": "it", **{c.name: -1.0 * layer for c in TRANSFER_COLUMNS}}]
+        record = {c.name: 0.1 * layer for c in TRANSFER_COLUMNS}
+        record.update(layer=layer, ladder=ladder, transfer=moved)
+        path.write_text(json.dumps(record))
         evals.append(path)
     prefixes = [
         {
@@ -40,10 +48,11 @@ def test_tables_and_plots_from_evals_and_splice(tmp_path, monkeypatch):
     spliced = tmp_path / "spliced.json"
     spliced.write_text(json.dumps({"prefixes": prefixes, "suite": prefixes[-1]}))
     monkeypatch.setenv("LOUPE_CONFIG", json.dumps(demo_config()))
-    out = {n: tmp_path / n for n in ("l.csv", "l.png", "s.csv", "s.png")}
+    out = {n: tmp_path / n for n in ("l.csv", "l.png", "s.csv", "s.png", "t.csv", "t.png")}
     argv = ["tradeoffs", "--evals", *map(str, evals), "--spliced", str(spliced)]
     argv += ["--ladder-csv", str(out["l.csv"]), "--ladder-plot", str(out["l.png"])]
     argv += ["--spliced-csv", str(out["s.csv"]), "--spliced-plot", str(out["s.png"])]
+    argv += ["--transfer-csv", str(out["t.csv"]), "--transfer-plot", str(out["t.png"])]
     assert cli_main(argv) == 0
     with open(out["l.csv"]) as f:
         rows = list(csv.DictReader(f))
@@ -56,7 +65,15 @@ def test_tables_and_plots_from_evals_and_splice(tmp_path, monkeypatch):
         srows = list(csv.DictReader(f))
     assert tuple(srows[0]) == SPLICED_CSV_COLUMNS
     assert [float(r["kl"]) for r in srows] == [0.0, 0.5, 1.0]
-    for png in ("l.png", "s.png"):
+    with open(out["t.csv"]) as f:
+        trows = list(csv.DictReader(f))
+    assert tuple(trows[0]) == TRANSFER_CSV_COLUMNS
+    name = demo_config()["model"]["name"]
+    assert [(int(r["layer"]), r["model"]) for r in trows] == [
+        (layer, m) for layer in layers for m in (name, "it")
+    ]
+    assert [float(r["fvu"]) for r in trows] == [0.0, -0.0, 0.1, -1.0, 0.2, -2.0]
+    for png in ("l.png", "s.png", "t.png"):
         assert out[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -48,6 +48,11 @@ COMMANDS = {
     "demo-model": Command(
         "loupe.demo:build_model", "build the demo's tiny Gemma 4 model", ("corpus", "model")
     ),
+    "demo-transfer-model": Command(
+        "loupe.demo:build_transfer",
+        "build the demo's second model (the tiny model after more steps on other text)",
+        ("corpus", "model", "transfer_model"),
+    ),
     "browse": Command(
         "loupe.browse:browse",
         "serve the staged repo's feature browser on 127.0.0.1 until Ctrl-C",
@@ -99,7 +104,15 @@ COMMANDS = {
     "tradeoffs": Command(
         "loupe.tradeoffs:summarize_tradeoffs",
         "the sparsity ladder and the all-layer splice as tables and plots",
-        ("spliced", "ladder_csv", "ladder_plot", "spliced_csv", "spliced_plot"),
+        (
+            "spliced",
+            "ladder_csv",
+            "ladder_plot",
+            "spliced_csv",
+            "spliced_plot",
+            "transfer_csv",
+            "transfer_plot",
+        ),
         path_lists=("evals",),
     ),
     "stage": Command(

@@ -160,6 +160,7 @@ class EvaluateConfig:
     logit_chunk: int
     dense_threshold: float
     k_ladder: list[int]
+    transfer_models: list[str]
     spliced_max_tokens: int
 
 
@@ -183,6 +184,7 @@ class DemoConfig:
     corpus: str
     model: str
     min_corpus_bytes: int
+    transfer_model: str | None
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,7 @@ SECTIONS = {
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "demo_corpus": ("demo.min_corpus_bytes",),
     "demo_model": (),
+    "demo_transfer_model": (),
     "tokenize": (
         "model.name",
         "model.revision",
@@ -276,7 +279,16 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "model.dtype",
         "maxact",
     ),
-    "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
+    "evaluate": (
+        "model.name",
+        "model.revision",
+        "model.hookpoint",
+        "model.dtype",
+        "evaluate.max_tokens",
+        "evaluate.dense_threshold",
+        "evaluate.k_ladder",
+        "evaluate.transfer_models",
+    ),
     "spliced": (
         "model.name",
         "model.revision",

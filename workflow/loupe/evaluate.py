@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,8 @@ from torch import nn
 from .config import Config, EvaluateConfig
 from .errors import LoupeError
 from .io import write_json
-from .metrics import EVAL_COLUMNS, LADDER_COLUMNS
-from .model import get_hookpoint, open_layer, text_config
+from .metrics import EVAL_COLUMNS, LADDER_COLUMNS, TRANSFER_COLUMNS
+from .model import get_hookpoint, hidden_size, load_model, open_layer, text_config
 from .progress import progress
 from .tokens import open_split, read_manifest
 
@@ -415,6 +415,38 @@ def read_feature_stats(path: Path, num_latents: int) -> tuple[np.ndarray, np.nda
 # --- the rule's job ------------------------------------------------------------------------
 
 
+def transfer_entry(config: Config, name: str, job, split: np.ndarray) -> dict:
+    """The SAE of `job` scored on model `name` (e.g. the instruction-tuned model): its
+    activations at the same hookpoint, spliced into it, on the same eval rows; no ladder."""
+    m = config.model
+    model = load_model(name, job.device, m.revision if name == m.name else None, m.dtype, head=True)
+    if hidden_size(model) != job.sae.d_in:
+        raise LoupeError(
+            f"evaluate.transfer_models: {name} has hidden size {hidden_size(model)}, the SAE"
+            f" reads {job.sae.d_in}-dim activations"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(split.max()) >= vocab:
+        raise LoupeError(
+            f"evaluate.transfer_models: the eval split holds token id {int(split.max())}, but"
+            f" {name} has {vocab} embeddings: it uses another tokenizer"
+        )
+    t0 = time.perf_counter()
+    spec = replace(config.evaluate, k_ladder=[])
+    measured = evaluate_sae(model, job.sae, job.hookpoint, split, job.special_ids, spec)
+    log.info(
+        "layer %d on %s: fvu %.4f, delta CE %+.4f, KL %.4f in %.1fs",
+        job.layer,
+        name,
+        measured["fvu"],
+        measured["delta_ce"],
+        measured["kl"],
+        time.perf_counter() - t0,
+    )
+    del model
+    return {"model": name, **{c.name: measured[c.name] for c in TRANSFER_COLUMNS}}
+
+
 def evaluate_layer(
     config: Config,
     layer: int,
@@ -435,6 +467,9 @@ def evaluate_layer(
         job.model, job.sae, job.hookpoint, split, job.special_ids, config.evaluate
     )
     elapsed = time.perf_counter() - t0
+    transfer = [
+        transfer_entry(config, name, job, split) for name in config.evaluate.transfer_models
+    ]
     values = {
         "layer": layer,
         "hookpoint": job.hookpoint,
@@ -444,6 +479,8 @@ def evaluate_layer(
     # The vocabulary's keys first, in its order (a key no computation made fails here); then
     # what the metrics were computed over.
     result = {c.name: values.pop(c.name) for c in EVAL_COLUMNS}
+    if transfer:
+        values["transfer"] = transfer
     result.update(
         values,
         seconds=round(elapsed, 2),

@@ -101,6 +101,13 @@ SPLICED_COLUMNS: tuple[Column, ...] = (
     Column("kl", "KL divergence of the spliced from the clean next-token distribution"),
 )
 
+# eval.json's "transfer": one entry per model of evaluate.transfer_models (e.g. the
+# instruction-tuned model), "model" then these keys of EVAL_COLUMNS, measured on that model's
+# activations with the SAE spliced into it (same eval tokens, same definitions).
+TRANSFER_COLUMNS: tuple[Column, ...] = tuple(
+    c for c in EVAL_COLUMNS if c.metric and c.name not in ("dead_fraction", "dense_fraction")
+)
+
 # The measured qualities among them, in the same order.
 METRICS: tuple[Column, ...] = tuple(c for c in EVAL_COLUMNS if c.metric)
 

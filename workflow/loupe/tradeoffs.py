@@ -13,13 +13,14 @@ from pathlib import Path
 from .config import Config
 from .errors import LoupeError
 from .io import atomic_path
-from .metrics import LADDER_COLUMNS, SPLICED_COLUMNS
+from .metrics import LADDER_COLUMNS, SPLICED_COLUMNS, TRANSFER_COLUMNS
 from .summary import _save  # one PNG writer for every summary plot
 
 log = logging.getLogger(__name__)
 
 LADDER_CSV_COLUMNS = ("layer", "k", *(c.name for c in LADDER_COLUMNS))
 SPLICED_CSV_COLUMNS = ("last_layer", *(c.name for c in SPLICED_COLUMNS))
+TRANSFER_CSV_COLUMNS = ("layer", "model", *(c.name for c in TRANSFER_COLUMNS))
 
 
 def _read(path: Path) -> dict:
@@ -38,6 +39,44 @@ def ladder_rows(evals: list[dict]) -> list[dict]:
         for rung in ev.get("ladder", []):
             rows.append({"layer": ev["layer"], **rung})
     return rows
+
+
+def transfer_rows(evals: list[dict], base: str) -> list[dict]:
+    """Per layer, the base model's row (model `base`) then one per transfer model."""
+    rows = []
+    for ev in sorted(evals, key=lambda e: e["layer"]):
+        rows.append({"layer": ev["layer"], "model": base, **ev})
+        rows.extend({"layer": ev["layer"], **t} for t in ev.get("transfer", []))
+    return rows
+
+
+def plot_transfer(rows: list[dict], out: Path, title: str) -> None:
+    """FVU, delta-CE and explained variance by layer, one line per model (the base first)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    axes = fig.subplots(1, 3)
+    keys = ("fvu", "delta_ce", "explained_variance")
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        for ax, key in zip(axes, keys, strict=True):
+            ax.plot(
+                [r["layer"] for r in mine],
+                [r[key] for r in mine],
+                marker="o",
+                label=model,
+            )
+    for ax, key in zip(axes, keys, strict=True):
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, out)
 
 
 def _write_csv(rows: list[dict], columns: tuple[str, ...], out: Path) -> None:
@@ -118,14 +157,20 @@ def summarize_tradeoffs(
     ladder_plot: Path,
     spliced_csv: Path,
     spliced_plot: Path,
+    transfer_csv: Path,
+    transfer_plot: Path,
 ) -> None:
-    """The rule's job: ladder.csv and sparsity_ladder.png from every layer's eval.json;
-    spliced.csv and spliced_by_depth.png from spliced.json."""
+    """The rule's job: ladder.csv and sparsity_ladder.png, transfer.csv and
+    transfer_by_layer.png from every layer's eval.json; spliced.csv and spliced_by_depth.png
+    from spliced.json."""
     name = config.model.name
     records = [_read(p) for p in evals]
     rows = ladder_rows(records)
     _write_csv(rows, LADDER_CSV_COLUMNS, ladder_csv)
     plot_ladder(rows, ladder_plot, f"{name}: reconstruction and loss against sparsity")
+    moved = transfer_rows(records, name)
+    _write_csv(moved, TRANSFER_CSV_COLUMNS, transfer_csv)
+    plot_transfer(moved, transfer_plot, f"{name}'s SAEs on other models' activations")
     suite = _read(spliced)
     _write_csv(suite["prefixes"], SPLICED_CSV_COLUMNS, spliced_csv)
     plot_spliced(suite, records, spliced_plot, f"{name}: every SAE up to layer L spliced in")

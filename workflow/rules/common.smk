@@ -78,6 +78,13 @@ def model_inputs(wildcards=None):
     return sorted({p for n in names for p in built_by_workflow(n)})
 
 
+def transfer_model_inputs(wildcards=None):
+    """The evaluate.transfer_models this workflow builds (the demo's second model)."""
+    return sorted(
+        {p for m in config["evaluate"]["transfer_models"] for p in built_by_workflow(m)}
+    )
+
+
 def get_final_output():
     """What `snakemake` builds by default: every layer's results, the summary, the staged repo."""
     per_layer = [

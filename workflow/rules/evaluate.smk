@@ -6,6 +6,7 @@ rule evaluate:
         manifest=rules.tokenize.output.manifest,
         stats=rules.maxact.output.stats,
         model=model_inputs,
+        transfer_models=transfer_model_inputs,
     output:
         metrics=f"{LAYER_DIR}/eval.json",
     log:

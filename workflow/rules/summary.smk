@@ -84,6 +84,16 @@ rule tradeoffs:
             caption="../report/spliced_by_depth.rst",
             category="Whole suite",
         ),
+        transfer_csv=report(
+            f"{SUMMARY}/transfer.csv",
+            caption="../report/transfer_csv.rst",
+            category="Summary",
+        ),
+        transfer_plot=report(
+            f"{SUMMARY}/transfer_by_layer.png",
+            caption="../report/transfer_by_layer.rst",
+            category="Per-layer quality",
+        ),
     log:
         f"{SUMMARY}/tradeoffs.log",
     conda:
@@ -94,3 +104,4 @@ rule tradeoffs:
         "python -m loupe --log {log} tradeoffs --evals {input.evals} --spliced {input.spliced}"
         " --ladder-csv {output.ladder_csv} --ladder-plot {output.ladder_plot}"
         " --spliced-csv {output.spliced_csv} --spliced-plot {output.spliced_plot}"
+        " --transfer-csv {output.transfer_csv} --transfer-plot {output.transfer_plot}"
