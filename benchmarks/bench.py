@@ -732,6 +732,7 @@ def render(meta: dict, ms: dict, cmp: dict, p: dict) -> str:
 GEMMA_EVAL = dict(layers=35, max_tokens=1_048_576, ladder_extra=4, transfer_models=1)
 GEMMA_SPLICE_TOKENS = 131_072
 GEMMA_FORWARD_GFLOP, GEMMA_HEAD_GFLOP, GEMMA_EVALUATE_H100_HOURS = 3.90, 0.81, 0.485
+GEMMA_ENCODER_GFLOP = 0.151  # one SAE's encoder matmul per token (1536 x 49,152)
 
 
 def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> dict:
@@ -809,12 +810,19 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
         * ev.spliced_max_tokens
         / (3 * n * rows * ctx),
     }
+    # gemma-loupe by GFLOP per token: the evaluation's 3 forwards + 3 heads + 1 encoder, a
+    # rung one more of each, the splice's prefixes 1 + n forwards and heads and
+    # 1 + 2 + ... + n encoders (each prefix reconstructs every layer it splices).
     g = GEMMA_EVAL
     per = GEMMA_FORWARD_GFLOP + GEMMA_HEAD_GFLOP
-    splice_ratio = (1 + g["layers"]) * GEMMA_SPLICE_TOKENS / (3 * g["layers"] * g["max_tokens"])
+    n_g = g["layers"]
+    layer_eval = 3 * per + GEMMA_ENCODER_GFLOP
+    rung = per + GEMMA_ENCODER_GFLOP
+    splice_gflop = (1 + n_g) * per + n_g * (n_g + 1) / 2 * GEMMA_ENCODER_GFLOP
+    splice_ratio = splice_gflop * GEMMA_SPLICE_TOKENS / (n_g * layer_eval * g["max_tokens"])
     gemma = {
         "evaluate (today)": GEMMA_EVALUATE_H100_HOURS,
-        "ladder (+4 k)": GEMMA_EVALUATE_H100_HOURS * g["ladder_extra"] / 3,
+        "ladder (+4 k)": GEMMA_EVALUATE_H100_HOURS * g["ladder_extra"] * rung / layer_eval,
         "transfer (+1 model)": GEMMA_EVALUATE_H100_HOURS * g["transfer_models"],
         "all-layer splice": GEMMA_EVALUATE_H100_HOURS * splice_ratio,
     }
@@ -831,7 +839,11 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
             "counted": demo_counted,
         },
         "gemma_loupe_h100_hours": gemma,
-        "gemma_gflop_per_token": per,
+        "gemma_gflop_per_token": {
+            "layer evaluation": layer_eval,
+            "ladder rung": rung,
+            "splice with every prefix": splice_gflop,
+        },
     }
     shutil.rmtree(work, ignore_errors=True)
     lines = [

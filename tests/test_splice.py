@@ -6,34 +6,21 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
+import test_evaluate
 import torch
 from conftest import demo_config, typed
 
 import loupe.splice as sp
 from loupe.evaluate import evaluate_sae
 from loupe.metrics import SPLICED_COLUMNS
-from loupe.model import load_model, load_sae
+from loupe.model import load_sae
 from loupe.splice import splice_job, splice_suite
-from loupe.tokens import read_manifest, special_ids
+
+# test_evaluate's module fixtures: the tiny model with its head, the eval split, special ids.
+model, eval_rows, specials = test_evaluate.model, test_evaluate.eval_rows, test_evaluate.specials
 
 HOOKS = [f"language_model.layers.{i}" for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def model(settings):
-    return load_model(settings["model"]["name"], torch.device("cpu"), head=True)
-
-
-@pytest.fixture(scope="module")
-def specials(token_dir) -> list[int]:
-    return special_ids(read_manifest(token_dir / "manifest.json"))
-
-
-@pytest.fixture(scope="module")
-def eval_rows(token_dir) -> np.ndarray:
-    return np.load(token_dir / "eval.npy")
 
 
 def test_identity_at_every_layer_gives_the_clean_loss(

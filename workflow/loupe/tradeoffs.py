@@ -6,30 +6,20 @@ layers are spliced in together). Keys are loupe.metrics' vocabulary."""
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
 from .config import Config
-from .errors import LoupeError
 from .io import atomic_path
 from .metrics import LADDER_COLUMNS, SPLICED_COLUMNS, TRANSFER_COLUMNS
-from .summary import _save  # one PNG writer for every summary plot
+from .summary import _read_json as _read  # one reader and PNG writer for the summary
+from .summary import _save
 
 log = logging.getLogger(__name__)
 
 LADDER_CSV_COLUMNS = ("layer", "k", *(c.name for c in LADDER_COLUMNS))
 SPLICED_CSV_COLUMNS = ("last_layer", *(c.name for c in SPLICED_COLUMNS))
 TRANSFER_CSV_COLUMNS = ("layer", "model", *(c.name for c in TRANSFER_COLUMNS))
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise LoupeError(f"not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise LoupeError(f"{path} is not valid JSON: {e}") from None
 
 
 def ladder_rows(evals: list[dict]) -> list[dict]:
