@@ -74,7 +74,9 @@ def test_sae_k_reruns_each_layers_chain_and_the_suite_steps_only(demo_run, tmp_p
         "train": LAYERS,
         "maxact": LAYERS,
         "evaluate": LAYERS,
+        "spliced": 1,
         "summary": 1,
+        "tradeoffs": 1,
         "stage": 1,
     }
 

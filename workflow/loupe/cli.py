@@ -49,6 +49,11 @@ COMMANDS = {
     "demo-model": Command(
         "loupe.demo:build_model", "build the demo's tiny Gemma 4 model", ("corpus", "model")
     ),
+    "demo-transfer-model": Command(
+        "loupe.demo:build_transfer",
+        "build the demo's second model (the tiny model after more steps on other text)",
+        ("corpus", "model", "transfer_model"),
+    ),
     "browse": Command(
         "loupe.browse:browse",
         "serve the staged repo's feature browser on 127.0.0.1 until Ctrl-C",
@@ -103,11 +108,32 @@ COMMANDS = {
         optional_lists=("prev_sae", "next_sae"),  # empty where that layer is not configured
         layer=True,
     ),
+    "splice": Command(
+        "loupe.splice:splice_job",
+        "every layer's SAE spliced into one forward, and each prefix of the layers",
+        ("tokens", "manifest", "spliced"),
+        path_lists=("sae",),  # in model.layers order
+        threads=True,
+    ),
     "summary": Command(
         "loupe.summary:summarize",
         "metrics.csv and plots of the whole suite",
         ("metrics", "fvu", "delta_ce", "dead", "density", "curves"),
         path_lists=("evals", "stats", "train_metrics"),
+    ),
+    "tradeoffs": Command(
+        "loupe.tradeoffs:summarize_tradeoffs",
+        "the sparsity ladder and the all-layer splice as tables and plots",
+        (
+            "spliced",
+            "ladder_csv",
+            "ladder_plot",
+            "spliced_csv",
+            "spliced_plot",
+            "transfer_csv",
+            "transfer_plot",
+        ),
+        path_lists=("evals",),
     ),
     "stage": Command(
         "loupe.publish:stage_repo",

@@ -188,6 +188,9 @@ class EvaluateConfig:
     max_tokens: int
     logit_chunk: int
     dense_threshold: float
+    k_ladder: list[int]
+    transfer_models: list[str]
+    spliced_max_tokens: int
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ class DemoConfig:
     corpus: str
     model: str
     min_corpus_bytes: int
+    transfer_model: str | None
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,7 @@ SECTIONS = {
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "demo_corpus": ("demo.min_corpus_bytes",),
     "demo_model": (),
+    "demo_transfer_model": (),
     "tokenize": (
         "model.name",
         "model.revision",
@@ -307,9 +312,26 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "model.dtype",
         "maxact",
     ),
-    "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
     "explain": ("model.name", "maxact", "explain"),
     "neighbours": ("neighbours",),
+    "evaluate": (
+        "model.name",
+        "model.revision",
+        "model.hookpoint",
+        "model.dtype",
+        "evaluate.max_tokens",
+        "evaluate.dense_threshold",
+        "evaluate.k_ladder",
+        "evaluate.transfer_models",
+    ),
+    "spliced": (
+        "model.name",
+        "model.revision",
+        "model.hookpoint",
+        "model.dtype",
+        "model.layers",
+        "evaluate.spliced_max_tokens",
+    ),
     "summary": ("model.name", "model.layers"),
     "stage": (
         "model",

@@ -121,6 +121,13 @@ def adjacent_sae(offset):
     return inputs
 
 
+def transfer_model_inputs(wildcards=None):
+    """The evaluate.transfer_models this workflow builds (the demo's second model)."""
+    return sorted(
+        {p for m in config["evaluate"]["transfer_models"] for p in built_by_workflow(m)}
+    )
+
+
 def get_final_output():
     """What `snakemake` builds by default: every layer's results, the summary, the staged repo."""
     per_layer = [
@@ -133,5 +140,6 @@ def get_final_output():
         rules.tokenize.output.manifest,
         *expand(per_layer, layer=LAYERS),
         *rules.summary.output,
+        *rules.tradeoffs.output,
         rules.stage.output.repo,
     ]

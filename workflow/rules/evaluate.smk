@@ -9,6 +9,7 @@ rule evaluate:
         manifest=ancient(str(rules.tokenize.output.manifest)),
         stats=rules.maxact.output.stats,
         model=model_inputs,
+        transfer_models=transfer_model_inputs,
     output:
         metrics=f"{LAYER_DIR}/eval.json",
     log:
@@ -29,3 +30,31 @@ rule evaluate:
         "python -m loupe --log {log} evaluate --threads {threads}"
         " --layer {params.layer} --sae {input.sae} --tokens {input.tokens}"
         " --manifest {input.manifest} --stats {input.stats} --metrics {output.metrics}"
+
+
+# All layers at once: every SAE spliced into one forward, and each prefix of the layers
+# (logic in workflow/loupe/splice.py).
+rule spliced:
+    input:
+        sae=expand(rules.train.output.sae, layer=LAYERS),
+        tokens=rules.tokenize.output.eval,
+        manifest=rules.tokenize.output.manifest,
+        model=model_inputs,
+    output:
+        spliced=f"{SUMMARY}/spliced.json",
+    log:
+        f"{SUMMARY}/spliced.log",
+    conda:
+        ENV
+    threads: 8
+    resources:
+        gpu=1,
+        cpus_per_gpu=8,
+        mem_mb=32000,
+        runtime=240,
+    params:
+        settings=settings_for("spliced"),
+    shell:
+        "python -m loupe --log {log} splice --threads {threads}"
+        " --sae {input.sae:q} --tokens {input.tokens}"
+        " --manifest {input.manifest} --spliced {output.spliced}"
