@@ -82,6 +82,7 @@ def plot_ladder(rows: list[dict], out: Path, title: str) -> None:
     ramp from the first layer to the last), log-scale L0."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator, ScalarFormatter
 
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -103,6 +104,10 @@ def plot_ladder(rows: list[dict], out: Path, title: str) -> None:
         axes, ("FVU (lower is better)", "CE increase when spliced (nats)"), strict=True
     ):
         ax.set_xscale("log")
+        # The ladder's own L0 values as plain numbers (log axes' default labels collide).
+        ax.set_xticks(sorted({round(r["l0"], 1) for r in rows}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("L0 (active features per token)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
