@@ -520,7 +520,14 @@ def fixtures(shape: Shape, work: Path, device: str, threads: int = 1) -> dict:
         "sae": {**real["sae"], **shape.sae},
         "train": {**real["train"], "batch_size": shape.rows, "save_every": 10**9, "log_every": 1},
         "maxact": {**real["maxact"], "batch_size": shape.rows},
-        "evaluate": {**real["evaluate"], "batch_size": shape.rows},
+        # The stage as it ran before the ladder and transfer (measured apart, with their own
+        # flag): config.yaml's ladder is wider than small shapes, its chat model not offline.
+        "evaluate": {
+            **real["evaluate"],
+            "batch_size": shape.rows,
+            "k_ladder": [],
+            "transfer_models": [],
+        },
     }
     splits = {}
     for batches in shape.batches:  # train, sample and eval splits of that many batches each
