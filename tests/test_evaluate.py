@@ -384,6 +384,15 @@ def test_ladder_rejects_a_k_wider_than_the_sae(model, trained_layer, eval_rows, 
         evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(k_ladder=(sae.num_latents + 1,)))
 
 
+def test_ladder_needs_a_topk_sae(model, trained_layer, eval_rows, specials):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    sae.cfg.activation = "groupmax"  # its k would be the number of groups
+    with pytest.raises(LoupeError, match="k_ladder needs a topk SAE; this one is groupmax"):
+        evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(k_ladder=(sae.cfg.k, 2)))
+    plain = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(2, 128, 50, (sae.cfg.k,)))
+    assert [r["k"] for r in plain["ladder"]] == [sae.cfg.k]  # its own k alone is allowed
+
+
 # --- transfer to another model ----------------------------------------------------------------
 
 

@@ -53,7 +53,8 @@ def test_one_spliced_layer_equals_its_per_layer_delta_ce(model, trained_layer, e
 
 
 def test_splice_job_writes_every_prefix(tmp_path, settings, trained_layer, token_dir):
-    s = dict(settings, model={**settings["model"], "layers": [1, 2]})
+    # model.layers out of order: the prefixes still go by depth.
+    s = dict(settings, model={**settings["model"], "layers": [2, 1]})
     s["evaluate"] = {**s.get("evaluate", {}), "spliced_max_tokens": 2 * 128}
     out = tmp_path / "spliced.json"
     sae = trained_layer / "sae.safetensors"

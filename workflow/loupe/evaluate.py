@@ -301,6 +301,12 @@ def evaluate_sae(
         raise LoupeError(
             f"evaluate.k_ladder's k {ladder[-1]} exceeds the SAE's {sae.num_latents} latents"
         )
+    if sae.cfg.activation != "topk" and set(ladder) - {sae.cfg.k}:
+        # groupmax's k is its number of groups: another k is another SAE, not a sparsity level.
+        raise LoupeError(
+            f"evaluate.k_ladder needs a topk SAE; this one is {sae.cfg.activation} (k"
+            f" {sae.cfg.k}): set evaluate.k_ladder to [] or [{sae.cfg.k}]"
+        )
     recon_stats = ReconStats()
     ladder_stats = {k: ReconStats() for k in ladder if k != sae.cfg.k}
     loss_sums: dict[str, float] = {}

@@ -125,6 +125,8 @@ def splice_job(
     layers = config.model.layers
     if len(sae) != len(layers):
         raise LoupeError(f"{len(sae)} SAEs given for the {len(layers)} layers of model.layers")
+    # Prefixes go by depth, whatever order model.layers lists them in.
+    layers, sae = map(list, zip(*sorted(zip(layers, sae, strict=True)), strict=True))
     info = read_manifest(manifest)
     split = open_split(Path(tokens), info)  # before the model: fails fast
     device = select_device(config.device)
