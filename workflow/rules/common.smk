@@ -110,13 +110,17 @@ def model_inputs(wildcards=None):
     return sorted({p for n in names for p in built_by_workflow(n)})
 
 
-def adjacent_sae(offset):
-    """An input function: the trained SAE of layer {layer}+offset, or nothing where that layer
-    is not in model.layers (feature neighbours across layers)."""
+def adjacent_layer(template, offset):
+    """An input function: `template` (e.g. rule train's SAE or digest) for layer
+    {layer}+offset, or nothing where that layer is not in model.layers (feature neighbours
+    across layers). Weights are ancient(): judged by their digest, as in maxact.smk."""
 
     def inputs(wildcards):
         other = int(wildcards.layer) + offset
-        return [SAE_FILE.format(layer=other)] if other in LAYERS else []
+        if other not in LAYERS:
+            return []
+        path = template.format(layer=other)
+        return [ancient(path) if path.endswith(".safetensors") else path]
 
     return inputs
 

@@ -36,9 +36,11 @@ rule evaluate:
 # (logic in workflow/loupe/splice.py).
 rule spliced:
     input:
-        sae=expand(rules.train.output.sae, layer=LAYERS),
-        tokens=rules.tokenize.output.eval,
-        manifest=rules.tokenize.output.manifest,
+        # ancient: judged by content, as in rule evaluate
+        sae=ancient(expand(rules.train.output.sae, layer=LAYERS)),
+        digest=expand(rules.train.output.digest, layer=LAYERS),
+        tokens=ancient(str(rules.tokenize.output.eval)),
+        manifest=ancient(str(rules.tokenize.output.manifest)),
         model=model_inputs,
     output:
         spliced=f"{SUMMARY}/spliced.json",
@@ -53,6 +55,7 @@ rule spliced:
         mem_mb=32000,
         runtime=240,
     params:
+        tokens=TOKENS_KEY,
         settings=settings_for("spliced"),
     shell:
         "python -m loupe --log {log} splice --threads {threads}"

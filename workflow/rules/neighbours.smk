@@ -5,9 +5,13 @@
 
 rule neighbours:
     input:
-        sae=rules.train.output.sae,
-        prev_sae=adjacent_sae(-1),
-        next_sae=adjacent_sae(+1),
+        # ancient: the weights are judged by their digests (see maxact.smk)
+        sae=ancient(str(rules.train.output.sae)),
+        digest=rules.train.output.digest,
+        prev_sae=adjacent_layer(rules.train.output.sae, -1),
+        next_sae=adjacent_layer(rules.train.output.sae, +1),
+        prev_digest=adjacent_layer(rules.train.output.digest, -1),
+        next_digest=adjacent_layer(rules.train.output.digest, +1),
     output:
         neighbours=f"{LAYER_DIR}/feature_neighbours.parquet",
     log:
