@@ -10,7 +10,9 @@ NEURONPEDIA_EXPLANATIONS = []
 
 rule neuronpedia:
     input:
-        sae=expand(rules.train.output.sae, layer=LAYERS),
+        # ancient: the weights are judged by their digests (see maxact.smk)
+        sae=ancient(expand(rules.train.output.sae, layer=LAYERS)),
+        digest=expand(rules.train.output.digest, layer=LAYERS),
         examples=expand(rules.maxact.output.examples, layer=LAYERS),
         intervals=expand(rules.maxact.output.intervals, layer=LAYERS),
         stats=expand(rules.maxact.output.stats, layer=LAYERS),
