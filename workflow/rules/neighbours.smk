@@ -20,6 +20,7 @@ rule neighbours:
         ENV
     resources:
         gpu=1,
+        cpus_per_gpu=8,
         mem_mb=16000,
         runtime=60,
     params:
