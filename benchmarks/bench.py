@@ -856,7 +856,8 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
     lines = [
         "# Evaluation additions: ladder, transfer, all-layer splice",
         "",
-        f"`{result['command']}` ({result['machine']}). Demo: {n} layers, {rows * ctx:,} eval"
+        f"`{result['command']}` ({result['machine']}; CPU time of this process, medians of"
+        f" {repeats}). Demo: {n} layers, {rows * ctx:,} eval"
         f" tokens, k_ladder {ev.k_ladder}, splice on {ev.spliced_max_tokens:,} tokens.",
         "",
         "| addition | demo, measured | demo, forward count | gemma-loupe H100-hours |",
