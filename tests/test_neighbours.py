@@ -18,6 +18,7 @@ from loupe.cli import main
 from loupe.examples import ROW_GROUP_FEATURES
 from loupe.logits import blocked_top_k
 from loupe.neighbours import decoder_neighbours, neighbours_layer
+from loupe.train import sae_digest
 
 # The demo's SAEs: hidden size 64, expansion factor 8.
 FEATURES, D = 512, 64
@@ -84,6 +85,8 @@ def _sae_file(folder, W_dec: torch.Tensor):
         "encoder.bias": torch.zeros(F),
     }
     save_file(state, folder / "sae.safetensors")
+    # and its digest, which training writes beside it and the rules read as its content
+    (folder / "sae.sha256").write_text(sae_digest(folder / "sae.safetensors"))
     return folder / "sae.safetensors"
 
 
