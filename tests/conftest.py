@@ -83,6 +83,13 @@ def demo_config() -> dict:
     )
 
 
+def demo_tokens() -> str:
+    """Where the demo's token splits are: a folder named for the settings that make them."""
+    from loupe.tokens import store_key
+
+    return f"results/tokens/{store_key(typed(demo_config()))}"
+
+
 def typed(settings: dict):
     """The typed Config (what every stage function takes) of a raw settings dict."""
     from loupe.config import Config

@@ -18,6 +18,7 @@ import torch
 import yaml
 from conftest import (
     copy_workflow,
+    demo_tokens,
     kill_after_first_checkpoint,
     run_snakemake,
     split_with_manifest,
@@ -271,9 +272,10 @@ def test_a_layers_target_trains_its_group_with_one_command_template(checkout, tm
     # Groups fill from the deepest layer: [0, 1] and [2, 3, 4, 5]; layer 4's trains all four.
     assert rule == "train_layers_2_to_5"
     logs = " ".join(f"results/layer_{n}/train.log" for n in (2, 3, 4, 5))
+    tokens = demo_tokens()
     assert cmd == (
         f"python -m loupe $(printf -- '--log %s ' {logs}) train --threads 2 --layers 2 3 4 5"
-        " --tokens results/tokens/train.npy --manifest results/tokens/manifest.json"
+        f" --tokens {tokens}/train.npy --manifest {tokens}/manifest.json"
         " --out-dir results/layer_2 results/layer_3 results/layer_4 results/layer_5"
         " --checkpoint-dir results/checkpoints/layer_2"
     )
@@ -285,7 +287,7 @@ def test_a_layers_target_trains_its_group_with_one_command_template(checkout, tm
     assert rule == "train" and res["mem_mb"] == str(47000 + 1000)
     assert cmd == (
         "python -m loupe $(printf -- '--log %s ' results/layer_4/train.log) train --threads 2"
-        " --layers 4 --tokens results/tokens/train.npy --manifest results/tokens/manifest.json"
+        f" --layers 4 --tokens {tokens}/train.npy --manifest {tokens}/manifest.json"
         " --out-dir results/layer_4 --checkpoint-dir results/checkpoints/layer_4"
     )
 

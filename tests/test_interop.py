@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, demo_tokens
 
 from loupe.card import code_cells, fill_constants
 from loupe.model import import_sparsify
@@ -112,13 +112,13 @@ def model(model_dir):
 @pytest.fixture(scope="module")
 def sample(demo_run) -> np.ndarray:
     """The sample split loupe's examples come from: [rows, ctx] uint32."""
-    return np.load(demo_run / "results/tokens/sample.npy", mmap_mode="r")
+    return np.load(demo_run / demo_tokens() / "sample.npy", mmap_mode="r")
 
 
 @pytest.fixture(scope="module")
 def special_ids(demo_run) -> list[int]:
     """BOS, EOS and PAD: the tokens loupe never lets peak."""
-    manifest = json.loads((demo_run / "results/tokens/manifest.json").read_text())
+    manifest = json.loads((demo_run / demo_tokens() / "manifest.json").read_text())
     ids = {manifest.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return sorted(i for i in ids if i is not None)
 

@@ -18,7 +18,7 @@ from conftest import copy_workflow, run_snakemake, snakemake_env
 from loupe.config import check_yaml
 from loupe.errors import LoupeError
 
-TOKENS_TARGET = "results/tokens/manifest.json"
+TOKENS_TARGET = "tokenize"  # the rule: its outputs' folder is named for the settings
 SAE_TARGET = "results/layer_3/sae.safetensors"
 DEMO = ("--profile", "profiles/demo", "--configfile", "profiles/demo/demo-config.yaml")
 
@@ -68,6 +68,36 @@ def test_check_yaml_names_file_line_and_problem(tmp_path):
     check_yaml(tmp_path / "ok.yaml")
 
 
+def test_check_config_names_the_configfile_snakemake_would_not(checkout):
+    """Issue 27 #6: for a `--configfile` file Snakemake's message names neither file nor line
+    (it parses them before the workflow runs); check-config, given the same files, does."""
+    (checkout / "over.yaml").write_text("sae:\n  k: 4\n\tfoo: 1\n")
+    demo = "profiles/demo/demo-config.yaml"
+    proc = run_snakemake(checkout, *DEMO, "over.yaml", "-n", check=False)
+    assert proc.returncode == 1
+    assert "Config file is not valid JSON or YAML" in proc.stdout + proc.stderr
+    check = [sys.executable, "-m", "loupe", "check-config", "--configfile", demo]
+    env = snakemake_env()
+
+    def run_check(*files):
+        p = subprocess.run([*check, *files], cwd=checkout, env=env, capture_output=True, text=True)
+        return p.returncode, p.stdout.strip(), p.stderr.strip().splitlines()[-1]
+
+    code, _, err = run_check("over.yaml")
+    assert code == 2 and err == (
+        "loupe check-config: error: config file over.yaml, line 3, column 1 is not valid YAML:"
+        " found character '\\t' that cannot start any token"
+    )
+    (checkout / "over.yaml").write_text("sae:\n  kk: 4\n")
+    code, _, err = run_check("over.yaml")
+    assert code == 2 and err.startswith(
+        "loupe check-config: error: config error: unknown key sae/kk"
+    )
+    (checkout / "over.yaml").write_text("sae:\n  k: 4\n")
+    code, out, _ = run_check("over.yaml")
+    assert code == 0 and out == f"config OK: config.yaml + {demo} + over.yaml"
+
+
 @pytest.mark.parametrize("key", ["model.name", "model.tokenizer", "dataset.path"])
 def test_a_missing_local_folder_is_not_found_at_workflow_start(checkout, key):
     """Issue 27 #3: `results/no_such_model` was taken for a hub id; the tokenize job then
@@ -114,21 +144,26 @@ def jobs_run(text: str) -> set[str]:
 def test_going_back_to_earlier_token_settings_reruns_nothing(demo_run, tmp_path):
     """Issue 27 #1: the relinked splits were touched by Snakemake at the end of tokenize (and
     with them the store's copy): the run with the original settings reran train, maxact and
-    evaluate of every layer, summary and stage (21 jobs). (After a *failed* tokenize the links
-    are gone when that run is planned, and Snakemake still plans their readers: README.)"""
+    evaluate of every layer, summary and stage (21 jobs); after a *failed* tokenize the links
+    were gone, and all of those ran again too. The splits' folder is now named for their
+    settings: going back finds it untouched."""
     work = demo_copy(demo_run, tmp_path)
     finished = digests(work, "results/layer_*/*")
+    demo = ("--configfile", "profiles/demo/demo-config.yaml")
     # Other token settings, tokenized (only the splits asked for).
     (work / "seed.yaml").write_text("tokens:\n  seed: 7\n")
-    _, text = run(
-        work, TOKENS_TARGET, "--configfile", "profiles/demo/demo-config.yaml", "seed.yaml"
-    )
+    _, text = run(work, TOKENS_TARGET, *demo, "seed.yaml")
     assert jobs_run(text) == {"tokenize"}
-    # Back to the demo's settings: the stored splits are relinked, and nothing else runs.
-    _, text = run(work)
-    assert jobs_run(text) == {"tokenize"}
-    assert "reused the token splits" in (work / "results/tokens/tokenize.log").read_text()
+    # A tokenize that fails: a corpus without the configured text column.
+    (work / "bad.jsonl").write_text('{"body": "no text column here"}\n' * 50)
+    (work / "bad.yaml").write_text("dataset:\n  path: bad.jsonl\n")
+    proc, text = run(work, TOKENS_TARGET, *demo, "bad.yaml", check=False)
+    assert proc.returncode == 1 and jobs_run(text) == {"tokenize"}
+    # Back to the demo's settings: their splits are where they were, nothing is planned.
     _, text = run(work, "-n")
+    assert "Nothing to be done" in text
+    # The other settings' splits are kept too: going to them again plans nothing either.
+    _, text = run(work, "-n", TOKENS_TARGET, *demo, "seed.yaml")
     assert "Nothing to be done" in text
     assert digests(work, "results/layer_*/*") == finished
 

@@ -48,8 +48,11 @@ def run_cli(settings: dict, out: Path, capfd) -> tuple[int, str]:
     capfd.readouterr()
     log = out.parent / "tokenize.log"
     code = cli.main(
-        ["--log", str(log), "tokenize", "--config", json.dumps(settings), "--out-dir", str(out)]
-    )
+        [
+            "--log", str(log), "tokenize", "--config", json.dumps(settings),
+            "--out-dir", str(out), "--store", str(out / STORE),
+        ]
+    )  # fmt: skip
     return code, capfd.readouterr().err.strip()
 
 

@@ -185,6 +185,8 @@ def test_cli_prints_one_line_for_bad_input(tmp_path, settings):
             json.dumps(bad),
             "--out-dir",
             str(tmp_path / "t"),
+            "--store",
+            str(tmp_path / ".store"),
         ],
         capture_output=True,
         text=True,

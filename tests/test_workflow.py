@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import copy_workflow, run_snakemake
+from conftest import copy_workflow, demo_tokens, run_snakemake
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,11 @@ def test_lint_is_clean(checkout):
 
 def test_demo_produces_every_stage_output(demo_run, config):
     results = demo_run / "results"
-    manifest = json.loads((results / "tokens/manifest.json").read_text())
+    tokens = demo_run / demo_tokens()
+    manifest = json.loads((tokens / "manifest.json").read_text())
     assert manifest["rows"]["train"] * manifest["ctx_len"] >= config["tokens"]["train_tokens"]
     for split in ("train", "sample", "eval"):
-        rows = np.load(results / f"tokens/{split}.npy", mmap_mode="r")
+        rows = np.load(tokens / f"{split}.npy", mmap_mode="r")
         assert (rows[:, 0] == 2).all()
     for layer in config["model"]["layers"]:
         folder = results / f"layer_{layer}"

@@ -54,6 +54,12 @@ COMMANDS = {
         "build the demo's second model (the tiny model after more steps on other text)",
         ("corpus", "model", "transfer_model"),
     ),
+    "check-config": Command(
+        "loupe.config:check_config",
+        "check config files given to --configfile: YAML (file, line), then the schema",
+        path_lists=("configfile",),
+        config=False,
+    ),
     "browse": Command(
         "loupe.browse:browse",
         "serve the staged repo's feature browser on 127.0.0.1 until Ctrl-C",
@@ -64,7 +70,7 @@ COMMANDS = {
     "tokenize": Command(
         "loupe.tokens:tokenize",
         "stream the corpus into train/sample/eval token splits",
-        ("out_dir",),
+        ("out_dir", "store"),
         threads=True,
     ),
     "train": Command(

@@ -416,14 +416,14 @@ def check_train_settings(
         raise LoupeError(f"train.exclude_tokens {outside} outside the vocabulary ({vocab} ids)")
 
 
-def check_yaml(path: str | Path) -> None:
-    """One line naming the file and the line of a YAML mistake in a config file (Snakemake's
-    own message names neither)."""
+def check_yaml(path: str | Path) -> dict:
+    """A config file's settings, or one line naming the file and the line of a YAML mistake in
+    it (Snakemake's own message names neither)."""
     import yaml
 
     try:
         text = Path(path).read_text(encoding="utf-8")
-        yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError) as e:
         raise LoupeError(f"config file {path} cannot be read: {e}") from None
     except yaml.YAMLError as e:
@@ -431,6 +431,31 @@ def check_yaml(path: str | Path) -> None:
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise LoupeError(f"config file {path}{where} is not valid YAML: {what}") from None
+    if data is not None and not isinstance(data, dict):
+        raise LoupeError(f"config file {path} holds a {type(data).__name__}, not settings")
+    return data or {}
+
+
+def _layer(base: dict, over: dict) -> dict:
+    """`over` layered onto `base` as Snakemake layers config files: section by section."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _layer(out[key], value) if both else value
+    return out
+
+
+def check_config(configfile: list[Path]) -> None:
+    """`python -m loupe check-config --configfile A.yaml B.yaml`: the files a run would be
+    given with `--configfile`, checked before spending anything. Snakemake parses those files
+    before any workflow code runs, so for a YAML mistake in one it says only "Config file is
+    not valid JSON or YAML"; this names the file, line and column, then layers the files over
+    config.yaml as Snakemake does and checks the result against the schema."""
+    data = check_yaml("config.yaml")
+    for path in configfile:
+        data = _layer(data, check_yaml(path))
+    Config.from_dict(validate(data))
+    print(f"config OK: config.yaml + {' + '.join(map(str, configfile))}")
 
 
 # --- the schema -------------------------------------------------------------------------------

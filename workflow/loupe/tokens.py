@@ -3,9 +3,11 @@ deal whole documents into three disjoint splits (train, sample, eval) written as
 
 Finished splits are never lost to a failed rerun. Snakemake deletes a job's outputs before it
 runs, so the splits live in a store keyed by the settings that made them
-(`{out_dir}/.store/{key}/`) and the outputs are hard links into it: a rerun that fails (bad
-data, no disk space) costs the links only, and returning to settings tokenized before relinks
-the stored splits in seconds. Each job that opens a split checks it against the manifest
+(`{store}/{key}/`, by default `{out_dir}/.store/`) and the outputs are hard links into it: a
+rerun that fails (bad data, no disk space) costs the links only, and tokenizing again with
+settings tokenized before relinks the stored splits in seconds. The workflow keys the outputs'
+folder too (`results/tokens/{key}/`), so returning to earlier settings finds their links still
+there and plans nothing at all. Each job that opens a split checks it against the manifest
 (shape, dtype, sha256, token ids within the vocabulary)."""
 
 from __future__ import annotations
@@ -352,8 +354,9 @@ def _check_disk(folder: Path, needed: int) -> None:
         )
 
 
-def tokenize(config: Config, out_dir: Path, threads: int = 1) -> dict:
-    """Write {train,sample,eval}.npy ([rows, ctx_len] uint32) and manifest.json to out_dir.
+def tokenize(config: Config, out_dir: Path, threads: int = 1, store: Path | None = None) -> dict:
+    """Write {train,sample,eval}.npy ([rows, ctx_len] uint32) and manifest.json to out_dir, as
+    hard links into `store/<key>/` (`store` defaults to `out_dir/.store`).
 
     Whole documents are dealt to splits at random (seeded), in proportion to the tokens each
     split still needs, so no document is shared between training and evaluation."""
@@ -361,7 +364,7 @@ def tokenize(config: Config, out_dir: Path, threads: int = 1) -> dict:
     rows = spec.rows()
     out_dir.mkdir(parents=True, exist_ok=True)
     key = store_key(config)
-    store = out_dir / STORE / key
+    store = (Path(store) if store is not None else out_dir / STORE) / key
     store.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_tmp(store) + remove_stale_tmp(out_dir)
     if removed:

@@ -54,14 +54,17 @@ onstart:
         raise WorkflowError(str(e)) from None
 
 
-# The token splits' identity: the key of their store (loupe.tokens.store_key, the hash of the
-# settings that make them). Rules reading the splits take them as ancient() and this as a
-# param: tokenize ends by touching its outputs, hard links into the store, so returning to
-# earlier token settings (a relink) would otherwise look like new tokens and rerun every GPU
-# stage; other settings change this key, and so rerun them.
+# The token splits live in a folder named for their identity, the key of their store
+# (loupe.tokens.store_key, the hash of the settings that make them): other settings give other
+# paths, and so rerun their readers, while returning to earlier settings finds that folder's
+# files still there (Snakemake deletes only the outputs of jobs it runs, and a failed
+# tokenize's are its own key's) and plans nothing. Readers take the splits as ancient(): they
+# are hard links into the store (results/tokens/.store/<key>/), whose mtime moves whenever
+# Snakemake touches a link after a job, so mtimes say nothing about the tokens.
 TOKENS_KEY = store_key(Config.from_dict(config))
 LAYERS = config["model"]["layers"]
-TOKENS = "results/tokens"
+TOKENS_ROOT = "results/tokens"
+TOKENS = f"{TOKENS_ROOT}/{TOKENS_KEY}"
 LAYER_DIR = "results/layer_{layer}"
 SUMMARY = "results/summary"
 HUB = "results/hub"

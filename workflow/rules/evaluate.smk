@@ -1,7 +1,7 @@
 rule evaluate:
     input:
         # ancient: files judged by content, not mtime (see common.smk, TOKENS_KEY): the SAE
-        # by its digest (a small file Snakemake compares by checksum), the splits by params.tokens
+        # by its digest (a small file Snakemake compares by checksum), the splits by their folder
         sae=ancient(str(rules.train.output.sae)),
         digest=rules.train.output.digest,
         cfg=rules.train.output.cfg,
@@ -24,7 +24,6 @@ rule evaluate:
         runtime=120,
     params:
         layer=checked_layer,
-        tokens=TOKENS_KEY,
         settings=settings_for("evaluate"),
     shell:
         "python -m loupe --log {log} evaluate --threads {threads}"
@@ -55,7 +54,6 @@ rule spliced:
         mem_mb=32000,
         runtime=240,
     params:
-        tokens=TOKENS_KEY,
         settings=settings_for("spliced"),
     shell:
         "python -m loupe --log {log} splice --threads {threads}"

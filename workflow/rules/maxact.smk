@@ -8,7 +8,7 @@
 rule maxact:
     input:
         # ancient: files judged by content, not mtime (see common.smk, TOKENS_KEY): the SAE
-        # by its digest (a small file Snakemake compares by checksum), the splits by params.tokens
+        # by its digest (a small file Snakemake compares by checksum), the splits by their folder
         sae=ancient(str(rules.train.output.sae)),
         digest=rules.train.output.digest,
         cfg=rules.train.output.cfg,
@@ -33,7 +33,6 @@ rule maxact:
         runtime=360,
     params:
         layer=checked_layer,
-        tokens=TOKENS_KEY,
         settings=settings_for("maxact"),
     shell:
         "python -m loupe --log {log} maxact --threads {threads}"

@@ -18,6 +18,7 @@ rule tokenize:
     params:
         settings=settings_for("tokenize"),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
+        store=f"{TOKENS_ROOT}/.store",
     shell:
         "python -m loupe --log {log} tokenize --threads {threads}"
-        " --out-dir {params.out_dir}"
+        " --out-dir {params.out_dir} --store {params.store}"

@@ -99,7 +99,7 @@ for group in [None] + [g for g in TRAIN_GROUPS if len(g) > 1]:
         name:
             name
         input:
-            # ancient: the token splits' identity is params.tokens (see common.smk, TOKENS_KEY)
+            # ancient: the token splits' identity is their folder (see common.smk, TOKENS_KEY)
             tokens=ancient(str(rules.tokenize.output.train)),
             manifest=ancient(str(rules.tokenize.output.manifest)),
             model=model_inputs,
@@ -128,7 +128,6 @@ for group in [None] + [g for g in TRAIN_GROUPS if len(g) > 1]:
             ),
         params:
             settings=settings_for("train"),
-            tokens=TOKENS_KEY,
             layers=lambda wildcards, output: trained_layers(output),
             out_dir=lambda wildcards, output: [
                 os.path.dirname(p) for p in listed(output.sae)
