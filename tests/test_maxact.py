@@ -180,6 +180,24 @@ def sampled(tmp_path_factory, settings, token_dir, trained_layer):
     return s, out / "max_activations.parquet", out / "feature_stats.parquet"
 
 
+def test_the_pass_reads_activations_without_running_the_lm_head(settings, token_dir):
+    """Issue 26 #3: maxact loads the causal LM (its W_U gives the top logits) and ran its
+    262,144-way head at every position of every batch, for nothing. The activations it reads
+    instead equal those of a full forward's hidden states."""
+    model = load_model(settings["model"]["name"], torch.device("cpu"), head=True)
+    hookpoint = settings["model"]["hookpoint"].format(layer=LAYER)
+    ids = torch.from_numpy(np.load(token_dir / "sample.npy")[:4].astype(np.int64))
+    heads = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *_: heads.append(1))
+    x = capture(model, hookpoint, ids)
+    assert heads == []
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True)
+    hook.remove()
+    assert heads == [1] and len(full.hidden_states) > LAYER + 2  # LAYER is not the last
+    torch.testing.assert_close(x, full.hidden_states[LAYER + 1], rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def reference(sampled, token_dir, trained_layer):
     """Brute force: dense SAE activations of every sample token, specials zeroed: [rows, seq, F]

@@ -243,7 +243,10 @@ def capture(model, hookpoint: str, input_ids: torch.Tensor) -> torch.Tensor:
 
     handle = get_hookpoint(model, hookpoint).register_forward_hook(hook)
     try:
-        model(input_ids=input_ids.to(model.device))
+        # The base model, never the LM head a causal LM would run on top: at Gemma 4's
+        # 262,144-token vocabulary its logits cost 2.5-8x the sampling pass's time and GBs of
+        # memory (issue 26), and activations need none of them.
+        model.base_model(input_ids=input_ids.to(model.device))
     finally:
         handle.remove()
     return seen[0]
