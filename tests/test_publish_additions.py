@@ -127,18 +127,26 @@ def test_the_card_shows_the_ladder_transfer_and_splice(staged_additions, pub_set
     assert "| 2 | 0.2 | 3 | 0.8 | -0.1 | 0.02 | 0.25 |" in card
     assert f"- `{IT}`: mean FVU 2.5, mean explained variance 0.1, mean delta-CE 0.25;" in card
     assert (
-        "negative (the reconstruction further from the activations than their mean) at layer 2."
-        in card
-    )
-    assert f"- `{base}`: mean FVU 0.15" in card and "at no layer." in card
+        f"`{IT}`: mean FVU 2.5, mean explained variance 0.1, mean delta-CE 0.25; FVU above 1 (the"
+        " reconstruction further from the activations than their mean) at layers 1, 2;"
+        " explained variance negative (the error varies more than the activations) at layer 2."
+    ) in card
+    assert (
+        f"`{base}`: mean FVU 0.15, mean explained variance 0.85, mean delta-CE 0.02; FVU above 1"
+        " (the reconstruction further from the activations than their mean) at no layer;"
+        " explained variance negative (the error varies more than the activations) at no layer."
+    ) in card
     # The whole suite: clean -> all spliced, KL, the per-layer sum (metrics.csv's delta_ce).
     summed = METRIC_ROWS[0]["delta_ce"] + METRIC_ROWS[1]["delta_ce"]
     tokens = min(8192, pub_settings["evaluate"]["spliced_max_tokens"])
+    eval_tokens = min(8192, pub_settings["evaluate"]["max_tokens"])
+    # The per-layer numbers come from the evaluation's own tokens: said where they differ.
+    alone = f", on the evaluation's {eval_tokens:,} tokens" if eval_tokens != tokens else ""
     assert (
         f"With all 2 SAEs spliced into one forward (each layer's output replaced by its SAE's"
         f" reconstruction), next-token loss on {tokens:,} eval tokens goes from 3 (the clean"
         f" model) to 3.2: delta-CE 0.2, KL 0.03 from the clean next-token distribution, where"
-        f" the per-layer delta-CEs (each layer spliced alone) sum to {summed:.4g}." in card
+        f" the per-layer delta-CEs (each layer spliced alone{alone}) sum to {summed:.4g}." in card
     )
     assert "| 1 | 1 | 3.05 | 0.05 | 0.01 | 0.0421 |" in card
     assert f"| 2 | 2 | 3.2 | 0.2 | 0.03 | {summed:.4g} |" in card
@@ -172,3 +180,42 @@ def test_the_card_reads_sensibly_without_ladder_or_transfer(tmp_path, pub_settin
     plots = embedded(card)
     assert not [p for p in plots if p.endswith(("sparsity_ladder.png", "transfer_by_layer.png"))]
     assert [p for p in plots if p.endswith("spliced_by_depth.png")]  # the splice still shows
+
+
+def check_demo_additions(workdir, config: dict) -> None:
+    """A built workflow's metrics.csv, staged repo and card hold its ladder, transfer and
+    splice: the cells equal eval.json's and spliced.json's, the card names every k and model."""
+    import csv
+
+    results, layers = workdir / "results", config["model"]["layers"]
+    ev = config["evaluate"]
+    with open(results / "summary/metrics.csv", newline="") as f:
+        rows = {int(r["layer"]): r for r in csv.DictReader(f)}
+    spliced = json.loads((results / "summary/spliced.json").read_text())
+    prefixes = {p["last_layer"]: p for p in spliced["prefixes"]}
+    for layer in layers:
+        e = json.loads((results / f"layer_{layer}/eval.json").read_text())
+        assert sorted(r["k"] for r in e["ladder"]) == sorted(ev["k_ladder"])
+        for rung in e["ladder"]:
+            assert float(rows[layer][f"fvu@k{rung['k']}"]) == pytest.approx(rung["fvu"])
+        for t in e["transfer"]:
+            assert float(rows[layer][f"delta_ce@{t['model']}"]) == pytest.approx(t["delta_ce"])
+        assert float(rows[layer]["kl_prefix"]) == pytest.approx(prefixes[layer]["kl"])
+    hub, prefix = results / "hub", config["hub"]["prefix"]
+    listed = {f["path"] for f in json.loads((hub / MANIFEST).read_text())["files"]}
+    for name in ("ladder.csv", "transfer.csv", "spliced.csv"):
+        assert f"{prefix}/{name}" in listed
+    for name in ("sparsity_ladder.png", "transfer_by_layer.png", "spliced_by_depth.png"):
+        assert f"{prefix}/plots/{name}" in listed
+    card = (hub / "README.md").read_text()
+    assert f"keeping k = {', '.join(map(str, sorted(ev['k_ladder'])))} latents" in card
+    for model in ev["transfer_models"]:
+        assert f"| explained_variance@{model} |" in card
+    assert f"With all {len(layers)} SAEs spliced into one forward" in card
+
+
+@pytest.mark.e2e
+def test_demo_stages_and_cards_the_additions(demo_run):
+    from conftest import demo_config
+
+    check_demo_additions(demo_run, demo_config())

@@ -439,6 +439,13 @@ def _layer(row: dict) -> int:
     return int(float(row["layer"]))
 
 
+def _layers(layers: list[int]) -> str:
+    """[7, 21] -> 'layers 7, 21'; [] -> 'no layer'."""
+    if not layers:
+        return "no layer"
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(str, layers))
+
+
 def ladder_section(facts: CardFacts, plots: dict[str, str]) -> dict | None:
     """The ladder's table (FVU and delta-CE per layer at each k; columns named as in
     metrics.csv) and plot; None where ladder.csv was not staged, no rows where the ladder
@@ -488,11 +495,18 @@ def transfer_section(config: Config, facts: CardFacts, plots: dict[str, str]) ->
         {
             "model": m,
             **{key: mean(m, key) for key in keys},
-            "negative": [
-                n
-                for n in layers
-                if (v := cells.get((n, m), {}).get("explained_variance")) and float(v) < 0
-            ],
+            # FVU above 1: worse than the activations' mean; explained variance (1 - the
+            # error's variance over theirs) ignores a constant offset, so it can stay positive.
+            "above_one": _layers(
+                [n for n in layers if (v := cells.get((n, m), {}).get("fvu")) and float(v) > 1]
+            ),
+            "negative": _layers(
+                [
+                    n
+                    for n in layers
+                    if (v := cells.get((n, m), {}).get("explained_variance")) and float(v) < 0
+                ]
+            ),
         }
         for m in (base, *models)
     ]
@@ -532,8 +546,12 @@ def spliced_section(config: Config, facts: CardFacts, plots: dict[str, str]) -> 
     tokens = min(
         facts.tokens.get("eval", config.tokens.eval_tokens), config.evaluate.spliced_max_tokens
     )
+    eval_tokens = min(
+        facts.tokens.get("eval", config.tokens.eval_tokens), config.evaluate.max_tokens
+    )
     return {
         "rows": table,
+        "eval_tokens": eval_tokens,
         "layers": suite["spliced_layers"],
         "clean": _fmt(clean),
         "spliced": _fmt(suite["ce_loss_spliced"]),
