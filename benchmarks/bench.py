@@ -885,6 +885,156 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
     return result
 
 
+def _transfer_memory_child(args: tuple) -> dict:
+    """In a fresh process: loupe.evaluate.evaluate_layer as the evaluate job runs it, with
+    `transfer` models; with `hold_base`, open_layer's model is kept referenced (what the job
+    did before it freed the base model). Its peak RSS (VmHWM) and the models' parameter MB."""
+    raw, layer, files, hold_base = args
+    import torch
+
+    import loupe.evaluate as ev
+    from loupe.config import Config
+
+    held = []
+    if hold_base:
+        real_open_layer = ev.open_layer
+
+        def open_layer(*a, **kw):
+            job = real_open_layer(*a, **kw)
+            held.append(job.model)  # the base model stays in memory through the transfer
+            return job
+
+        ev.open_layer = open_layer
+    torch.set_num_threads(1)
+    out = Path(files["out"])
+    ev.evaluate_layer(
+        Config.from_dict(raw),
+        layer,
+        *(Path(files[k]) for k in ("sae", "tokens", "manifest", "stats")),
+        out,
+    )
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(ln.split()[1]) / 1024 for ln in status if ln.startswith("VmHWM:"))
+    return {"peak_rss_mb": peak, "transfer": json.loads(out.read_text()).get("transfer", [])}
+
+
+def transfer_memory(out_dir: Path) -> dict:
+    """Peak RSS of the evaluate job with a transfer model, side by side in fresh processes:
+    no transfer model, a transfer model with the base model freed first (the job today), and
+    with the base model held (before). Random demo-shaped Gemma 4 models with the real
+    262,144-token vocabulary (embeddings dominate, as in E2B), fp32 on CPU, 1,024 eval tokens.
+    Writes <out_dir>/transfer-memory.json and .md."""
+    import hashlib
+    import multiprocessing
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    from loupe.demo import tiny_gemma4_config
+    from loupe.model import import_sparsify
+
+    sparsify = import_sparsify()
+    work = Path(tempfile.mkdtemp(prefix="loupe-transfer-memory-"))
+    spec = dataclasses.replace(TinyModelSpec(), vocab_size=262_144)
+    params = 0
+    for name, seed in (("base", 0), ("other", 1)):
+        torch.manual_seed(seed)
+        model = Gemma4ForConditionalGeneration(tiny_gemma4_config(spec))
+        model.save_pretrained(work / name)
+        params = sum(p.numel() for p in model.parameters())
+        del model
+    layer = 2
+    cfg = sparsify.SparseCoderConfig(expansion_factor=8, k=8)
+    sparsify.SparseCoder(spec.hidden_size, cfg, device="cpu").save_to_disk(work / "sae")
+    rows, ctx = 16, 64
+    ids = np.random.default_rng(0).integers(4, spec.vocab_size, (rows, ctx)).astype(np.uint32)
+    ids[:, 0] = 2
+    np.save(work / "eval.npy", ids)
+    manifest = {
+        "rows": {"eval": rows},
+        "ctx_len": ctx,
+        "dtype": "uint32",
+        "sha256": {"eval": hashlib.sha256(np.ascontiguousarray(ids).data).hexdigest()},
+        "vocab_size": spec.vocab_size,
+        "max_token_id": int(ids.max()),
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    latents = spec.hidden_size * 8
+    pq.write_table(
+        pa.table(
+            {
+                "feature": np.arange(latents),
+                "fire_count": np.ones(latents, dtype=np.int64),
+                "density": np.full(latents, 0.01),
+            }
+        ),
+        work / "stats.parquet",
+    )
+    raw = _demo_config()
+    raw["model"].update(name=str(work / "base"), layers=[layer])
+    raw["device"] = "cpu"
+    raw["evaluate"].update(max_tokens=rows * ctx, k_ladder=[], transfer_models=[])
+    files = {
+        k: str(work / v)
+        for k, v in (
+            ("sae", "sae"),
+            ("tokens", "eval.npy"),
+            ("manifest", "manifest.json"),
+            ("stats", "stats.parquet"),
+            ("out", "eval.json"),
+        )
+    }
+    with_transfer = json.loads(json.dumps(raw))
+    with_transfer["evaluate"]["transfer_models"] = [str(work / "other")]
+    runs = {
+        "no transfer model": (raw, False),
+        "transfer, base model freed first (today)": (with_transfer, False),
+        "transfer, base model held (before)": (with_transfer, True),
+    }
+    spawn = multiprocessing.get_context("spawn")
+    peaks = {}
+    for label, (config, hold) in runs.items():
+        with spawn.Pool(1) as pool:
+            peaks[label] = pool.apply(_transfer_memory_child, ((config, layer, files, hold),))
+    shutil.rmtree(work, ignore_errors=True)
+    one = params * 4 / 2**20
+    mb = {label: r["peak_rss_mb"] for label, r in peaks.items()}
+    base = mb["no transfer model"]
+    result = {
+        "command": "python benchmarks/bench.py --transfer-memory",
+        "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
+        "model_parameters": params,
+        "model_mb_fp32": one,
+        "peak_rss_mb": mb,
+        "over no transfer, in models": {k: (v - base) / one for k, v in mb.items()},
+    }
+    lines = [
+        "# Evaluate's memory with a transfer model",
+        "",
+        f"`{result['command']}` ({result['machine']}). evaluate_layer in a fresh process per"
+        f" row, 1,024 eval tokens; two random demo-shaped Gemma 4 models with the real 262,144"
+        f" vocabulary, {params / 1e6:.1f}M parameters = {one:.0f} MB each in fp32.",
+        "",
+        "| run | peak RSS | over no transfer, in model sizes |",
+        "|---|---|---|",
+        *(
+            f"| {k} | {v:,.0f} MB | {result['over no transfer, in models'][k]:+.2f} |"
+            for k, v in mb.items()
+        ),
+        "",
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "transfer-memory.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "transfer-memory.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return result
+
+
 def _demo_config() -> dict:
     """The demo's config (config.yaml overlaid with profiles/demo/demo-config.yaml)."""
     import yaml
@@ -917,7 +1067,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the cost of the k ladder, transfer and all-layer splice (demo shapes)",
     )
+    p.add_argument(
+        "--transfer-memory",
+        action="store_true",
+        help="only the evaluate job's peak RSS with a transfer model, base model freed or held",
+    )
     args = p.parse_args(argv)
+    if args.transfer_memory:
+        transfer_memory(args.out_dir)
+        return 0
     if args.evaluation_additions:
         evaluation_additions(args.out_dir, args.threads)
         return 0

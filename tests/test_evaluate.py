@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import shutil
+import weakref
 
 import numpy as np
 import pyarrow as pa
@@ -407,7 +408,7 @@ def tuned(tmp_path_factory, tiny_model, small_corpus):
 
 
 def test_transfer_equals_a_direct_computation_on_the_second_model(
-    tmp_path, settings, token_dir, trained_layer, eval_rows, specials, tuned, model
+    tmp_path, settings, token_dir, trained_layer, eval_rows, specials, tuned, model, monkeypatch
 ):
     sae = load_sae(trained_layer, torch.device("cpu"))
     write_stats(tmp_path / "stats.parquet", np.ones(sae.num_latents, dtype=np.int64))
@@ -415,7 +416,23 @@ def test_transfer_equals_a_direct_computation_on_the_second_model(
     s["evaluate"].update(transfer_models=[str(tuned)], k_ladder=[], max_tokens=8 * 128)
     out = tmp_path / "eval.json"
     args = (trained_layer, token_dir / "eval.npy", token_dir / "manifest.json")
+    # The job holds one model at a time: the base model is gone when the transfer model loads.
+    base, alive_at_transfer_load = [], []
+
+    def open_layer(*a, **kw):
+        job = real_open_layer(*a, **kw)
+        base.append(weakref.ref(job.model))
+        return job
+
+    def load_model(*a, **kw):
+        alive_at_transfer_load.append(base[0]() is not None)
+        return real_load_model(*a, **kw)
+
+    real_open_layer, real_load_model = ev.open_layer, ev.load_model
+    monkeypatch.setattr(ev, "open_layer", open_layer)
+    monkeypatch.setattr(ev, "load_model", load_model)
     evaluate_layer(typed(s), 2, *args, tmp_path / "stats.parquet", out)
+    assert alive_at_transfer_load == [False]
     result = json.loads(out.read_text())
     (got,) = result["transfer"]
     assert got["model"] == str(tuned)

@@ -19,8 +19,19 @@ from typing import TYPE_CHECKING
 from . import layout as file_names
 from .config import Config
 from .errors import LoupeError
-from .layout import SAE_CFG, SAE_WEIGHTS, Layout, example_layer
-from .metrics import METRICS
+from .layout import (
+    LADDER_CSV,
+    LADDER_PLOT,
+    SAE_CFG,
+    SAE_WEIGHTS,
+    SPLICED_CSV,
+    SPLICED_PLOT,
+    TRANSFER_CSV,
+    TRANSFER_PLOT,
+    Layout,
+    example_layer,
+)
+from .metrics import METRICS, ladder_column, transfer_column
 from .saelens import release_name
 from .tokens import is_hub_id
 
@@ -87,6 +98,8 @@ class CardFacts:
     sources: dict | None = None  # tokens/manifest.json's sources: what RedPajama files were read
     histogram_bins: int = 0  # feature_stats' histogram columns
     saelens_registry: str = ""  # the staged SAELens registry entry (hub.saelens), as YAML
+    # The staged tables of the ladder, transfer and splice (file name -> rows), those staged.
+    tables: dict[str, list[dict]] = field(default_factory=dict)
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -143,7 +156,17 @@ def collect_facts(
         sources=manifest.get("sources"),
         histogram_bins=_histogram_bins(root / layout.stats(layers[0])),
         saelens_registry=_text_if_present(root / layout.saelens_registry),
+        tables={
+            name: _csv_rows(root / layout.table(name))
+            for name in (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV)
+            if (root / layout.table(name)).is_file()
+        },
     )
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _text_if_present(path: Path) -> str:
@@ -394,8 +417,156 @@ def render_card(config: Config, facts: CardFacts) -> str:
             metric_rows=[[r["layer"], *(_fmt(r[m.name]) for m in shown)] for r in rows],
             dense_threshold=f"{config.evaluate.dense_threshold:.0%}",
             histogram_bins=facts.histogram_bins,
-            plots=[(Path(p).stem, p) for p in facts.plots],
+            plots=[(Path(p).stem, p) for p in facts.plots if Path(p).name not in ADDITION_PLOTS],
+            additions=evaluation_additions(config, facts, shown_plots(facts)),
             language=LANGUAGES.get(language, f"`{language}`"),
             citation=_citation(config, name),
         )
     )
+
+
+# --- the evaluations suites are compared by: the ladder, transfer, the whole suite spliced ---
+
+ADDITION_PLOTS = (LADDER_PLOT, TRANSFER_PLOT, SPLICED_PLOT)  # shown in their own sections
+
+
+def shown_plots(facts: CardFacts) -> dict[str, str]:
+    """The staged plots by file name -> repo path."""
+    return {Path(p).name: p for p in facts.plots}
+
+
+def _layer(row: dict) -> int:
+    return int(float(row["layer"]))
+
+
+def _layers(layers: list[int]) -> str:
+    """[7, 21] -> 'layers 7, 21'; [] -> 'no layer'."""
+    if not layers:
+        return "no layer"
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(str, layers))
+
+
+def ladder_section(facts: CardFacts, plots: dict[str, str]) -> dict | None:
+    """The ladder's table (FVU and delta-CE per layer at each k; columns named as in
+    metrics.csv) and plot; None where ladder.csv was not staged, no rows where the ladder
+    was empty."""
+    if LADDER_CSV not in facts.tables:
+        return None
+    rows = facts.tables[LADDER_CSV]
+    ks = sorted({int(r["k"]) for r in rows})
+    cells = {(_layer(r), int(r["k"])): r for r in rows}
+    keys = ("fvu", "delta_ce")
+    header = ["layer", *(ladder_column(key, k) for key in keys for k in ks)]
+    table = [
+        [layer, *(_fmt(cells.get((layer, k), {}).get(key)) for key in keys for k in ks)]
+        for layer in sorted({_layer(r) for r in rows})
+    ]
+    return {"ks": ks, "header": header, "rows": table, "plot": plots.get(LADDER_PLOT)}
+
+
+def transfer_section(config: Config, facts: CardFacts, plots: dict[str, str]) -> dict | None:
+    """Per layer, the base model's FVU, explained variance and delta-CE beside each transfer
+    model's (columns named as in metrics.csv), each model's means over the layers and the
+    layers where its explained variance is negative; None where transfer.csv was not staged."""
+    if TRANSFER_CSV not in facts.tables:
+        return None
+    base = config.model.name
+    rows = facts.tables[TRANSFER_CSV]
+    models = [m for m in dict.fromkeys(r["model"] for r in rows) if m != base]
+    cells = {(_layer(r), r["model"]): r for r in rows}
+    keys = ("fvu", "explained_variance", "delta_ce")
+    header = ["layer"]
+    for key in keys:
+        header += [key, *(transfer_column(key, m) for m in models)]
+    layers = sorted({_layer(r) for r in rows})
+    table = [
+        [
+            layer,
+            *(_fmt(cells.get((layer, m), {}).get(key)) for key in keys for m in (base, *models)),
+        ]
+        for layer in layers
+    ]
+
+    def mean(model: str, key: str) -> str:
+        values = [float(v) for n in layers if (v := cells.get((n, model), {}).get(key))]
+        return _fmt(sum(values) / len(values)) if values else "n/a"
+
+    summary = [
+        {
+            "model": m,
+            **{key: mean(m, key) for key in keys},
+            # FVU above 1: worse than the activations' mean; explained variance (1 - the
+            # error's variance over theirs) ignores a constant offset, so it can stay positive.
+            "above_one": _layers(
+                [n for n in layers if (v := cells.get((n, m), {}).get("fvu")) and float(v) > 1]
+            ),
+            "negative": _layers(
+                [
+                    n
+                    for n in layers
+                    if (v := cells.get((n, m), {}).get("explained_variance")) and float(v) < 0
+                ]
+            ),
+        }
+        for m in (base, *models)
+    ]
+    return {
+        "models": models,
+        "header": header if models else [],
+        "rows": table if models else [],
+        "means": summary,
+        "plot": plots.get(TRANSFER_PLOT) if models else None,
+    }
+
+
+def spliced_section(config: Config, facts: CardFacts, plots: dict[str, str]) -> dict | None:
+    """Per prefix (the SAEs of the first layers up to L spliced in at once): CE, delta-CE and
+    KL beside the sum of the per-layer delta-CEs up to L (metrics.csv); the whole suite's
+    numbers; None where spliced.csv was not staged or is empty."""
+    prefixes = facts.tables.get(SPLICED_CSV)
+    if not prefixes:
+        return None
+    per_layer = {_layer(r): r.get("delta_ce") for r in facts.metrics}
+    summed, table = 0.0, []
+    for p in prefixes:
+        d = per_layer.get(int(float(p["last_layer"])))
+        summed = summed + float(d) if d not in (None, "") and summed is not None else None
+        table.append(
+            [
+                p["last_layer"],
+                p["spliced_layers"],
+                _fmt(p["ce_loss_spliced"]),
+                _fmt(p["delta_ce"]),
+                _fmt(p["kl"]),
+                _fmt(summed),
+            ]
+        )
+    suite = prefixes[-1]
+    clean = float(suite["ce_loss_spliced"]) - float(suite["delta_ce"])
+    tokens = min(
+        facts.tokens.get("eval", config.tokens.eval_tokens), config.evaluate.spliced_max_tokens
+    )
+    eval_tokens = min(
+        facts.tokens.get("eval", config.tokens.eval_tokens), config.evaluate.max_tokens
+    )
+    return {
+        "rows": table,
+        "eval_tokens": eval_tokens,
+        "layers": suite["spliced_layers"],
+        "clean": _fmt(clean),
+        "spliced": _fmt(suite["ce_loss_spliced"]),
+        "delta_ce": _fmt(suite["delta_ce"]),
+        "kl": _fmt(suite["kl"]),
+        "summed": _fmt(summed),
+        "tokens": tokens,
+        "plot": plots.get(SPLICED_PLOT),
+    }
+
+
+def evaluation_additions(config: Config, facts: CardFacts, plots: dict[str, str]) -> dict:
+    """The card's sections on the sparsity ladder, transfer and the whole suite spliced."""
+    return {
+        "ladder": ladder_section(facts, plots),
+        "transfer": transfer_section(config, facts, plots),
+        "spliced": spliced_section(config, facts, plots),
+    }

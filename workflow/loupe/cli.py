@@ -35,6 +35,7 @@ class Command:
     paths: tuple[str, ...] = ()  # one path each
     path_lists: tuple[str, ...] = ()  # one or more paths each (one per layer, in layer order)
     optional_lists: tuple[str, ...] = ()  # like path_lists, but may be given empty
+    optional_paths: tuple[str, ...] = ()  # like paths, but may be left out (None)
     layer: bool = False
     layers: bool = False  # --layers: one or more
     threads: bool = False
@@ -126,6 +127,7 @@ COMMANDS = {
         "metrics.csv and plots of the whole suite",
         ("metrics", "fvu", "delta_ce", "dead", "density", "curves"),
         path_lists=("evals", "stats", "train_metrics"),
+        optional_paths=("spliced",),
     ),
     "tradeoffs": Command(
         "loupe.tradeoffs:summarize_tradeoffs",
@@ -203,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(_flag(path), dest=path, type=Path, required=True)
         for paths in command.path_lists:
             p.add_argument(_flag(paths), dest=paths, type=Path, nargs="+", required=True)
+        for path in command.optional_paths:
+            p.add_argument(_flag(path), dest=path, type=Path, default=None)
         for paths in command.optional_lists:
             p.add_argument(_flag(paths), dest=paths, type=Path, nargs="*", default=[])
     return parser

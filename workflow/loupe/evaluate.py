@@ -11,6 +11,7 @@ vocabulary."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -450,6 +451,7 @@ def transfer_entry(config: Config, name: str, job, split: np.ndarray) -> dict:
         time.perf_counter() - t0,
     )
     del model
+    gc.collect()  # before the next transfer model loads
     return {"model": name, **{c.name: measured[c.name] for c in TRANSFER_COLUMNS}}
 
 
@@ -473,6 +475,11 @@ def evaluate_layer(
         job.model, job.sae, job.hookpoint, split, job.special_ids, config.evaluate
     )
     elapsed = time.perf_counter() - t0
+    if config.evaluate.transfer_models:
+        # Done with the base model: free it before a transfer model loads, so the job holds one
+        # model at a time (two Gemma 4 E2B copies would double its memory).
+        job.model = None
+        gc.collect()
     transfer = [
         transfer_entry(config, name, job, split) for name in config.evaluate.transfer_models
     ]

@@ -31,6 +31,12 @@ PER_LAYER = {
     "neighbours": "feature_neighbours",
 }
 
+# The evaluations suites are compared by (the tradeoffs rule's outputs): each table sits beside
+# metrics.csv under the prefix, each plot in the plots folder with the summary's.
+LADDER_CSV, LADDER_PLOT = "ladder.csv", "sparsity_ladder.png"
+TRANSFER_CSV, TRANSFER_PLOT = "transfer.csv", "transfer_by_layer.png"
+SPLICED_CSV, SPLICED_PLOT = "spliced.csv", "spliced_by_depth.png"
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -68,6 +74,10 @@ class Layout:
     @property
     def metrics(self) -> str:
         return f"{self.prefix}/metrics.csv"
+
+    def table(self, name: str) -> str:
+        """A suite-wide table beside metrics.csv (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV)."""
+        return f"{self.prefix}/{name}"
 
     @property
     def plots(self) -> str:

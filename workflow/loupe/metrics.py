@@ -103,7 +103,8 @@ SPLICED_COLUMNS: tuple[Column, ...] = (
 
 # eval.json's "transfer": one entry per model of evaluate.transfer_models (e.g. the
 # instruction-tuned model), "model" then these keys of EVAL_COLUMNS, measured on that model's
-# activations with the SAE spliced into it (same eval tokens, same definitions).
+# activations with the SAE spliced into it (same eval tokens, same definitions); metrics.csv
+# gains them as "<name>@<model>" columns.
 TRANSFER_COLUMNS: tuple[Column, ...] = tuple(
     c for c in EVAL_COLUMNS if c.metric and c.name not in ("dead_fraction", "dense_fraction")
 )
@@ -119,3 +120,36 @@ TRAIN_COLUMNS: tuple[Column, ...] = (
 
 # metrics.csv's header.
 CSV_COLUMNS: tuple[str, ...] = tuple(c.name for c in EVAL_COLUMNS + TRAIN_COLUMNS)
+
+# --- metrics.csv's columns after CSV_COLUMNS: the ladder, transfer and splice ----------------
+# Which k and models there are depends on the config, so these columns are named from the
+# eval.json entries: per k of the ladder, then per transfer model, then the prefix splice.
+
+
+def ladder_column(name: str, k: int) -> str:
+    """metrics.csv's column of LADDER_COLUMNS' `name` at k: "fvu@k25"."""
+    return f"{name}@k{k}"
+
+
+def transfer_column(name: str, model: str) -> str:
+    """metrics.csv's column of TRANSFER_COLUMNS' `name` on `model` (its id or path, as
+    evaluate.transfer_models names it): "fvu@google/gemma-4-E2B-it"."""
+    return f"{name}@{model}"
+
+
+# The all-layer splice on each row: the prefix of model.layers that ends at the row's layer
+# (spliced.json's SPLICED_COLUMNS metrics, "_prefix" appended: the per-layer splice's
+# ce_loss_spliced, delta_ce and kl are already columns).
+PREFIX_COLUMNS: tuple[Column, ...] = tuple(
+    Column(f"{c.name}_prefix", c.description) for c in SPLICED_COLUMNS if c.metric
+)
+
+
+def extra_columns(ks: list[int], models: list[str], spliced: bool) -> tuple[str, ...]:
+    """metrics.csv's columns after CSV_COLUMNS for ladder rungs `ks`, transfer `models` and,
+    when `spliced`, the prefix splice."""
+    return (
+        *(ladder_column(c.name, k) for k in ks for c in LADDER_COLUMNS),
+        *(transfer_column(c.name, m) for m in models for c in TRANSFER_COLUMNS),
+        *((c.name for c in PREFIX_COLUMNS) if spliced else ()),
+    )

@@ -12,7 +12,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -66,6 +66,9 @@ class StageInputs:
     metrics: Path  # summary metrics.csv, one row per layer
     plots: list[Path]  # in the order the card shows them
     tokens_manifest: Path | None = None
+    # The summary's other tables (the tradeoffs rule's ladder.csv, transfer.csv, spliced.csv),
+    # staged beside metrics.csv under their own names.
+    tables: list[Path] = field(default_factory=list)
 
 
 def place(src: Path, dst: Path) -> str:
@@ -189,7 +192,7 @@ def _check_inputs(inputs: StageInputs, config: Config) -> None:
     given = [li.layer for li in inputs.layers]
     if given != configured:
         raise LoupeError(f"staging layers {given}, but model.layers is {configured}")
-    needed = [inputs.metrics, *inputs.plots]
+    needed = [inputs.metrics, *inputs.plots, *inputs.tables]
     for li in inputs.layers:
         needed += [li.sae_dir / SAE_CFG, li.sae_dir / SAE_WEIGHTS, *li.parquet.values()]
     names = [Path(p).name for p in inputs.plots]
@@ -232,8 +235,8 @@ def stage_inputs(
     manifest: Path | None = None,
 ) -> StageInputs:
     """What staging reads, from the rule's per-layer lists (in model.layers order; `parquet`:
-    a list per kind of layout.PER_LAYER) and the summary's outputs (metrics.csv and plots,
-    files or folders of them)."""
+    a list per kind of layout.PER_LAYER) and the summary's outputs (metrics.csv, plots and
+    the other tables, files or folders of them)."""
     layers = list(config.model.layers)
     for name, paths in (("sae", sae), *parquet.items()):
         if len(paths) != len(layers):
@@ -250,6 +253,7 @@ def stage_inputs(
         metrics=metrics[0],
         plots=[p for p in files if p.suffix == ".png"],  # the rule's order
         tokens_manifest=manifest,
+        tables=[p for p in files if p.suffix == ".csv" and p.name != "metrics.csv"],
     )
 
 
@@ -298,6 +302,8 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
             stage_saelens(config, tmp, layers, metrics_rows(inputs.metrics))
         for plot in inputs.plots:
             place(plot, tmp / layout.plots / Path(plot).name)
+        for table in inputs.tables:
+            place(table, tmp / layout.table(Path(table).name))
 
         first = json.loads((inputs.layers[0].sae_dir / SAE_CFG).read_text())
         config_text = json.dumps(run_config(config, layout, first["d_in"]), indent=2) + "\n"

@@ -18,7 +18,16 @@ import numpy as np
 from .config import Config
 from .errors import LoupeError
 from .io import atomic_path
-from .metrics import CSV_COLUMNS, EVAL_COLUMNS
+from .metrics import (
+    CSV_COLUMNS,
+    EVAL_COLUMNS,
+    LADDER_COLUMNS,
+    PREFIX_COLUMNS,
+    TRANSFER_COLUMNS,
+    extra_columns,
+    ladder_column,
+    transfer_column,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,7 @@ class LayerRecord:
     eval: dict
     density: np.ndarray  # [num_latents] firing frequency on the sample split
     curve: list[dict]  # train_metrics.jsonl lines
+    prefix: dict | None = None  # spliced.json's prefix ending at this layer
 
     def row(self) -> dict:
         last = self.curve[-1] if self.curve else {}
@@ -38,7 +48,22 @@ class LayerRecord:
             **{c.name: self.eval.get(c.name) for c in EVAL_COLUMNS},
             "train_tokens": last.get("tokens"),
             "train_fvu": last.get("fvu"),
+            **self.evaluation_additions(),
         }
+
+    def evaluation_additions(self) -> dict:
+        """The ladder's, the transfer models' and the prefix splice's columns
+        (loupe.metrics.extra_columns) this layer has values for."""
+        values = {}
+        for rung in self.eval.get("ladder", []):
+            values |= {ladder_column(c.name, rung["k"]): rung.get(c.name) for c in LADDER_COLUMNS}
+        for t in self.eval.get("transfer", []):
+            values |= {transfer_column(c.name, t["model"]): t.get(c.name) for c in TRANSFER_COLUMNS}
+        if self.prefix is not None:
+            values |= {
+                c.name: self.prefix.get(c.name.removesuffix("_prefix")) for c in PREFIX_COLUMNS
+            }
+        return values
 
 
 def _read_json(path: Path) -> dict:
@@ -91,9 +116,29 @@ def load_records(
     return sorted(records, key=lambda r: r.layer)
 
 
+def metrics_csv_columns(records: list[LayerRecord]) -> tuple[str, ...]:
+    """CSV_COLUMNS, then the evaluation additions' columns: every k of any layer's ladder (in
+    increasing order), every transfer model (in the order evaluate lists them), the prefix
+    splice where spliced.json was given. A layer without a value leaves its cell empty."""
+    ks = sorted({rung["k"] for r in records for rung in r.eval.get("ladder", [])})
+    models = list(dict.fromkeys(t["model"] for r in records for t in r.eval.get("transfer", [])))
+    spliced = any(r.prefix is not None for r in records)
+    return CSV_COLUMNS + extra_columns(ks, models, spliced)
+
+
+def attach_spliced(records: list[LayerRecord], spliced: Path) -> None:
+    """Give each record the prefix of spliced.json that ends at its layer."""
+    prefixes = {p["last_layer"]: p for p in _read_json(spliced).get("prefixes", [])}
+    missing = [r.layer for r in records if r.layer not in prefixes]
+    if missing:
+        raise LoupeError(f"{spliced} has no prefix ending at layer(s) {missing}: rerun the splice")
+    for r in records:
+        r.prefix = prefixes[r.layer]
+
+
 def write_metrics_csv(records: list[LayerRecord], out: Path) -> None:
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=metrics_csv_columns(records))
         writer.writeheader()
         for r in records:
             writer.writerow({k: "" if v is None else v for k, v in r.row().items()})
@@ -217,11 +262,13 @@ def summarize(
     dead: Path,
     density: Path,
     curves: Path,
+    spliced: Path | None = None,
 ) -> list[dict]:
-    """The summary rule's job: per-layer inputs in model.layers order, six outputs."""
+    """The summary rule's job: per-layer inputs in model.layers order (and spliced.json, whose
+    prefixes join metrics.csv), six outputs."""
     outputs = SummaryOutputs(metrics, fvu, delta_ce, dead, density, curves)
     m = config.model
-    return write_summary(m.name, m.layers, evals, stats, train_metrics, outputs)
+    return write_summary(m.name, m.layers, evals, stats, train_metrics, outputs, spliced)
 
 
 def write_summary(
@@ -231,9 +278,13 @@ def write_summary(
     stats: list[Path],
     curves: list[Path],
     outputs: SummaryOutputs,
+    spliced: Path | None = None,
 ) -> list[dict]:
-    """Write metrics.csv and the five plots; returns the CSV rows."""
+    """Write metrics.csv and the five plots; returns the CSV rows. With `spliced`
+    (spliced.json), each row also holds the all-layer splice's prefix ending at its layer."""
     records = load_records(layers, evals, stats, curves)
+    if spliced is not None:
+        attach_spliced(records, spliced)
     write_metrics_csv(records, outputs.metrics)
     plot_by_layer(
         records,

@@ -111,7 +111,16 @@ def plot_ladder(rows: list[dict], out: Path, title: str) -> None:
         ax.set_xlabel("L0 (active features per token)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-    if len(layers) <= 12:
+    if not rows:  # evaluate.k_ladder empty: say so rather than show blank axes
+        for ax in axes:
+            ax.text(
+                0.5,
+                0.5,
+                "no sparsity ladder (evaluate.k_ladder is empty)",
+                ha="center",
+                transform=ax.transAxes,
+            )
+    elif len(layers) <= 12:
         axes[1].legend(fontsize=7)
     fig.suptitle(title)
     _save(fig, out)

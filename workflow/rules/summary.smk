@@ -14,6 +14,7 @@ rule summary:
         evals=expand(rules.evaluate.output.metrics, layer=LAYERS),
         stats=expand(rules.maxact.output.stats, layer=LAYERS),
         train_metrics=expand(rules.train.output.metrics, layer=LAYERS),
+        spliced=rules.spliced.output.spliced,  # its prefixes join metrics.csv
     output:
         metrics=report(
             f"{SUMMARY}/metrics.csv",
@@ -56,6 +57,7 @@ rule summary:
         " --evals {input.evals} --stats {input.stats} --train-metrics {input.train_metrics}"
         " --metrics {output.metrics} --fvu {output.fvu} --delta-ce {output.delta_ce}"
         " --dead {output.dead} --density {output.density} --curves {output.curves}"
+        " --spliced {input.spliced}"
 
 
 # The sparsity ladder and the all-layer splice (logic in workflow/loupe/tradeoffs.py).
