@@ -87,6 +87,7 @@ class CardFacts:
     sources: dict | None = None  # tokens/manifest.json's sources: what RedPajama files were read
     histogram_bins: int = 0  # feature_stats' histogram columns
     saelens_registry: str = ""  # the staged SAELens registry entry (hub.saelens), as YAML
+    flow: list[dict] = field(default_factory=list)  # the staged feature_flow.csv's rows
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -143,7 +144,15 @@ def collect_facts(
         sources=manifest.get("sources"),
         histogram_bins=_histogram_bins(root / layout.stats(layers[0])),
         saelens_registry=_text_if_present(root / layout.saelens_registry),
+        flow=_csv_if_present(root / layout.flow),
     )
+
+
+def _csv_if_present(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _text_if_present(path: Path) -> str:
@@ -395,6 +404,17 @@ def render_card(config: Config, facts: CardFacts) -> str:
             dense_threshold=f"{config.evaluate.dense_threshold:.0%}",
             histogram_bins=facts.histogram_bins,
             plots=[(Path(p).stem, p) for p in facts.plots],
+            flow_rows=[
+                [
+                    f"{r['layer']} → {r['next_layer']}",
+                    _fmt(r["median_cosine"]),
+                    r["tokens"],
+                    _fmt(r["coactivation"]),
+                    _fmt(r["random_coactivation"]),
+                    _fmt(r["lift"]),
+                ]
+                for r in facts.flow
+            ],
             language=LANGUAGES.get(language, f"`{language}`"),
             citation=_citation(config, name),
         )

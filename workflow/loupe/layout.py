@@ -31,6 +31,9 @@ PER_LAYER = {
     "neighbours": "feature_neighbours",
 }
 
+# The flow rule's table (workflow/rules/neighbours.smk writes it under this name).
+FLOW_TABLE = "feature_flow.csv"
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -68,6 +71,11 @@ class Layout:
     @property
     def metrics(self) -> str:
         return f"{self.prefix}/metrics.csv"
+
+    @property
+    def flow(self) -> str:
+        """The summary's feature_flow.csv (loupe.flow): one row per adjacent layer pair."""
+        return f"{self.prefix}/{FLOW_TABLE}"
 
     @property
     def plots(self) -> str:

@@ -23,6 +23,7 @@ from .errors import LoupeError
 from .io import atomic_dir
 from .layout import (
     CARD,
+    FLOW_TABLE,
     MANIFEST,
     NOTEBOOK,
     RUN_CONFIG,
@@ -66,6 +67,7 @@ class StageInputs:
     metrics: Path  # summary metrics.csv, one row per layer
     plots: list[Path]  # in the order the card shows them
     tokens_manifest: Path | None = None
+    flow: Path | None = None  # the flow rule's feature_flow.csv, when given
 
 
 def place(src: Path, dst: Path) -> str:
@@ -250,6 +252,7 @@ def stage_inputs(
         metrics=metrics[0],
         plots=[p for p in files if p.suffix == ".png"],  # the rule's order
         tokens_manifest=manifest,
+        flow=next((p for p in files if p.name == FLOW_TABLE), None),
     )
 
 
@@ -298,6 +301,8 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
             stage_saelens(config, tmp, layers, metrics_rows(inputs.metrics))
         for plot in inputs.plots:
             place(plot, tmp / layout.plots / Path(plot).name)
+        if inputs.flow is not None:
+            place(inputs.flow, tmp / layout.flow)
 
         first = json.loads((inputs.layers[0].sae_dir / SAE_CFG).read_text())
         config_text = json.dumps(run_config(config, layout, first["d_in"]), indent=2) + "\n"

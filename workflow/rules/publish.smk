@@ -23,6 +23,7 @@ rule stage:
         logits=expand(rules.maxact.output.logits, layer=LAYERS),
         neighbours=expand(rules.neighbours.output.neighbours, layer=LAYERS),
         summary=rules.summary.output,
+        flow=rules.flow.output,
         manifest=ancient(str(rules.tokenize.output.manifest)),
     output:
         repo=directory(HUB),
@@ -37,7 +38,7 @@ rule stage:
         "python -m loupe --log {log} stage --threads {threads}"
         " --sae {input.sae:q} --examples {input.examples:q} --intervals {input.intervals:q}"
         " --stats {input.stats:q} --logits {input.logits:q} --neighbours {input.neighbours:q}"
-        " --summary {input.summary:q} --manifest {input.manifest} --repo {output.repo}"
+        " --summary {input.summary:q} {input.flow:q} --manifest {input.manifest} --repo {output.repo}"
 
 
 rule upload:
