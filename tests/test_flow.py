@@ -6,6 +6,7 @@ plot from the files the neighbours and maxact stages write."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import demo_config, typed
 
+from loupe.cli import main
 from loupe.errors import LoupeError
 from loupe.examples import write_random_windows
 from loupe.flow import FLOW_COLUMNS, coactivation_counts, summarize_flow
@@ -151,6 +153,23 @@ def test_matched_pairs_co_fire_above_shuffled_pairs_on_real_codes(flow_files, tm
         print(f"\n{row}")
         assert row["coactivation"] > 3 * row["random_coactivation"] > 0
         assert row["lift"] == pytest.approx(row["coactivation"] / row["random_coactivation"])
+
+
+def test_flow_command_writes_the_table(flow_files, tmp_path):
+    """The rule's command line: per-layer path lists in model.layers order."""
+    _, files, _ = flow_files
+    settings = demo_config()
+    settings["model"]["layers"] = [0, 1, 2]
+    table = tmp_path / "flow.csv"
+    args = ["flow", "--config", json.dumps(settings)]
+    for kind in ("neighbours", "random_windows", "stats"):
+        args += [f"--{kind.replace('_', '-')}", *map(str, files[kind])]
+    assert main([*args, "--table", str(table), "--plot", str(tmp_path / "flow.png")]) == 0
+    with open(table) as f:
+        assert [(r["layer"], r["next_layer"]) for r in csv.DictReader(f)] == [
+            ("0", "1"),
+            ("1", "2"),
+        ]
 
 
 def test_flow_refuses_pools_of_different_windows(flow_files, tmp_path):
