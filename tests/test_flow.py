@@ -186,3 +186,40 @@ def test_flow_refuses_pools_of_different_windows(flow_files, tmp_path):
             typed(settings), **swapped, table=tmp_path / "t.csv", plot=tmp_path / "p.png"
         )
     assert not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.e2e
+def test_demo_flow_equals_the_brute_force_and_beats_shuffled_pairs(demo_run):
+    """The demo's feature_flow.csv: one row per adjacent pair, each co-activation equal to a
+    dense count over the two layers' pools with the parquet's rank-0 matches, matched pairs
+    co-firing above shuffled ones; staged with the card's table."""
+    from loupe.flow import read_pool
+
+    results = demo_run / "results"
+    layers = demo_config()["model"]["layers"]
+    with open(results / "summary/feature_flow.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["layer"]), int(r["next_layer"])) for r in rows] == list(
+        zip(layers, layers[1:], strict=False)
+    )
+    for row in rows:
+        layer = int(row["layer"])
+        nb = pq.read_table(results / f"layer_{layer}/feature_neighbours.parquet").to_pylist()
+        match = np.array(
+            [r["other_feature"] for r in nb if r["relation"] == "next" and r["rank"] == 0]
+        )
+        _, ia, aa = read_pool(results / f"layer_{layer}/random_windows.parquet")
+        _, ib, ab = read_pool(results / f"layer_{layer + 1}/random_windows.parquet")
+        A, B = _dense(ia, aa, len(match)), _dense(ib, ab, len(match))
+        counted = A.any(1) & B.any(1)
+        A, B = A[counted], B[counted]
+        assert int(row["tokens"]) == counted.sum()
+        assert float(row["coactivation"]) == pytest.approx((A & B[:, match]).sum() / A.sum())
+        assert float(row["coactivation"]) > 2 * float(row["random_coactivation"]) > 0
+    hub = results / "hub"
+    prefix = demo_config()["hub"]["prefix"]
+    assert (hub / prefix / "feature_flow.csv").read_bytes() == (
+        results / "summary/feature_flow.csv"
+    ).read_bytes()
+    assert (hub / prefix / "plots/feature_flow_by_layer.png").is_file()
+    assert f"| {layers[0]} → {layers[1]} |" in (hub / "README.md").read_text()
