@@ -158,7 +158,7 @@ LOGIT_FIELDS = [
 ]
 
 
-def _write_groups(path: Path, fields: list, rows: list[dict], metadata: dict | None = None):
+def write_groups(path: Path, fields: list, rows: list[dict], metadata: dict | None = None):
     """Rows sorted by feature, zstd, one row group per GROUP_FEATURES features, page index."""
     schema = pa.schema(fields)
     if metadata is not None:
@@ -275,10 +275,10 @@ def build_synthetic_repo(
             kind: root / PREFIX / folder / f"layer_{layer}.parquet"
             for kind, folder in PER_LAYER.items()
         }
-        _write_groups(paths["examples"], EXAMPLE_FIELDS, ex_rows, {"layer": layer})
-        _write_groups(paths["intervals"], INTERVAL_FIELDS, iv_rows, {"layer": layer})
-        _write_groups(paths["stats"], STATS_FIELDS, st_rows, meta)
-        _write_groups(paths["logits"], LOGIT_FIELDS, lg_rows, {"layer": layer})
+        write_groups(paths["examples"], EXAMPLE_FIELDS, ex_rows, {"layer": layer})
+        write_groups(paths["intervals"], INTERVAL_FIELDS, iv_rows, {"layer": layer})
+        write_groups(paths["stats"], STATS_FIELDS, st_rows, meta)
+        write_groups(paths["logits"], LOGIT_FIELDS, lg_rows, {"layer": layer})
     return install_browser(root, PREFIX, layers, num_latents, MODEL)
 
 

@@ -16,9 +16,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from browser_repo import PREFIX, build_synthetic_repo
+from browser_repo import PREFIX, build_synthetic_repo, write_groups
 
 from loupe.browse import ASSETS, install_browser, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
@@ -300,11 +301,29 @@ def test_the_space_copy_reads_the_model_repo_it_names(page, repo, suite, tmp_pat
 CHAIN_LAYERS = (0, 1, 2, 3)  # adjacent layers: every feature has prev and next matches
 
 
+EXPLAINED_LAYERS = (1, 2)  # an explanations file as issue 21 stages it, listed in suite.json
+
+
+def explanation_of(layer: int, feature: int) -> str | None:
+    """The synthetic explanation of a feature (every third one), markup included: shown as text."""
+    return f"<b>layer {layer}</b> feature {feature} & co" if feature % 3 == 0 else None
+
+
 @pytest.fixture(scope="module")
 def chain_repo(tmp_path_factory):
-    """A repo of four adjacent layers, and its server's page URL."""
+    """A repo of four adjacent layers, two of them with explanations, and its page URL."""
     root = tmp_path_factory.mktemp("chain")
-    build_synthetic_repo(root, layers=CHAIN_LAYERS, num_latents=320, examples=4)
+    suite = build_synthetic_repo(root, layers=CHAIN_LAYERS, num_latents=320, examples=4)
+    for layer in EXPLAINED_LAYERS:
+        rel = f"{PREFIX}/explanations/layer_{layer}.parquet"
+        rows = [
+            {"feature": f, "explanation": explanation_of(layer, f), "status": "ok"}
+            for f in range(0, 320, 3)
+        ]
+        fields = [("feature", pa.int64()), ("explanation", pa.string()), ("status", pa.string())]
+        write_groups(root / rel, fields, rows)
+        suite["files"][str(layer)]["explanations"] = rel
+    (root / "browser/suite.json").write_text(json.dumps(suite))
     server, url = serve(root)
     yield root, url
     server.shutdown()
@@ -339,6 +358,19 @@ def test_feature_page_links_its_neighbours_and_next_layer_match(page, chain_repo
         )
         assert [tuple(x[:2]) for x in links] == [s[:2] for s in shown]
         assert [x[2] for x in links] == pytest.approx([s[2] for s in shown], abs=5e-4)
+        # Each link's explanation where its layer has them, as text (no markup made).
+        texts = page.eval_on_selector_all(
+            f"#neighbours-{relation} li",
+            "items => items.map(li => li.querySelector('.explanation')?.textContent ?? null)",
+        )
+        want_texts = [
+            explanation_of(r["other_layer"], r["other_feature"])
+            if r["other_layer"] in EXPLAINED_LAYERS
+            else None
+            for r in rows
+        ]
+        assert texts == want_texts
+    assert any(want_texts) and page.locator("#neighbours-same b").count() == 0
 
     best = want["next"][0]
     page.click("#neighbours-next li:first-child a")
@@ -386,6 +418,7 @@ def test_trace_follows_the_best_match_through_every_layer(page, chain_repo):
         assert s["logits"] == [r["token"] for r in logits if r["sign"] == "positive"][:5]
         peaks = [r["token"] for r in rows_of(repo, files["examples"], f)]
         assert set(s["tokens"]) <= set(peaks) and (len(s["tokens"]) > 0) == (len(peaks) > 0)
+        assert s["explanation"] == (explanation_of(lay, f) if lay in EXPLAINED_LAYERS else None)
     rows = page.eval_on_selector_all(
         "#trace tbody tr",
         "rows => rows.map(r => [Number(r.dataset.layer), Number(r.dataset.feature)])",

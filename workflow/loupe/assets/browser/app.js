@@ -20,6 +20,7 @@ const INTERVAL_COLUMNS = [...EXAMPLE_COLUMNS, 'interval', 'interval_low', 'inter
 const NEIGHBOUR_COLUMNS = ['feature', 'relation', 'rank', 'other_layer', 'other_feature', 'cosine']
 const TRACE_COLUMNS = { examples: ['feature', 'token', 'rank'], logits: ['feature', 'sign', 'rank', 'token'] }
 const TRACE_TOKENS = 5 // top tokens and top logits shown per step of a trace
+const EXPLANATION_COLUMNS = ['feature', 'explanation']
 const SEARCH_LIMIT = 200
 
 const $ = id => document.getElementById(id)
@@ -337,9 +338,10 @@ async function showFeature(layer, f) {
     files.stats ? fileMetadataJson(files.stats) : {},
     featureRows(files.neighbours, f, NEIGHBOUR_COLUMNS),
   ])
+  const explained = await explanations((neighbours || []).map(r => [r.other_layer, r.other_feature]))
   if (mine !== ticket) return
   render(layer, f, stats?.[0] ?? null, examples, intervals, logits, statsMeta)
-  renderNeighbours(layer, neighbours)
+  renderNeighbours(layer, neighbours, explained)
   setStatus(`layer ${layer} feature ${f} · ${base}`, 'ready')
 }
 
@@ -443,14 +445,26 @@ function featureLink(layer, f, text) {
   return link
 }
 
+/** {"layer:feature": text} of the given features that have an explanation, read where a layer
+ * has an explanations file (a row group per feature; none fetched where no layer has one). */
+async function explanations(features) {
+  const found = await Promise.all(features.map(async ([layer, f]) => {
+    const rows = await featureRows(layerFiles(layer).explanations, f, EXPLANATION_COLUMNS)
+    return [`${layer}:${f}`, rows?.find(r => r.explanation)?.explanation]
+  }))
+  return Object.fromEntries(found.filter(([, text]) => text))
+}
+
 /** Rows of one relation, best first. */
 const related = (rows, relation) => (rows || []).filter(r => r.relation === relation).sort((a, b) => a.rank - b.rank)
 
-function renderNeighbours(layer, rows) {
+function renderNeighbours(layer, rows, explained) {
   const published = rows !== null
   $('trace-button').disabled = !published
   $('trace').replaceChildren()
   state.neighbours = {}
+  state.explanations = explained
+  const explanation = (l, g) => (explained[`${l}:${g}`] ? el('span', { class: 'explanation' }, explained[`${l}:${g}`]) : null)
   for (const relation of Object.keys(RELATION_TITLES)) {
     const found = related(rows, relation)
     state.neighbours[relation] = found.map(r => [r.other_layer, r.other_feature, r.cosine])
@@ -458,7 +472,8 @@ function renderNeighbours(layer, rows) {
     list.previousElementSibling.textContent = RELATION_TITLES[relation](layer)
     list.replaceChildren(...found.map(r => el('li', { 'data-rank': r.rank },
       featureLink(r.other_layer, r.other_feature, `L${r.other_layer} · feature ${r.other_feature}`),
-      el('span', { class: 'val', title: 'cosine of the decoder directions' }, fmt(r.cosine)))))
+      el('span', { class: 'val', title: 'cosine of the decoder directions' }, fmt(r.cosine)),
+      explanation(r.other_layer, r.other_feature))))
     if (!found.length) {
       const why = !published ? 'no feature_neighbours file for this layer'
         : relation === 'same' ? 'none' : 'no SAE of that layer in the suite'
@@ -506,18 +521,23 @@ async function trace() {
   const [down, up] = await Promise.all([followMatches(layer, feature, 'prev'), followMatches(layer, feature, 'next')])
   // Earliest layer first; each step's cosine is that of its match with the step it came from.
   const steps = [...down.reverse(), { layer, feature, cosine: null }, ...up]
-  const tokens = await Promise.all(steps.map(s => traceTokens(s.layer, s.feature)))
+  const [tokens, explained] = await Promise.all([
+    Promise.all(steps.map(s => traceTokens(s.layer, s.feature))),
+    explanations(steps.map(s => [s.layer, s.feature])),
+  ])
   if (mine !== ticket) return
-  steps.forEach((s, i) => Object.assign(s, tokens[i]))
+  steps.forEach((s, i) => Object.assign(s, tokens[i], { explanation: explained[`${s.layer}:${s.feature}`] ?? null }))
+  const hasExplanations = steps.some(s => s.explanation)
   const chips = list => el('span', { class: 'chips' }, ...list.map(t => chip(t)))
   $('trace').replaceChildren(el('table', {},
-    el('thead', {}, el('tr', {}, ...['layer', 'feature', 'match cosine', 'top tokens', 'top logits'].map(h => el('th', {}, h)))),
+    el('thead', {}, el('tr', {}, ...['layer', 'feature', 'match cosine', 'top tokens', 'top logits', ...(hasExplanations ? ['explanation'] : [])].map(h => el('th', {}, h)))),
     el('tbody', {}, ...steps.map(s => el('tr', { class: s.cosine === null ? 'here' : null, 'data-layer': s.layer, 'data-feature': s.feature },
       el('td', {}, String(s.layer)),
       el('td', {}, featureLink(s.layer, s.feature, String(s.feature))),
       el('td', { class: 'val', title: s.cosine === null ? 'the feature shown' : 'decoder cosine with the row it was matched from' }, s.cosine === null ? '–' : fmt(s.cosine)),
       el('td', { class: 'trace-tokens' }, chips(s.tokens)),
-      el('td', { class: 'trace-logits' }, chips(s.logits)))))))
+      el('td', { class: 'trace-logits' }, chips(s.logits)),
+      hasExplanations ? el('td', { class: 'explanation' }, s.explanation ?? '') : null)))))
   state.trace = { layer, feature, steps }
   setStatus(`trace of layer ${layer} feature ${feature}: ${steps.length} layers · ${base}`, 'ready')
 }
