@@ -896,8 +896,10 @@ def write_results(out_dir: Path, name: str, result: dict, lines: list[str]) -> d
     return result
 
 
-# gemma-loupe's SAE width and the neighbours settings of config.yaml.
-GEMMA_NEIGHBOURS = dict(features=49_152, d=1536, layers=35, top_n=10, chunk=4096)
+# gemma-loupe's SAE width, the neighbours settings and the random-window pool of config.yaml.
+GEMMA_NEIGHBOURS = dict(
+    features=49_152, d=1536, layers=35, top_n=10, chunk=4096, k=100, windows=1000, window=41
+)
 
 
 def neighbours_cost(
@@ -909,13 +911,17 @@ def neighbours_cost(
     against all of the other layer's features, and a product's matmul alone on that block.
     Projected by the block count to one product, one layer (3 products) and the 35-layer
     suite on this CPU, and by FLOPs to an H100 (flops.RATES' fp32 rate: the stage computes in
-    fp32). File size: a feature_neighbours.parquet of gemma-loupe's shape written by
+    fp32). The flow rule's co-activation count per layer pair (loupe.flow.coactivation_counts,
+    matched and shuffled) on random pools of gemma-loupe's shape (maxact.random_windows
+    windows of window_before + 1 + window_after tokens, k codes). File size: a
+    feature_neighbours.parquet of gemma-loupe's shape written by
     write_neighbours from random ids and sorted cosines, and the demo's real one. Medians of
     `repeats` after a warm-up; CPU time. Writes <out_dir>/neighbours.json and .md."""
     import torch
 
     from benchmarks.flops import RATES
     from loupe.config import Config
+    from loupe.flow import coactivation_counts
     from loupe.logits import blocked_top_k
     from loupe.neighbours import decoder_neighbours, neighbours_table, write_neighbours
 
@@ -954,8 +960,23 @@ def neighbours_cost(
     suite_products = G["layers"] * 3 - 2
     h100_product_s = product_flop / (RATES["fp32"] * 1e12)
 
-    # A gemma-loupe neighbours file: 3 relations x top_n rows per feature.
+    # The flow's count for one layer pair: two pools of TopK codes, matched and shuffled.
     rng = np.random.default_rng(0)
+    pool_tokens = G["windows"] * G["window"]
+
+    def pool():
+        ids = np.argpartition(rng.random((pool_tokens, F // 64)), G["k"], axis=1)[:, : G["k"]]
+        features = (ids * 64 + rng.integers(0, 64, ids.shape)).astype(np.int32)  # distinct
+        return features, rng.uniform(0.1, 5.0, features.shape).astype(np.float32)
+
+    (fa, aa), (fb, ab) = pool(), pool()
+    match = rng.integers(0, F, F)
+    flow_s = cpu_median(
+        lambda: [coactivation_counts(fa, aa, fb, ab, m) for m in (match, rng.permutation(match))],
+        repeats,
+    )
+
+    # A gemma-loupe neighbours file: 3 relations x top_n rows per feature.
     found = {
         relation: (
             layer,
@@ -992,6 +1013,8 @@ def neighbours_cost(
             "h100_suite_min": suite_products * h100_product_s / 60,
             "file_bytes": gemma_file.stat().st_size,
             "file_rows": 3 * G["top_n"] * F,
+            "flow_pool_tokens": pool_tokens,
+            "flow_pair_s": flow_s,
         },
     }
     shutil.rmtree(work, ignore_errors=True)
@@ -1015,6 +1038,8 @@ def neighbours_cost(
         f"| one layer, H100 (matmul at {RATES['fp32']:.0f} fp32 TFLOP/s assumed) |"
         f" | {gm['h100_layer_s']:.2f} s |",
         f"| 35-layer suite, H100 | | {gm['h100_suite_min']:.1f} min |",
+        f"| flow: co-activation count per layer pair ({pool_tokens:,} tokens x k {G['k']},"
+        f" matched and shuffled) | | {flow_s:.2f} s (suite: {(G['layers'] - 1) * flow_s:.0f} s) |",
         f"| feature_neighbours.parquet per layer | {result['demo']['file_bytes'] / 1e3:.0f} kB"
         f" | {gm['file_bytes'] / 1e6:.1f} MB ({gm['file_rows']:,} rows) |",
     ]
