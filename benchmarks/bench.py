@@ -786,13 +786,7 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
     specials = [0, 1, 2]
 
     def timed(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.process_time()  # CPU time, as bench's other CPU figures (now())
-            fn()
-            times.append(time.process_time() - t0)
-        return statistics.median(times)
+        return cpu_median(fn, repeats)
 
     def eval_with(ladder):
         s = dc.replace(ev, k_ladder=ladder)
@@ -876,11 +870,28 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
         f" | x{demo_counted['splice: x all per-layer evaluations']:.3f}"
         f" | +{gemma['all-layer splice']:.3f} |",
     ]
+    return write_results(out_dir, "evaluation-additions", result, lines)
+
+
+def cpu_median(fn, repeats: int) -> float:
+    """Median CPU time of `repeats` calls of fn after a warm-up call (CPU time, as bench's
+    other CPU figures: now())."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+def write_results(out_dir: Path, name: str, result: dict, lines: list[str]) -> dict:
+    """<out_dir>/<name>.json (every number) and .md (the table lines), printed too."""
     from loupe.io import write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "evaluation-additions.json", result)
-    (out_dir / "evaluation-additions.md").write_text("\n".join(lines) + "\n")
+    write_json(out_dir / f"{name}.json", result)
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 
@@ -1035,6 +1046,156 @@ def transfer_memory(out_dir: Path) -> dict:
     return result
 
 
+# gemma-loupe's SAE width, the neighbours settings and the random-window pool of config.yaml.
+GEMMA_NEIGHBOURS = dict(
+    features=49_152, d=1536, layers=35, top_n=10, chunk=4096, k=100, windows=1000, window=41
+)
+
+
+def neighbours_cost(
+    out_dir: Path, threads: int = 1, repeats: int = 3, gemma: dict = GEMMA_NEIGHBOURS
+) -> dict:
+    """What the neighbours stage costs (loupe.neighbours, through logits.blocked_top_k): on the
+    demo's SAE width, one layer's three products (same, prev, next) whole; at gemma-loupe's
+    width (49,152 x 1,536, a random fp32 pair), one query block of neighbours.chunk rows
+    against all of the other layer's features, and a product's matmul alone on that block.
+    Projected by the block count to one product, one layer (3 products) and the 35-layer
+    suite on this CPU, and by FLOPs to an H100 (flops.RATES' fp32 rate: the stage computes in
+    fp32). The flow rule's co-activation count per layer pair (loupe.flow.coactivation_counts,
+    matched and shuffled) on random pools of gemma-loupe's shape (maxact.random_windows
+    windows of window_before + 1 + window_after tokens, k codes). File size: a
+    feature_neighbours.parquet of gemma-loupe's shape written by
+    write_neighbours from random ids and sorted cosines, and the demo's real one. Medians of
+    `repeats` after a warm-up; CPU time. Writes <out_dir>/neighbours.json and .md."""
+    import torch
+
+    from benchmarks.flops import RATES
+    from loupe.config import Config
+    from loupe.flow import coactivation_counts
+    from loupe.logits import blocked_top_k
+    from loupe.neighbours import decoder_neighbours, neighbours_table, write_neighbours
+
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="loupe-neighbours-"))
+    config = Config.from_dict(_demo_config())
+
+    def timed(fn) -> float:
+        return cpu_median(fn, repeats)
+
+    g = torch.Generator().manual_seed(0)
+    # The demo: d_in 64 x expansion factor, three decoders, the stage's call whole.
+    demo_f = 64 * config.sae.expansion_factor
+    prev, mine, nxt = (torch.randn(demo_f, 64, generator=g) for _ in range(3))
+    top_n, chunk = config.neighbours.top_n, config.neighbours.chunk
+    adjacent = {"prev": (0, prev), "next": (2, nxt)}
+    demo_s = timed(lambda: decoder_neighbours(mine, adjacent, 1, top_n, chunk))
+    demo_file = work / "demo.parquet"
+    write_neighbours(
+        demo_file, neighbours_table(decoder_neighbours(mine, adjacent, 1, top_n, chunk))
+    )
+
+    # gemma-loupe's width: one query block against every key, in the stage's blocks.
+    G = gemma
+    F, d, q = G["features"], G["d"], G["chunk"]
+    a = torch.nn.functional.normalize(torch.randn(q, d, generator=g), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(F, d, generator=g), dim=1)
+    block_s = timed(
+        lambda: blocked_top_k(a, b, G["top_n"], query_chunk=q, key_chunk=q, desc="bench")
+    )
+    matmul_s = timed(lambda: [a @ b[k0 : k0 + q].T for k0 in range(0, F, q)])
+    blocks = -(-F // q)  # query blocks per product
+    product_flop = 2 * F * F * d
+    product_s = block_s * blocks
+    layer_s = 3 * product_s  # same, prev, next (the two ends of the stack have 2)
+    suite_products = G["layers"] * 3 - 2
+    h100_product_s = product_flop / (RATES["fp32"] * 1e12)
+
+    # The flow's count for one layer pair: two pools of TopK codes, matched and shuffled.
+    rng = np.random.default_rng(0)
+    pool_tokens = G["windows"] * G["window"]
+
+    def pool():
+        ids = np.argpartition(rng.random((pool_tokens, F // 64)), G["k"], axis=1)[:, : G["k"]]
+        features = (ids * 64 + rng.integers(0, 64, ids.shape)).astype(np.int32)  # distinct
+        return features, rng.uniform(0.1, 5.0, features.shape).astype(np.float32)
+
+    (fa, aa), (fb, ab) = pool(), pool()
+    match = rng.integers(0, F, F)
+    flow_s = cpu_median(
+        lambda: [coactivation_counts(fa, aa, fb, ab, m) for m in (match, rng.permutation(match))],
+        repeats,
+    )
+
+    # A gemma-loupe neighbours file: 3 relations x top_n rows per feature.
+    found = {
+        relation: (
+            layer,
+            torch.from_numpy(-np.sort(-rng.uniform(0.2, 0.9, (F, G["top_n"])), axis=1)),
+            torch.from_numpy(rng.integers(0, F, (F, G["top_n"]))),
+        )
+        for relation, layer in (("prev", 4), ("next", 6), ("same", 5))
+    }
+    gemma_file = work / "gemma.parquet"
+    write_neighbours(gemma_file, neighbours_table(found))
+    result = {
+        "command": "python benchmarks/bench.py --neighbours",
+        "machine": f"{os.cpu_count()} cores, {threads} thread(s), load {os.getloadavg()[0]:.1f}",
+        "demo": {
+            "features": demo_f,
+            "d": 64,
+            "layer_s": demo_s,
+            "file_bytes": demo_file.stat().st_size,
+        },
+        "gemma": {
+            **G,
+            "block_s": block_s,
+            "block_matmul_s": matmul_s,
+            "block_gflop": 2 * q * F * d / 1e9,
+            "cpu_gflop_per_s": 2 * q * F * d / 1e9 / block_s,
+            "top_k_share": 1 - matmul_s / block_s,
+            "product_tflop": product_flop / 1e12,
+            "cpu_product_s": product_s,
+            "cpu_layer_s": layer_s,
+            "cpu_suite_h": suite_products * product_s / 3600,
+            "h100_fp32_tflops_assumed": RATES["fp32"],
+            "h100_product_s": h100_product_s,
+            "h100_layer_s": 3 * h100_product_s,
+            "h100_suite_min": suite_products * h100_product_s / 60,
+            "file_bytes": gemma_file.stat().st_size,
+            "file_rows": 3 * G["top_n"] * F,
+            "flow_pool_tokens": pool_tokens,
+            "flow_pair_s": flow_s,
+        },
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    gm = result["gemma"]
+    lines = [
+        "# Neighbours stage: FLOPs, time per layer, file size",
+        "",
+        f"`{result['command']}` ({result['machine']}; CPU time, medians of {repeats})."
+        f" gemma-loupe width: {F:,} x {d:,}, top_n {G['top_n']}, {q:,}-row blocks; one query"
+        f" block ({q:,} x {F:,}, {gm['block_gflop']:.0f} GFLOP) timed, the rest projected.",
+        "",
+        "| | demo (512 x 64) | gemma-loupe (49,152 x 1,536) |",
+        "|---|---|---|",
+        f"| one product (2 F^2 d) | {2 * demo_f**2 * 64 / 1e6:.1f} MFLOP"
+        f" | {gm['product_tflop']:.2f} TFLOP |",
+        f"| one query block, this CPU | | {block_s:.2f} s ({gm['cpu_gflop_per_s']:.1f} GFLOP/s;"
+        f" matmul {matmul_s:.2f} s, top-k and merge {gm['top_k_share']:.0%}) |",
+        f"| one layer (3 products), this CPU | {demo_s * 1000:.1f} ms (measured)"
+        f" | {layer_s / 60:.1f} min (projected: {blocks} blocks x 3) |",
+        f"| 35-layer suite ({suite_products} products), this CPU | | {gm['cpu_suite_h']:.1f} h |",
+        f"| one layer, H100 (matmul at {RATES['fp32']:.0f} fp32 TFLOP/s assumed) |"
+        f" | {gm['h100_layer_s']:.2f} s |",
+        f"| 35-layer suite, H100 | | {gm['h100_suite_min']:.1f} min |",
+        f"| flow: co-activation count per layer pair ({pool_tokens:,} tokens x k {G['k']},"
+        f" matched and shuffled) | | {flow_s:.2f} s (suite: {(G['layers'] - 1) * flow_s:.0f} s) |",
+        f"| feature_neighbours.parquet per layer | {result['demo']['file_bytes'] / 1e3:.0f} kB"
+        f" | {gm['file_bytes'] / 1e6:.1f} MB ({gm['file_rows']:,} rows) |",
+    ]
+    return write_results(out_dir, "neighbours", result, lines)
+
+
 def _demo_config() -> dict:
     """The demo's config (config.yaml overlaid with profiles/demo/demo-config.yaml)."""
     import yaml
@@ -1072,9 +1233,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the evaluate job's peak RSS with a transfer model, base model freed or held",
     )
+    p.add_argument(
+        "--neighbours",
+        action="store_true",
+        help="only the neighbours stage: demo width, and one block at gemma-loupe's width",
+    )
     args = p.parse_args(argv)
     if args.transfer_memory:
         transfer_memory(args.out_dir)
+        return 0
+    if args.neighbours:
+        neighbours_cost(args.out_dir, args.threads)
         return 0
     if args.evaluation_additions:
         evaluation_additions(args.out_dir, args.threads)

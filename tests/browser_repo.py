@@ -1,5 +1,7 @@
-"""A synthetic staged hub repo for the feature browser: the four parquet kinds per layer, with
-exactly the published layout and schemas, plus the installed page and its suite.json.
+"""A synthetic staged hub repo for the feature browser: the parquet kinds per layer, with
+exactly the published layout and schemas, plus the installed page and its suite.json. The
+neighbours files are the real stage's (loupe.neighbours) on random decoders, each layer's a
+noisy permutation of the one before, so chains run through the stack.
 
 Any real staged repo (results/hub after `loupe stage`) has the same shape, so tests written
 against this one can be pointed at it instead."""
@@ -15,6 +17,7 @@ import pyarrow.parquet as pq
 
 from loupe.browse import install_browser
 from loupe.layout import PER_LAYER
+from loupe.neighbours import decoder_neighbours, neighbours_table, write_neighbours
 
 GROUP_FEATURES = 64  # features per row group, as the pipeline writes them
 PREFIX = "sae-tiny-gemma-4-8x"
@@ -155,7 +158,7 @@ LOGIT_FIELDS = [
 ]
 
 
-def _write_groups(path: Path, fields: list, rows: list[dict], metadata: dict | None = None):
+def write_groups(path: Path, fields: list, rows: list[dict], metadata: dict | None = None):
     """Rows sorted by feature, zstd, one row group per GROUP_FEATURES features, page index."""
     schema = pa.schema(fields)
     if metadata is not None:
@@ -208,6 +211,7 @@ def build_synthetic_repo(
     """Write a staged repo under root (several row groups per file) and install the browser
     page; returns its suite.json. Every 23rd feature is dead (no examples, no logits)."""
     rng = np.random.default_rng(seed)
+    _write_neighbours(root, layers, num_latents, np.random.default_rng([seed, 1]))
     tokens_seen = 200_000
     for layer in layers:
         ex_rows, iv_rows, st_rows, lg_rows = [], [], [], []
@@ -271,8 +275,31 @@ def build_synthetic_repo(
             kind: root / PREFIX / folder / f"layer_{layer}.parquet"
             for kind, folder in PER_LAYER.items()
         }
-        _write_groups(paths["examples"], EXAMPLE_FIELDS, ex_rows, {"layer": layer})
-        _write_groups(paths["intervals"], INTERVAL_FIELDS, iv_rows, {"layer": layer})
-        _write_groups(paths["stats"], STATS_FIELDS, st_rows, meta)
-        _write_groups(paths["logits"], LOGIT_FIELDS, lg_rows, {"layer": layer})
+        write_groups(paths["examples"], EXAMPLE_FIELDS, ex_rows, {"layer": layer})
+        write_groups(paths["intervals"], INTERVAL_FIELDS, iv_rows, {"layer": layer})
+        write_groups(paths["stats"], STATS_FIELDS, st_rows, meta)
+        write_groups(paths["logits"], LOGIT_FIELDS, lg_rows, {"layer": layer})
     return install_browser(root, PREFIX, layers, num_latents, MODEL)
+
+
+def _write_neighbours(root: Path, layers, num_latents: int, rng, d: int = 16) -> None:
+    """feature_neighbours/layer_N.parquet of every layer, as the neighbours stage writes them:
+    prev/next matches only where layer -+ 1 is among `layers`."""
+    import torch
+
+    decoders, W = {}, torch.from_numpy(rng.standard_normal((num_latents, d)))
+    for layer in range(min(layers), max(layers) + 1):
+        W = W[torch.from_numpy(rng.permutation(num_latents))] + 0.5 * torch.from_numpy(
+            rng.standard_normal((num_latents, d))
+        )
+        decoders[layer] = W
+    for layer in layers:
+        adjacent = {
+            relation: (other, decoders[other])
+            for relation, other in (("prev", layer - 1), ("next", layer + 1))
+            if other in layers
+        }
+        found = decoder_neighbours(decoders[layer], adjacent, layer, top_n=5, chunk=128)
+        path = root / PREFIX / PER_LAYER["neighbours"] / f"layer_{layer}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_neighbours(path, neighbours_table(found), {"layer": layer})

@@ -177,3 +177,18 @@ def test_counted_layer_flops_match_the_layer_shapes():
     assert counted.layers[2] == pytest.approx(shared)
     assert counted.prefix(0) < counted.prefix(1) < counted.full
     assert counted.lm_head == 2 * d * 256
+
+
+def test_neighbours_cost_at_a_small_width(tmp_path):
+    """--neighbours' code path on a small "gemma" shape, and its projection arithmetic."""
+    shape = dict(features=320, d=32, layers=35, top_n=10, chunk=64, k=4, windows=10, window=5)
+    r = bench.neighbours_cost(tmp_path, repeats=1, gemma=shape)["gemma"]
+    blocks = 5  # 320 / 64
+    assert r["product_tflop"] == pytest.approx(2 * 320**2 * 32 / 1e12)
+    assert r["cpu_product_s"] == pytest.approx(blocks * r["block_s"])
+    assert r["cpu_suite_h"] == pytest.approx((35 * 3 - 2) * r["cpu_product_s"] / 3600)
+    assert r["h100_product_s"] == pytest.approx(2 * 320**2 * 32 / (flops.RATES["fp32"] * 1e12))
+    assert r["file_rows"] == 3 * 10 * 320 and positive(r["file_bytes"])
+    assert r["flow_pool_tokens"] == 50 and positive(r["flow_pair_s"])
+    assert positive(r["block_s"]) and positive(r["block_matmul_s"])
+    assert "| one layer (3 products), this CPU |" in (tmp_path / "neighbours.md").read_text()

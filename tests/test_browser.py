@@ -16,12 +16,14 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from browser_repo import build_synthetic_repo
+from browser_repo import PREFIX, build_synthetic_repo, write_groups
 
-from loupe.browse import ASSETS, make_server, serve, space_folder, suite_manifest
+from loupe.browse import ASSETS, install_browser, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
+from loupe.layout import PER_LAYER
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -296,6 +298,163 @@ def test_the_space_copy_reads_the_model_repo_it_names(page, repo, suite, tmp_pat
     assert f"{HUB_BASE}browser/suite.json" in asked
 
 
+CHAIN_LAYERS = (0, 1, 2, 3)  # adjacent layers: every feature has prev and next matches
+
+
+EXPLAINED_LAYERS = (1, 2)  # an explanations file as issue 21 stages it, listed in suite.json
+
+
+def explanation_of(layer: int, feature: int) -> str | None:
+    """The synthetic explanation of a feature (every third one), markup included: shown as text."""
+    return f"<b>layer {layer}</b> feature {feature} & co" if feature % 3 == 0 else None
+
+
+@pytest.fixture(scope="module")
+def chain_repo(tmp_path_factory):
+    """A repo of four adjacent layers, two of them with explanations, and its page URL."""
+    root = tmp_path_factory.mktemp("chain")
+    suite = build_synthetic_repo(root, layers=CHAIN_LAYERS, num_latents=320, examples=4)
+    for layer in EXPLAINED_LAYERS:
+        rel = f"{PREFIX}/explanations/layer_{layer}.parquet"
+        rows = [
+            {"feature": f, "explanation": explanation_of(layer, f), "status": "ok"}
+            for f in range(0, 320, 3)
+        ]
+        fields = [("feature", pa.int64()), ("explanation", pa.string()), ("status", pa.string())]
+        write_groups(root / rel, fields, rows)
+        suite["files"][str(layer)]["explanations"] = rel
+    (root / "browser/suite.json").write_text(json.dumps(suite))
+    server, url = serve(root)
+    yield root, url
+    server.shutdown()
+    server.server_close()
+
+
+def neighbour_rows(repo: Path, layer: int, feature: int) -> dict[str, list[dict]]:
+    """{relation: rows best first} of a feature in its layer's staged neighbours file."""
+    rel = f"{PREFIX}/{PER_LAYER['neighbours']}/layer_{layer}.parquet"
+    out: dict[str, list[dict]] = {}
+    for row in sorted(rows_of(repo, rel, feature), key=lambda r: r["rank"]):
+        out.setdefault(row["relation"], []).append(row)
+    return out
+
+
+def test_feature_page_links_its_neighbours_and_next_layer_match(page, chain_repo):
+    """The page lists the parquet's same-layer neighbours and prev/next-layer matches with
+    their cosines; following the "next layer" link lands on the feature the parquet names."""
+    repo, url = chain_repo
+    layer, feature = 1, 137
+    want = neighbour_rows(repo, layer, feature)
+    assert set(want) == {"prev", "same", "next"}
+
+    state = open_feature(page, url, layer, feature)
+    for relation, rows in want.items():
+        shown = [(r["other_layer"], r["other_feature"], r["cosine"]) for r in rows]
+        assert [tuple(x[:2]) for x in state["neighbours"][relation]] == [s[:2] for s in shown]
+        links = page.eval_on_selector_all(
+            f"#neighbours-{relation} li",
+            """items => items.map(li => [Number(li.querySelector('a').dataset.layer),
+                Number(li.querySelector('a').dataset.feature), Number(li.querySelector('.val').textContent)])""",
+        )
+        assert [tuple(x[:2]) for x in links] == [s[:2] for s in shown]
+        assert [x[2] for x in links] == pytest.approx([s[2] for s in shown], abs=5e-4)
+        # Each link's explanation where its layer has them, as text (no markup made).
+        texts = page.eval_on_selector_all(
+            f"#neighbours-{relation} li",
+            "items => items.map(li => li.querySelector('.explanation')?.textContent ?? null)",
+        )
+        want_texts = [
+            explanation_of(r["other_layer"], r["other_feature"])
+            if r["other_layer"] in EXPLAINED_LAYERS
+            else None
+            for r in rows
+        ]
+        assert texts == want_texts
+    assert any(want_texts) and page.locator("#neighbours-same b").count() == 0
+
+    best = want["next"][0]
+    page.click("#neighbours-next li:first-child a")
+    page.wait_for_function(
+        f"window.loupeState.status === 'ready' && window.loupeState.layer === {layer + 1}"
+        f" && window.loupeState.feature === {best['other_feature']}"
+    )
+    assert page.inner_text("#title") == f"Layer {layer + 1} · feature {best['other_feature']}"
+    assert f"layer={layer + 1}&feature={best['other_feature']}" in page.url
+    # The page now shows the landed feature's own matches, one of them back in `layer`.
+    back = page.evaluate("window.loupeState.neighbours.prev")
+    assert back == [
+        [r["other_layer"], r["other_feature"], pytest.approx(r["cosine"], abs=1e-6)]
+        for r in neighbour_rows(repo, layer + 1, best["other_feature"])["prev"]
+    ]
+    assert page.errors == []
+
+
+def test_trace_follows_the_best_match_through_every_layer(page, chain_repo):
+    """The trace view lists the chain of rank-0 matches the parquet gives, down to the first
+    layer and up to the last, each step with its top tokens and top logits; it reads a few
+    row groups per layer, not whole files."""
+    repo, url = chain_repo
+    layer, feature = 2, 45
+    chain = [(layer, feature, None)]
+    for relation, step in (("prev", -1), ("next", 1)):
+        at = (layer, feature)
+        while relation in (rows := neighbour_rows(repo, *at)):
+            best = rows[relation][0]
+            at = (best["other_layer"], best["other_feature"])
+            assert at[0] == chain[-1 if step > 0 else 0][0] + step
+            entry = (*at, best["cosine"])
+            chain = chain + [entry] if step > 0 else [entry, *chain]
+    assert [c[0] for c in chain] == list(CHAIN_LAYERS)
+
+    open_feature(page, url, layer, feature)
+    page.click("#trace-button")
+    page.wait_for_function("window.loupeState.trace && window.loupeState.status === 'ready'")
+    steps = page.evaluate("window.loupeState.trace.steps")
+    assert [(s["layer"], s["feature"]) for s in steps] == [c[:2] for c in chain]
+    for s, (lay, f, cos) in zip(steps, chain, strict=True):
+        assert s["cosine"] == (None if cos is None else pytest.approx(cos, abs=1e-6))
+        files = {k: f"{PREFIX}/{v}/layer_{lay}.parquet" for k, v in PER_LAYER.items()}
+        logits = sorted(rows_of(repo, files["logits"], f), key=lambda r: r["rank"])
+        assert s["logits"] == [r["token"] for r in logits if r["sign"] == "positive"][:5]
+        peaks = [r["token"] for r in rows_of(repo, files["examples"], f)]
+        assert set(s["tokens"]) <= set(peaks) and (len(s["tokens"]) > 0) == (len(peaks) > 0)
+        assert s["explanation"] == (explanation_of(lay, f) if lay in EXPLAINED_LAYERS else None)
+    rows = page.eval_on_selector_all(
+        "#trace tbody tr",
+        "rows => rows.map(r => [Number(r.dataset.layer), Number(r.dataset.feature)])",
+    )
+    assert rows == [list(c[:2]) for c in chain]
+    assert page.locator("#trace tr.here").get_attribute("data-feature") == str(feature)
+
+    # Bounded: a footer and a row group or two per file, whatever the stack's depth.
+    requests = page.evaluate("window.loupeRequests")
+    assert requests and max(requests.values()) <= 4, requests
+    # Following a link in the trace opens that step's feature.
+    page.click("#trace tbody tr:first-child a")
+    page.wait_for_function(
+        f"window.loupeState.status === 'ready' && window.loupeState.layer === {chain[0][0]}"
+        f" && window.loupeState.feature === {chain[0][1]}"
+    )
+    assert page.evaluate("window.loupeState.trace") is None
+    assert page.errors == []
+
+
+def test_a_repo_without_neighbours_says_so(page, tmp_path):
+    root = tmp_path / "hub"
+    build_synthetic_repo(root, layers=(0,), num_latents=64, examples=2)
+    for path in (root / PREFIX / PER_LAYER["neighbours"]).glob("*.parquet"):
+        path.unlink()
+    install_browser(root, PREFIX, [0], 64, "m")  # suite.json without the neighbours kind
+    server, url = serve(root)
+    try:
+        open_feature(page, url, 0, 3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert page.inner_text("#neighbours-same") == "no feature_neighbours file for this layer"
+    assert page.is_disabled("#trace-button")
+
+
 def _get(url: str, headers: dict | None = None, method: str = "GET"):
     req = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
@@ -387,6 +546,12 @@ def test_the_staged_demo_repo_in_the_browser(page, demo_run, tmp_path):
             ]
             assert tokens_in(page, f"#logits-{sign} .chip") == want
         assert page.locator("#examples .example").count() == len(examples)
+        same = sorted(
+            (r for r in rows_of(hub, files["neighbours"], feature) if r["relation"] == "same"),
+            key=lambda r: r["rank"],
+        )
+        shown = state["neighbours"]["same"]
+        assert [s[:2] for s in shown] == [[r["other_layer"], r["other_feature"]] for r in same]
         got = page.evaluate("window.loupeFetched")[
             url.replace("browser/index.html", files["examples"])
         ]

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +27,7 @@ from loupe import cli
 from loupe.browse import ASSETS as BROWSER_ASSETS
 from loupe.card import CardFacts, render_card
 from loupe.examples import examples_schema, interval_examples_schema, write_stats
+from loupe.flow import write_flow_csv
 from loupe.layout import BROWSER, MANIFEST, NOTEBOOK
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
@@ -38,6 +40,7 @@ from loupe.publish import (
     repo_files,
     set_notebook_parameters,
     stage,
+    stage_inputs,
 )
 
 sparsify = import_sparsify()
@@ -344,6 +347,43 @@ def test_saelens_off_stages_sparsify_folders_only(tmp_path, pub_settings, result
     assert "staged without SAELens' layout" in card and "SAE.from_pretrained" not in card
 
 
+def test_the_flow_table_is_staged_and_shown_in_the_card(tmp_path, pub_settings, results):
+    """The flow rule's feature_flow.csv and plot, given with the summary's outputs: the table
+    is staged under the prefix and the card shows it, row by row, with its plot."""
+    summary = tmp_path / "summary"
+    summary.mkdir()
+    rows = [
+        {
+            "layer": 1,
+            "next_layer": 2,
+            "features": 500,
+            "median_cosine": 0.61234,
+            "tokens": 40000,
+            "firing_features": 480,
+            "coactivation": 0.4321,
+            "random_coactivation": 0.0123,
+            "lift": 35.13,
+        }
+    ]
+    write_flow_csv(rows, summary / "feature_flow.csv")
+    plot = summary / "feature_flow_by_layer.png"
+    plot.write_bytes((results / "summary/fvu_by_layer.png").read_bytes())
+    files = [results / "summary/metrics.csv", results / "summary/fvu_by_layer.png"]
+    sae = [results / f"layer_{n}/sae.safetensors" for n in LAYERS]
+    inputs = stage_inputs(
+        typed(pub_settings), sae, {}, [*files, summary / "feature_flow.csv", plot]
+    )
+    assert inputs.flow == summary / "feature_flow.csv" and inputs.plots[-1] == plot
+    out = tmp_path / "hub"
+    stage(typed(pub_settings), replace(_inputs(pub_settings, results), flow=inputs.flow), out)
+    prefix = pub_settings["hub"]["prefix"]
+    assert (out / prefix / "feature_flow.csv").read_bytes() == inputs.flow.read_bytes()
+    card = (out / "README.md").read_text()
+    assert "| layers | median cosine | tokens | coactivation | shuffled | lift |" in card
+    assert "| 1 → 2 | 0.6123 | 40000 | 0.4321 | 0.0123 | 35.13 |" in card
+    assert f"`{prefix}/feature_flow.csv`" in card
+
+
 def test_run_config_has_what_saelens_reads(staged, pub_settings):
     prefix = pub_settings["hub"]["prefix"]
     cfg = json.loads((staged / prefix / "config.json").read_text())
@@ -464,6 +504,7 @@ def test_card_metadata_and_tables(staged, pub_settings):
         assert f"| `{column}` |" in card
     assert "## Limitations" in card and "Text only" in card and "English only" in card
     assert "```bibtex" in card
+    assert "feature_flow" not in card  # no flow table given: the card says nothing of it
 
 
 def test_card_states_the_reference_settings(monkeypatch):

@@ -82,6 +82,7 @@ def test_sae_k_reruns_each_layers_chain_and_the_suite_steps_only(demo_run, tmp_p
         "evaluate": LAYERS,
         "neighbours": LAYERS,
         "spliced": 1,
+        "flow": 1,
         "summary": 1,
         "tradeoffs": 1,
         "stage": 1,

@@ -100,6 +100,7 @@ class CardFacts:
     saelens_registry: str = ""  # the staged SAELens registry entry (hub.saelens), as YAML
     # The staged tables of the ladder, transfer and splice (file name -> rows), those staged.
     tables: dict[str, list[dict]] = field(default_factory=dict)
+    flow: list[dict] = field(default_factory=list)  # the staged feature_flow.csv's rows
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -161,10 +162,14 @@ def collect_facts(
             for name in (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV)
             if (root / layout.table(name)).is_file()
         },
+        flow=_csv_rows(root / layout.flow),
     )
 
 
 def _csv_rows(path: Path) -> list[dict]:
+    """A staged table's rows; none where it was not staged."""
+    if not path.is_file():
+        return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -419,6 +424,17 @@ def render_card(config: Config, facts: CardFacts) -> str:
             histogram_bins=facts.histogram_bins,
             plots=[(Path(p).stem, p) for p in facts.plots if Path(p).name not in ADDITION_PLOTS],
             additions=evaluation_additions(config, facts, shown_plots(facts)),
+            flow_rows=[
+                [
+                    f"{r['layer']} → {r['next_layer']}",
+                    _fmt(r["median_cosine"]),
+                    r["tokens"],
+                    _fmt(r["coactivation"]),
+                    _fmt(r["random_coactivation"]),
+                    _fmt(r["lift"]),
+                ]
+                for r in facts.flow
+            ],
             language=LANGUAGES.get(language, f"`{language}`"),
             citation=_citation(config, name),
         )

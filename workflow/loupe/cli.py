@@ -129,6 +129,12 @@ COMMANDS = {
         path_lists=("evals", "stats", "train_metrics"),
         optional_paths=("spliced",),
     ),
+    "flow": Command(
+        "loupe.flow:summarize_flow",
+        "feature flow between adjacent layers: best-match cosine and co-activation on the data",
+        ("table", "plot"),
+        path_lists=("neighbours", "random_windows", "stats"),  # in model.layers order
+    ),
     "tradeoffs": Command(
         "loupe.tradeoffs:summarize_tradeoffs",
         "the sparsity ladder and the all-layer splice as tables and plots",

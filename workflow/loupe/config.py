@@ -333,6 +333,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "evaluate.spliced_max_tokens",
     ),
     "summary": ("model.name", "model.layers"),
+    "flow": ("model.name", "model.layers"),
     "stage": (
         "model",
         "dataset",

@@ -36,6 +36,8 @@ PER_LAYER = {
 LADDER_CSV, LADDER_PLOT = "ladder.csv", "sparsity_ladder.png"
 TRANSFER_CSV, TRANSFER_PLOT = "transfer.csv", "transfer_by_layer.png"
 SPLICED_CSV, SPLICED_PLOT = "spliced.csv", "spliced_by_depth.png"
+# The flow rule's table (workflow/rules/neighbours.smk writes it under this name).
+FLOW_TABLE = "feature_flow.csv"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class Layout:
     def table(self, name: str) -> str:
         """A suite-wide table beside metrics.csv (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV)."""
         return f"{self.prefix}/{name}"
+
+    @property
+    def flow(self) -> str:
+        """The summary's feature_flow.csv (loupe.flow): one row per adjacent layer pair."""
+        return f"{self.prefix}/{FLOW_TABLE}"
 
     @property
     def plots(self) -> str:

@@ -24,6 +24,7 @@ rule stage:
         neighbours=expand(rules.neighbours.output.neighbours, layer=LAYERS),
         summary=rules.summary.output,
         tradeoffs=rules.tradeoffs.output,  # ladder, transfer, splice: tables and plots
+        flow=rules.flow.output,
         manifest=ancient(str(rules.tokenize.output.manifest)),
     output:
         repo=directory(HUB),
@@ -38,7 +39,8 @@ rule stage:
         "python -m loupe --log {log} stage --threads {threads}"
         " --sae {input.sae:q} --examples {input.examples:q} --intervals {input.intervals:q}"
         " --stats {input.stats:q} --logits {input.logits:q} --neighbours {input.neighbours:q}"
-        " --summary {input.summary:q} {input.tradeoffs:q} --manifest {input.manifest} --repo {output.repo}"
+        " --summary {input.summary:q} {input.tradeoffs:q} {input.flow:q}"
+        " --manifest {input.manifest} --repo {output.repo}"
 
 
 rule upload:

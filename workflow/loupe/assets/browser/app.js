@@ -4,10 +4,12 @@
 import { byteLengthFromUrl, parquetMetadataAsync, parquetReadObjects } from 'hyparquet'
 import { compressors } from 'hyparquet-compressors'
 
-// Bytes read per URL and what the page shows: for tests and for the curious (devtools).
+// Bytes and requests per URL and what the page shows: for tests and for the curious (devtools).
 const fetched = {}
+const requests = {}
 const state = { status: 'loading' }
 window.loupeFetched = fetched
+window.loupeRequests = requests
 window.loupeState = state
 
 // First guess of the footer size: one request usually gets the whole footer, a second one
@@ -15,6 +17,10 @@ window.loupeState = state
 const FOOTER_GUESS = 1 << 16
 const EXAMPLE_COLUMNS = ['feature', 'activation', 'token', 'context_tokens', 'token_activations', 'rank', 'peak_index']
 const INTERVAL_COLUMNS = [...EXAMPLE_COLUMNS, 'interval', 'interval_low', 'interval_high']
+const NEIGHBOUR_COLUMNS = ['feature', 'relation', 'rank', 'other_layer', 'other_feature', 'cosine']
+const TRACE_COLUMNS = { examples: ['feature', 'token', 'rank'], logits: ['feature', 'sign', 'rank', 'token'] }
+const TRACE_TOKENS = 5 // top tokens and top logits shown per step of a trace
+const EXPLANATION_COLUMNS = ['feature', 'explanation']
 const SEARCH_LIMIT = 200
 
 const $ = id => document.getElementById(id)
@@ -39,6 +45,7 @@ function baseUrl(params) {
 
 function count(url, bytes) {
   fetched[url] = (fetched[url] || 0) + bytes
+  requests[url] = (requests[url] || 0) + 1
 }
 
 /** An hyparquet AsyncBuffer over HTTP Range requests that counts what it downloads and
@@ -318,19 +325,23 @@ async function showFeature(layer, f) {
   const url = new URL(location.href)
   url.searchParams.set('layer', layer)
   url.searchParams.set('feature', f)
+  url.searchParams.delete('trace')
   history.replaceState(null, '', url)
   setStatus(`loading layer ${layer} feature ${f}…`, 'loading')
-  Object.assign(state, { layer, feature: f, error: null })
+  Object.assign(state, { layer, feature: f, error: null, trace: null })
   const files = layerFiles(layer)
-  const [stats, examples, intervals, logits, statsMeta] = await Promise.all([
+  const [stats, examples, intervals, logits, statsMeta, neighbours] = await Promise.all([
     featureRows(files.stats, f),
     featureRows(files.examples, f, EXAMPLE_COLUMNS),
     featureRows(files.intervals, f, INTERVAL_COLUMNS),
     featureRows(files.logits, f),
     files.stats ? fileMetadataJson(files.stats) : {},
+    featureRows(files.neighbours, f, NEIGHBOUR_COLUMNS),
   ])
+  const explained = await explanations((neighbours || []).map(r => [r.other_layer, r.other_feature]))
   if (mine !== ticket) return
   render(layer, f, stats?.[0] ?? null, examples, intervals, logits, statsMeta)
+  renderNeighbours(layer, neighbours, explained)
   setStatus(`layer ${layer} feature ${f} · ${base}`, 'ready')
 }
 
@@ -408,6 +419,127 @@ function render(layer, f, stats, examples, intervals, logits, statsMeta) {
     density: stats ? stats.density : null,
     logits: { positive: sides.positive.map(r => r.token), negative: sides.negative.map(r => r.token) },
   })
+}
+
+// ---------- neighbours and the trace through the stack ----------
+
+const RELATION_TITLES = {
+  prev: layer => `Previous layer (${layer - 1})`,
+  same: layer => `Same layer (${layer})`,
+  next: layer => `Next layer (${layer + 1})`,
+}
+
+/** A link to a feature of the suite (plain text when the suite lacks its layer). */
+function featureLink(layer, f, text) {
+  if (!suite.layers.includes(layer)) return el('span', { title: `layer ${layer} is not in this repo` }, text)
+  const url = new URL(location.href)
+  url.searchParams.set('layer', layer)
+  url.searchParams.set('feature', f)
+  url.searchParams.delete('trace')
+  const link = el('a', { href: url.href, 'data-layer': layer, 'data-feature': f }, text)
+  link.addEventListener('click', e => {
+    if (e.button !== 0 || e.ctrlKey || e.metaKey || e.shiftKey) return // a new tab keeps the href
+    e.preventDefault()
+    showFeature(layer, f).catch(fail)
+  })
+  return link
+}
+
+/** {"layer:feature": text} of the given features that have an explanation, read where a layer
+ * has an explanations file (a row group per feature; none fetched where no layer has one). */
+async function explanations(features) {
+  const found = await Promise.all(features.map(async ([layer, f]) => {
+    const rows = await featureRows(layerFiles(layer).explanations, f, EXPLANATION_COLUMNS)
+    return [`${layer}:${f}`, rows?.find(r => r.explanation)?.explanation]
+  }))
+  return Object.fromEntries(found.filter(([, text]) => text))
+}
+
+/** Rows of one relation, best first. */
+const related = (rows, relation) => (rows || []).filter(r => r.relation === relation).sort((a, b) => a.rank - b.rank)
+
+function renderNeighbours(layer, rows, explained) {
+  const published = rows !== null
+  $('trace-button').disabled = !published
+  $('trace').replaceChildren()
+  state.neighbours = {}
+  state.explanations = explained
+  const explanation = (l, g) => (explained[`${l}:${g}`] ? el('span', { class: 'explanation' }, explained[`${l}:${g}`]) : null)
+  for (const relation of Object.keys(RELATION_TITLES)) {
+    const found = related(rows, relation)
+    state.neighbours[relation] = found.map(r => [r.other_layer, r.other_feature, r.cosine])
+    const list = $(`neighbours-${relation}`)
+    list.previousElementSibling.textContent = RELATION_TITLES[relation](layer)
+    list.replaceChildren(...found.map(r => el('li', { 'data-rank': r.rank },
+      featureLink(r.other_layer, r.other_feature, `L${r.other_layer} · feature ${r.other_feature}`),
+      el('span', { class: 'val', title: 'cosine of the decoder directions' }, fmt(r.cosine)),
+      explanation(r.other_layer, r.other_feature))))
+    if (!found.length) {
+      const why = !published ? 'no feature_neighbours file for this layer'
+        : relation === 'same' ? 'none' : 'no SAE of that layer in the suite'
+      list.append(el('li', { class: 'muted' }, why))
+    }
+  }
+}
+
+/** The chain of rank-0 matches from (layer, f) in one direction ('next' or 'prev'): each
+ * step {layer, feature, cosine}, reading one row group of each layer's neighbours file. */
+async function followMatches(layer, f, relation) {
+  const steps = []
+  const step = relation === 'next' ? 1 : -1
+  for (;;) {
+    const rows = await featureRows(layerFiles(layer).neighbours, f, NEIGHBOUR_COLUMNS)
+    const best = related(rows, relation)[0]
+    // The stack ends, or the suite lacks the layer: the chain stops there.
+    if (!best || best.other_layer !== layer + step || !suite.layers.includes(best.other_layer)) return steps
+    layer = best.other_layer
+    f = best.other_feature
+    steps.push({ layer, feature: f, cosine: best.cosine })
+  }
+}
+
+/** The most frequent peak tokens of a feature's top examples and its top promoted tokens. */
+async function traceTokens(layer, f) {
+  const files = layerFiles(layer)
+  const [examples, logits] = await Promise.all([
+    featureRows(files.examples, f, TRACE_COLUMNS.examples),
+    featureRows(files.logits, f, TRACE_COLUMNS.logits),
+  ])
+  const freq = new Map()
+  for (const r of (examples || []).sort((a, b) => a.rank - b.rank)) freq.set(r.token, (freq.get(r.token) || 0) + 1)
+  const tokens = [...freq].sort((a, b) => b[1] - a[1]).slice(0, TRACE_TOKENS).map(([t]) => t)
+  const promoted = (logits || []).filter(r => r.sign === 'positive').sort((a, b) => a.rank - b.rank)
+  return { tokens, logits: promoted.slice(0, TRACE_TOKENS).map(r => r.token) }
+}
+
+/** Follow the best match of the shown feature through every layer, down and up, and show
+ * each step's top tokens and top logits: a few row groups per layer. */
+async function trace() {
+  const mine = ticket // showing another feature drops this trace
+  const { layer, feature } = state
+  setStatus(`tracing layer ${layer} feature ${feature} through the stack…`, 'loading')
+  const [down, up] = await Promise.all([followMatches(layer, feature, 'prev'), followMatches(layer, feature, 'next')])
+  // Earliest layer first; each step's cosine is that of its match with the step it came from.
+  const steps = [...down.reverse(), { layer, feature, cosine: null }, ...up]
+  const [tokens, explained] = await Promise.all([
+    Promise.all(steps.map(s => traceTokens(s.layer, s.feature))),
+    explanations(steps.map(s => [s.layer, s.feature])),
+  ])
+  if (mine !== ticket) return
+  steps.forEach((s, i) => Object.assign(s, tokens[i], { explanation: explained[`${s.layer}:${s.feature}`] ?? null }))
+  const hasExplanations = steps.some(s => s.explanation)
+  const chips = list => el('span', { class: 'chips' }, ...list.map(t => chip(t)))
+  $('trace').replaceChildren(el('table', {},
+    el('thead', {}, el('tr', {}, ...['layer', 'feature', 'match cosine', 'top tokens', 'top logits', ...(hasExplanations ? ['explanation'] : [])].map(h => el('th', {}, h)))),
+    el('tbody', {}, ...steps.map(s => el('tr', { class: s.cosine === null ? 'here' : null, 'data-layer': s.layer, 'data-feature': s.feature },
+      el('td', {}, String(s.layer)),
+      el('td', {}, featureLink(s.layer, s.feature, String(s.feature))),
+      el('td', { class: 'val', title: s.cosine === null ? 'the feature shown' : 'decoder cosine with the row it was matched from' }, s.cosine === null ? '–' : fmt(s.cosine)),
+      el('td', { class: 'trace-tokens' }, chips(s.tokens)),
+      el('td', { class: 'trace-logits' }, chips(s.logits)),
+      hasExplanations ? el('td', { class: 'explanation' }, s.explanation ?? '') : null)))))
+  state.trace = { layer, feature, steps }
+  setStatus(`trace of layer ${layer} feature ${feature}: ${steps.length} layers · ${base}`, 'ready')
 }
 
 // ---------- token search ----------
@@ -508,11 +640,18 @@ async function start() {
     e.preventDefault()
     search($('query').value).catch(fail)
   })
+  $('trace-button').addEventListener('click', () => {
+    const url = new URL(location.href)
+    url.searchParams.set('trace', '1')
+    history.replaceState(null, '', url)
+    trace().catch(fail)
+  })
 
   const layer = suite.layers.includes(Number(params.get('layer'))) && params.get('layer') !== null
     ? Number(params.get('layer'))
     : suite.layers[0]
   await showFeature(layer, Number(params.get('feature')) || 0)
+  if (params.get('trace') && !$('trace-button').disabled) await trace()
   if (params.get('q')) {
     $('query').value = params.get('q')
     await search(params.get('q'))
