@@ -1200,14 +1200,10 @@ def _demo_config() -> dict:
     """The demo's config (config.yaml overlaid with profiles/demo/demo-config.yaml)."""
     import yaml
 
-    def merge(a: dict, b: dict) -> dict:
-        return {
-            k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-            for k, v in {**a, **b}.items()
-        }
+    from loupe.config import overlay
 
     base = yaml.safe_load((REPO / "config.yaml").read_text())
-    return merge(base, yaml.safe_load((REPO / "profiles/demo/demo-config.yaml").read_text()))
+    return overlay(base, yaml.safe_load((REPO / "profiles/demo/demo-config.yaml").read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:

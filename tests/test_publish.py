@@ -373,11 +373,11 @@ def test_the_flow_table_is_staged_and_shown_in_the_card(tmp_path, pub_settings, 
     inputs = stage_inputs(
         typed(pub_settings), sae, {}, [*files, summary / "feature_flow.csv", plot]
     )
-    assert inputs.flow == summary / "feature_flow.csv" and inputs.plots[-1] == plot
+    assert inputs.tables == [summary / "feature_flow.csv"] and inputs.plots[-1] == plot
     out = tmp_path / "hub"
-    stage(typed(pub_settings), replace(_inputs(pub_settings, results), flow=inputs.flow), out)
+    stage(typed(pub_settings), replace(_inputs(pub_settings, results), tables=inputs.tables), out)
     prefix = pub_settings["hub"]["prefix"]
-    assert (out / prefix / "feature_flow.csv").read_bytes() == inputs.flow.read_bytes()
+    assert (out / prefix / "feature_flow.csv").read_bytes() == inputs.tables[0].read_bytes()
     card = (out / "README.md").read_text()
     assert "| layers | median cosine | tokens | coactivation | shuffled | lift |" in card
     assert "| 1 → 2 | 0.6123 | 40000 | 0.4321 | 0.0123 | 35.13 |" in card

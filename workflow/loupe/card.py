@@ -20,6 +20,7 @@ from . import layout as file_names
 from .config import Config
 from .errors import LoupeError
 from .layout import (
+    FLOW_TABLE,
     LADDER_CSV,
     LADDER_PLOT,
     SAE_CFG,
@@ -100,7 +101,6 @@ class CardFacts:
     saelens_registry: str = ""  # the staged SAELens registry entry (hub.saelens), as YAML
     # The staged tables of the ladder, transfer and splice (file name -> rows), those staged.
     tables: dict[str, list[dict]] = field(default_factory=dict)
-    flow: list[dict] = field(default_factory=list)  # the staged feature_flow.csv's rows
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -159,17 +159,13 @@ def collect_facts(
         saelens_registry=_text_if_present(root / layout.saelens_registry),
         tables={
             name: _csv_rows(root / layout.table(name))
-            for name in (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV)
+            for name in (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV, FLOW_TABLE)
             if (root / layout.table(name)).is_file()
         },
-        flow=_csv_rows(root / layout.flow),
     )
 
 
 def _csv_rows(path: Path) -> list[dict]:
-    """A staged table's rows; none where it was not staged."""
-    if not path.is_file():
-        return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -433,7 +429,7 @@ def render_card(config: Config, facts: CardFacts) -> str:
                     _fmt(r["random_coactivation"]),
                     _fmt(r["lift"]),
                 ]
-                for r in facts.flow
+                for r in facts.tables.get(FLOW_TABLE, [])
             ],
             language=LANGUAGES.get(language, f"`{language}`"),
             citation=_citation(config, name),

@@ -437,12 +437,12 @@ def check_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-def _layer(base: dict, over: dict) -> dict:
+def overlay(base: dict, over: dict) -> dict:
     """`over` layered onto `base` as Snakemake layers config files: section by section."""
     out = dict(base)
     for key, value in over.items():
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _layer(out[key], value) if both else value
+        out[key] = overlay(out[key], value) if both else value
     return out
 
 
@@ -454,7 +454,7 @@ def check_config(configfile: list[Path]) -> None:
     config.yaml as Snakemake does and checks the result against the schema."""
     data = check_yaml("config.yaml")
     for path in configfile:
-        data = _layer(data, check_yaml(path))
+        data = overlay(data, check_yaml(path))
     Config.from_dict(validate(data))
     print(f"config OK: config.yaml + {' + '.join(map(str, configfile))}")
 

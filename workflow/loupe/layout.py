@@ -78,13 +78,8 @@ class Layout:
         return f"{self.prefix}/metrics.csv"
 
     def table(self, name: str) -> str:
-        """A suite-wide table beside metrics.csv (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV)."""
+        """A suite-wide table beside metrics.csv (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV, FLOW_TABLE)."""
         return f"{self.prefix}/{name}"
-
-    @property
-    def flow(self) -> str:
-        """The summary's feature_flow.csv (loupe.flow): one row per adjacent layer pair."""
-        return f"{self.prefix}/{FLOW_TABLE}"
 
     @property
     def plots(self) -> str:

@@ -23,7 +23,6 @@ from .errors import LoupeError
 from .io import atomic_dir
 from .layout import (
     CARD,
-    FLOW_TABLE,
     MANIFEST,
     NOTEBOOK,
     RUN_CONFIG,
@@ -67,10 +66,9 @@ class StageInputs:
     metrics: Path  # summary metrics.csv, one row per layer
     plots: list[Path]  # in the order the card shows them
     tokens_manifest: Path | None = None
-    # The summary's other tables (the tradeoffs rule's ladder.csv, transfer.csv, spliced.csv),
-    # staged beside metrics.csv under their own names.
+    # The summary's other tables (the tradeoffs rule's ladder.csv, transfer.csv, spliced.csv,
+    # the flow rule's feature_flow.csv), staged beside metrics.csv under their own names.
     tables: list[Path] = field(default_factory=list)
-    flow: Path | None = None  # the flow rule's feature_flow.csv, when given
 
 
 def place(src: Path, dst: Path) -> str:
@@ -255,10 +253,7 @@ def stage_inputs(
         metrics=metrics[0],
         plots=[p for p in files if p.suffix == ".png"],  # the rule's order
         tokens_manifest=manifest,
-        tables=[
-            p for p in files if p.suffix == ".csv" and p.name not in ("metrics.csv", FLOW_TABLE)
-        ],
-        flow=next((p for p in files if p.name == FLOW_TABLE), None),
+        tables=[p for p in files if p.suffix == ".csv" and p.name != "metrics.csv"],
     )
 
 
@@ -309,8 +304,6 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
             place(plot, tmp / layout.plots / Path(plot).name)
         for table in inputs.tables:
             place(table, tmp / layout.table(Path(table).name))
-        if inputs.flow is not None:
-            place(inputs.flow, tmp / layout.flow)
 
         first = json.loads((inputs.layers[0].sae_dir / SAE_CFG).read_text())
         config_text = json.dumps(run_config(config, layout, first["d_in"]), indent=2) + "\n"
