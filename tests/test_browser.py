@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from browser_repo import PREFIX, build_synthetic_repo, build_wide_repo, write_groups
 
-from loupe.examples import PAGE_ROWS
 from loupe.browse import ASSETS, install_browser, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
+from loupe.examples import PAGE_ROWS
 from loupe.layout import PER_LAYER
 
 CHROMIUM_ARGS = [
