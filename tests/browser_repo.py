@@ -16,10 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loupe.browse import install_browser
+from loupe.examples import ROW_GROUP_FEATURES, writer_options
 from loupe.layout import PER_LAYER
 from loupe.neighbours import decoder_neighbours, neighbours_table, write_neighbours
 
-GROUP_FEATURES = 64  # features per row group, as the pipeline writes them
+GROUP_FEATURES = ROW_GROUP_FEATURES  # features per row group, as the pipeline writes them
 PREFIX = "sae-tiny-gemma-4-8x"
 MODEL = "tiny-gemma-4"
 
@@ -159,18 +160,23 @@ LOGIT_FIELDS = [
 
 
 def write_groups(path: Path, fields: list, rows: list[dict], metadata: dict | None = None):
-    """Rows sorted by feature, zstd, one row group per GROUP_FEATURES features, page index."""
+    """Rows sorted by feature, one row group per GROUP_FEATURES features, with the pipeline's
+    writer options (zstd, page index, small pages)."""
     schema = pa.schema(fields)
     if metadata is not None:
         schema = schema.with_metadata({"loupe": json.dumps(metadata)})
+    write_table_groups(path, pa.Table.from_pylist(rows, schema=schema))
+
+
+def write_table_groups(path: Path, table: pa.Table) -> None:
+    """A table sorted by feature as the pipeline writes it: a row group per GROUP_FEATURES."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(path, schema, compression="zstd", write_page_index=True) as writer:
-        groups: dict[int, list[dict]] = {}
-        for row in rows:
-            groups.setdefault(row["feature"] // GROUP_FEATURES, []).append(row)
-        for g in sorted(groups):
-            table = pa.Table.from_pylist(groups[g], schema=schema)
-            writer.write_table(table, row_group_size=len(table))
+    features = table.column("feature").to_numpy()
+    with pq.ParquetWriter(path, table.schema, **writer_options(table.schema)) as writer:
+        for first in range(0, int(features.max()) + 1 if len(features) else 0, GROUP_FEATURES):
+            lo, hi = np.searchsorted(features, [first, first + GROUP_FEATURES])
+            if hi > lo:
+                writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
 
 
 def _window(rng, feature: int, activation: float, layer: int, rank: int, width: int) -> dict:
@@ -303,3 +309,65 @@ def _write_neighbours(root: Path, layers, num_latents: int, rng, d: int = 16) ->
         path = root / PREFIX / PER_LAYER["neighbours"] / f"layer_{layer}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_neighbours(path, neighbours_table(found), {"layer": layer})
+
+
+def build_wide_repo(
+    root: Path, num_latents: int = 49_152, examples: int = 4, width: int = 32, seed: int = 0
+) -> dict:
+    """A staged repo of one layer at gemma-loupe's width (49,152 features: 48 row groups of
+    1,024 as the pipeline writes them, 768 of 64 before), its columns built at once with numpy
+    so it takes seconds: max_activations (`examples` rows per feature), feature_stats and
+    feature_logits (10 promoted and 10 suppressed tokens per feature). Returns its suite.json."""
+    rng = np.random.default_rng(seed)
+    layer, vocab = 3, np.array(VOCAB, dtype=object)
+    n = num_latents * examples
+    ids = rng.integers(0, len(VOCAB), (n, width))
+    peak = ids[:, width // 2]
+    acts = np.round(rng.random((n, width)).astype(np.float32) * 5, 3)
+    columns = {
+        "feature": np.repeat(np.arange(num_latents), examples),
+        "activation": acts[:, width // 2],
+        "token": vocab[peak].tolist(),
+        "context": ["".join(vocab[r]) for r in ids],
+        "context_tokens": [json.dumps(list(vocab[r]), ensure_ascii=False) for r in ids],
+        "token_activations": [json.dumps(a.tolist()) for a in acts],
+        "layer": np.full(n, layer),
+        "rank": np.tile(np.arange(examples), num_latents),
+        "peak_index": np.full(n, width // 2),
+        "token_id": peak,
+        "sequence": rng.integers(0, 5000, n),
+        "position": rng.integers(0, 1024, n),
+    }
+    paths = {
+        kind: root / PREFIX / folder / f"layer_{layer}.parquet"
+        for kind, folder in PER_LAYER.items()
+    }
+    meta = {"loupe": json.dumps({"layer": layer})}
+    write_table_groups(paths["examples"], pa.table(columns, pa.schema(EXAMPLE_FIELDS, meta)))
+    edges = np.linspace(0.0, 5.0, 17)
+    hist = rng.integers(0, 50, (num_latents, len(edges) - 1))
+    stats = {
+        "feature": np.arange(num_latents),
+        "fire_count": hist.sum(1),
+        "density": hist.sum(1) / 200_000,
+        "max_activation": np.full(num_latents, 5.0, np.float32),
+        "mean_activation": np.full(num_latents, 1.0, np.float32),
+        "examples": np.full(num_latents, examples),
+        "tokens": np.full(num_latents, 200_000),
+        "histogram": list(hist),
+    }
+    meta = {"loupe": json.dumps({"layer": layer, "histogram_edges": edges.tolist()})}
+    write_table_groups(paths["stats"], pa.table(stats, pa.schema(STATS_FIELDS, meta)))
+    rows = num_latents * 20
+    token_ids = rng.integers(0, len(VOCAB), rows)
+    logits = {
+        "feature": np.repeat(np.arange(num_latents), 20),
+        "sign": np.tile(np.repeat(["negative", "positive"], 10), num_latents),
+        "rank": np.tile(np.arange(10), 2 * num_latents),
+        "token_id": token_ids,
+        "token": vocab[token_ids].tolist(),
+        "value": rng.standard_normal(rows).astype(np.float32),
+    }
+    meta = {"loupe": json.dumps({"layer": layer})}
+    write_table_groups(paths["logits"], pa.table(logits, pa.schema(LOGIT_FIELDS, meta)))
+    return install_browser(root, PREFIX, [layer], num_latents, MODEL)

@@ -1,5 +1,5 @@
 """The static feature browser in a real browser (Debian's chromium, headless, driven by
-Playwright): it shows what the parquet files hold, fetches only the shown feature's row groups,
+Playwright): it shows what the parquet files hold, fetches only the shown feature's pages,
 finds features by token, and reads a Hub repo by name; plus the local server's Range support."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from browser_repo import PREFIX, build_synthetic_repo, write_groups
+from browser_repo import PREFIX, build_synthetic_repo, build_wide_repo, write_groups
 
 from loupe.browse import ASSETS, install_browser, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
+from loupe.examples import PAGE_ROWS
 from loupe.layout import PER_LAYER
 
 CHROMIUM_ARGS = [
@@ -34,7 +35,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-LAYER, FEATURE = 3, 200  # 448 features in 7 row groups: 200 sits in the fourth
+LAYER, FEATURE = 3, 200  # 448 features in one row group of 8,960 rows, pages of 256 rows
 HUB_REPO = "someone/tiny-saes"
 HUB_BASE = f"https://huggingface.co/{HUB_REPO}/resolve/main/"
 SCREENSHOT_COPY = Path("/tmp/loupe/browser.png")  # for a person to look at
@@ -187,17 +188,19 @@ def test_feature_page_shows_what_the_parquet_files_hold(page, page_url, repo, su
     shutil.copyfile(shot, SCREENSHOT_COPY)
 
 
-def test_page_fetches_only_the_row_groups_of_the_feature(page, page_url, repo, suite):
+def test_page_fetches_only_the_pages_of_the_feature(page, page_url, repo, suite):
     rel = suite["files"][str(LAYER)]["examples"]
     size = (repo / rel).stat().st_size
-    groups = pq.ParquetFile(repo / rel).metadata.num_row_groups
-    assert groups >= 5  # else reading one group is no small fraction
+    meta = pq.ParquetFile(repo / rel).metadata
+    pages = meta.num_rows / PAGE_ROWS
+    assert pages >= 5  # else reading one page is no small fraction
+    groups = meta.num_row_groups
 
     open_feature(page, page_url, LAYER, FEATURE)
     fetched = page.evaluate("window.loupeFetched")
     got = fetched[page_url.replace("browser/index.html", rel)]
     print(
-        f"\nmax_activations: fetched {got} of {size} bytes ({got / size:.1%}), {groups} row groups"
+        f"\nmax_activations: fetched {got} of {size} bytes ({got / size:.1%}), {groups} row groups, {pages:.0f} pages"
     )
     assert 0 < got < 0.25 * size
 
@@ -231,6 +234,142 @@ def test_token_search_finds_features_by_their_top_token(page, page_url, repo, su
         f"window.loupeState.status === 'ready' && window.loupeState.feature === {FEATURE}"
     )
     assert page.get_attribute("#top-token .chip", "data-token") == top["token"]
+    assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def wide_repo(tmp_path_factory):
+    """One layer at gemma-loupe's width (49,152 features; 768 row groups in the old layout)."""
+    root = tmp_path_factory.mktemp("wide")
+    suite = build_wide_repo(root)
+    server, url = serve(root)
+    yield root, suite, url
+    server.shutdown()
+    server.server_close()
+
+
+def parquet_loads(page) -> dict:
+    """The page's parquet requests as Chromium's Resource Timing records them (independent of
+    the page's own counters): how many, their bytes, and the most that overlapped in time."""
+    entries = page.evaluate(
+        """performance.getEntriesByType('resource').filter(e => e.name.endsWith('.parquet'))
+            .map(e => [e.startTime, e.responseEnd, e.encodedBodySize])"""
+    )
+    edges = sorted([(start, 1) for start, _, _ in entries] + [(end, -1) for _, end, _ in entries])
+    now = most = 0
+    for _, step in edges:  # an end at the same instant as a start counts first
+        now += step
+        most = max(most, now)
+    return {"requests": len(entries), "bytes": sum(e[2] for e in entries), "max": most}
+
+
+def watch_requests(page) -> dict:
+    """Count the page's parquet requests in flight as Chromium issues and finishes them."""
+    seen = {"now": 0, "max": 0}
+
+    def started(request):
+        if request.url.endswith(".parquet"):
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+
+    def ended(request):
+        if request.url.endswith(".parquet"):
+            seen["now"] -= 1
+
+    page.on("request", started)
+    page.on("requestfinished", ended)
+    page.on("requestfailed", ended)
+    return seen
+
+
+def test_first_view_of_a_wide_layer_reads_little(page, wide_repo):
+    """Issue 26 #2: at 49,152 features the first feature of a layer cost 6.19 MB, 5.65 MB of
+    it the footers of 768 row groups. Now under 1 MB, and the next feature ~nothing more."""
+    repo, suite, url = wide_repo
+    files = suite["files"]["3"]
+    page.add_init_script("performance.setResourceTimingBufferSize(100000)")
+    seen = watch_requests(page)
+    feature = 30_001
+    want = sorted(rows_of(repo, files["examples"], feature), key=lambda r: r["rank"])
+    state = open_feature(page, url, 3, feature)
+    first = dict(seen)
+    assert state["examples"] == len(want) == 4
+    assert state["topActivation"] == pytest.approx(max(r["activation"] for r in want), abs=1e-6)
+    first = parquet_loads(page)
+    assert (
+        page.evaluate("Object.values(window.loupeFetched).reduce((a, b) => a + b)")
+        == first["bytes"]
+    )
+    per_file = page.evaluate("window.loupeFetched")
+    print(
+        f"\nwide layer, first view: {first['bytes']} B in {first['requests']} requests",
+        {u.rsplit("/", 2)[1]: b for u, b in per_file.items()},
+    )
+    assert 0 < first["bytes"] < 1_000_000
+    assert first["max"] <= 6 and seen["max"] <= 6, (first, seen)
+
+    page.click("#next")  # 30,002 shares its pages with 30,001 or sits in the next ones
+    page.wait_for_function(
+        "window.loupeState.status === 'ready' && window.loupeState.feature === 30002"
+    )
+    now = parquet_loads(page)
+    more = now["bytes"] - first["bytes"]
+    print(f"next feature: {more} B in {now['requests'] - first['requests']} requests")
+    assert more < 60_000
+    assert page.errors == []
+
+
+def test_search_of_a_wide_layer_keeps_its_requests_bounded(page, wide_repo):
+    """Issue 26 #1: a search fired ~3,000 range requests at once at 49,152 features and
+    Chromium refused them. Now at most 6 are in flight, it reads only the token columns, and
+    the status line says how far it got."""
+    repo, suite, url = wide_repo
+    files = suite["files"]["3"]
+    page.add_init_script("performance.setResourceTimingBufferSize(100000)")
+    open_feature(page, url, 3, 0)
+    seen = watch_requests(page)
+    before = parquet_loads(page)
+    query = " Paris"
+    want = {
+        r["feature"]
+        for kind in ("examples", "logits")
+        for r in pq.read_table(repo / files[kind], columns=["feature", "token"]).to_pylist()
+        if r["token"] == query
+    }
+    # What the token columns weigh: a search reads those and nothing else.
+    columns = {"examples": {"feature", "token"}, "logits": {"feature", "sign", "token"}}
+    budget = 0
+    for kind, names in columns.items():
+        meta = pq.ParquetFile(repo / files[kind]).metadata
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                chunk = meta.row_group(g).column(c)
+                if chunk.path_in_schema in names:
+                    budget += chunk.total_compressed_size
+    statuses = []
+    page.expose_function("noteStatus", lambda text: statuses.append(text))
+    page.evaluate(
+        "new MutationObserver(() => noteStatus(document.getElementById('status').textContent))"
+        ".observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true})"
+    )
+    page.fill("#query", query)
+    page.press("#query", "Enter")
+    page.wait_for_function(
+        "window.loupeState.search && window.loupeState.status !== 'loading'", timeout=60_000
+    )
+    state = page.evaluate("window.loupeState")
+    assert state["status"] == "ready", state.get("error")
+    assert set(state["search"]["features"]) == want and len(want) > 100
+    after = parquet_loads(page)
+    spent = after["bytes"] - before["bytes"]
+    print(
+        f"\nwide layer search: {spent} B in {after['requests'] - before['requests']} requests,"
+        f" at most {after['max']} in flight; token columns {budget} B"
+    )
+    assert after["max"] <= 6 and seen["max"] <= 6 and state["maxInFlight"] <= 6
+    assert spent <= 1.1 * budget + 100_000
+    progress = [t for t in statuses if re.search(r"read \d+ of 96 row groups", t)]
+    assert progress, statuses[:5]
     assert page.errors == []
 
 
@@ -407,6 +546,7 @@ def test_trace_follows_the_best_match_through_every_layer(page, chain_repo):
     assert [c[0] for c in chain] == list(CHAIN_LAYERS)
 
     open_feature(page, url, layer, feature)
+    shown = page.evaluate("window.loupeRequests")  # the feature's own view
     page.click("#trace-button")
     page.wait_for_function("window.loupeState.trace && window.loupeState.status === 'ready'")
     steps = page.evaluate("window.loupeState.trace.steps")
@@ -426,9 +566,11 @@ def test_trace_follows_the_best_match_through_every_layer(page, chain_repo):
     assert rows == [list(c[:2]) for c in chain]
     assert page.locator("#trace tr.here").get_attribute("data-feature") == str(feature)
 
-    # Bounded: a footer and a row group or two per file, whatever the stack's depth.
+    # Bounded: per file a footer, its page index and the pages of the few columns the trace
+    # reads, whatever the stack's depth.
     requests = page.evaluate("window.loupeRequests")
-    assert requests and max(requests.values()) <= 4, requests
+    traced = {url: n - shown.get(url, 0) for url, n in requests.items()}
+    assert requests and max(traced.values()) <= 5, traced
     # Following a link in the trace opens that step's feature.
     page.click("#trace tbody tr:first-child a")
     page.wait_for_function(

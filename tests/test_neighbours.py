@@ -111,8 +111,8 @@ def test_layer_file_holds_every_features_rows_sorted_in_row_groups(config, tmp_p
     ]
     assert f.metadata.row_group(0).column(0).compression == "ZSTD"
     top_n = cfg.neighbours.top_n
-    assert f.metadata.num_row_groups == FEATURES // ROW_GROUP_FEATURES
-    assert f.metadata.row_group(0).num_rows == ROW_GROUP_FEATURES * 2 * top_n
+    assert f.metadata.num_row_groups == -(-FEATURES // ROW_GROUP_FEATURES)
+    assert f.metadata.row_group(0).num_rows == min(FEATURES, ROW_GROUP_FEATURES) * 2 * top_n
     meta = json.loads(f.schema_arrow.metadata[b"loupe"])
     assert meta["adjacent_layers"] == [first + 1] and meta["layer"] == first
 

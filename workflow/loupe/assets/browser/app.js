@@ -1,6 +1,7 @@
 // loupe feature browser: reads the repo's parquet files straight from a static host (a local
-// server or the Hugging Face Hub) with HTTP Range requests, fetching only the row groups of the
-// feature shown (the files hold one row group per 64 features, sorted by feature).
+// server or the Hugging Face Hub) with HTTP Range requests, fetching only the pages of the
+// feature shown (the files are sorted by feature, one row group per 1,024 features, with a
+// page index that locates each feature's pages of 64 rows).
 import { byteLengthFromUrl, parquetMetadataAsync, parquetReadObjects } from 'hyparquet'
 import { compressors } from 'hyparquet-compressors'
 
@@ -22,6 +23,9 @@ const TRACE_COLUMNS = { examples: ['feature', 'token', 'rank'], logits: ['featur
 const TRACE_TOKENS = 5 // top tokens and top logits shown per step of a trace
 const EXPLANATION_COLUMNS = ['feature', 'explanation']
 const SEARCH_LIMIT = 200
+// Range requests in flight at once, whatever the page asks for: Chromium refuses thousands
+// (net::ERR_INSUFFICIENT_RESOURCES) and a host serves a few at a time anyway.
+const MAX_IN_FLIGHT = 6
 
 const $ = id => document.getElementById(id)
 const params = new URLSearchParams(location.search)
@@ -48,14 +52,33 @@ function count(url, bytes) {
   requests[url] = (requests[url] || 0) + 1
 }
 
+// The queue of requests beyond MAX_IN_FLIGHT, started in order as others finish.
+const waiting = []
+let inFlight = 0
+state.maxInFlight = 0
+
+/** fetch(), at most MAX_IN_FLIGHT at a time. */
+async function limitedFetch(url, init) {
+  if (inFlight >= MAX_IN_FLIGHT) await new Promise(resolve => waiting.push(resolve))
+  inFlight += 1
+  state.maxInFlight = Math.max(state.maxInFlight, inFlight)
+  try {
+    const res = await fetch(url, init)
+    return { status: res.status, ok: res.ok, buf: res.ok ? await res.arrayBuffer() : null }
+  } finally {
+    inFlight -= 1
+    waiting.shift()?.()
+  }
+}
+
 /** An hyparquet AsyncBuffer over HTTP Range requests that counts what it downloads and
  * answers a slice inside an earlier one (the footer guess often holds a small file whole). */
 function remoteBuffer(url, byteLength) {
   const segments = [] // [start, end, Promise<ArrayBuffer>]: ranges fetched or in flight
   const fetchRange = async (start, end) => {
-    const res = await fetch(url, { headers: { Range: `bytes=${start}-${end - 1}` } })
+    const res = await limitedFetch(url, { headers: { Range: `bytes=${start}-${end - 1}` } })
     if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`)
-    const buf = await res.arrayBuffer()
+    const { buf } = res
     count(url, buf.byteLength)
     if (res.status === 200) {
       // The server ignored Range and sent the whole file: keep it for every later slice.
@@ -101,44 +124,22 @@ function openParquet(path) {
   return opened.get(path)
 }
 
-/** [rowStart, rowEnd) spans of the row groups whose `feature` min/max statistics hold f. */
-function featureSpans(metadata, f) {
-  const spans = []
-  let start = 0
-  for (const group of metadata.row_groups) {
-    const rows = Number(group.num_rows)
-    const chunk = group.columns.find(c => c.meta_data?.path_in_schema?.[0] === 'feature')
-    const stats = chunk?.meta_data?.statistics
-    const lo = stats?.min_value ?? stats?.min
-    const hi = stats?.max_value ?? stats?.max
-    // No statistics: the group cannot be ruled out.
-    if (rows && (lo === undefined || hi === undefined || (Number(lo) <= f && f <= Number(hi)))) {
-      const prev = spans[spans.length - 1]
-      if (prev && prev[1] === start) prev[1] = start + rows
-      else spans.push([start, start + rows])
-    }
-    start += rows
-  }
-  return spans
-}
-
 function plain(row) {
   for (const [k, v] of Object.entries(row)) if (typeof v === 'bigint') row[k] = Number(v)
   return row
 }
 
-/** The rows of feature f in a repo file (only its row groups are fetched); null if absent. */
+/** The rows of feature f in a repo file; null if absent. hyparquet skips the row groups whose
+ * `feature` statistics rule f out and, in the others, reads the column index of `feature` and
+ * the offset indexes to fetch only the pages that hold f. */
 async function featureRows(path, f, columns) {
   if (!path) return null
   const { file, metadata } = await openParquet(path)
   const names = new Set(metadata.schema.map(s => s.name))
   columns = columns?.filter(c => names.has(c))
-  const rows = []
-  for (const [rowStart, rowEnd] of featureSpans(metadata, f)) {
-    const part = await parquetReadObjects({ file, metadata, columns, rowStart, rowEnd, compressors })
-    for (const row of part) if (Number(row.feature) === f) rows.push(plain(row))
-  }
-  return rows
+  const rows = await parquetReadObjects({ file, metadata, columns, filter: { feature: { $eq: f } }, filterStrict: false, usePageIndex: true, compressors })
+  // Not strict: an int64 column reads as BigInt, f is a Number.
+  return rows.filter(row => Number(row.feature) === f).map(plain)
 }
 
 async function fileMetadataJson(path) {
@@ -545,22 +546,47 @@ async function trace() {
 // ---------- token search ----------
 
 const searchIndex = new Map()
+const SEARCH_GROUPS_AT_ONCE = 3 // row groups read at once by a search (each a few requests)
 
-/** Every (feature, token) of a layer's top examples and logits: a few columns of whole files. */
-function layerIndex(layer) {
+/** Every (feature, token[, sign]) of a layer's top examples and logits: those columns only,
+ * row group by row group, a few at a time; `progress(done, total)` after each. */
+function layerIndex(layer, progress) {
   if (!searchIndex.has(layer)) {
     const files = layerFiles(layer)
-    const read = async (path, columns) => {
-      if (!path) return []
-      const { file, metadata } = await openParquet(path)
-      return parquetReadObjects({ file, metadata, columns, compressors })
-    }
-    const promise = Promise.all([read(files.examples, ['feature', 'token']), read(files.logits, ['feature', 'sign', 'token'])])
+    const promise = (async () => {
+      const opened = await Promise.all([files.examples, files.logits].map(path => (path ? openParquet(path) : null)))
+      const jobs = [] // [file index, rowStart, rowEnd]
+      opened.forEach((o, i) => {
+        let start = 0
+        for (const group of o?.metadata.row_groups ?? []) {
+          const rows = Number(group.num_rows)
+          if (rows) jobs.push([i, start, start + rows])
+          start += rows
+        }
+      })
+      const found = [[], []]
+      let done = 0
+      let next = 0
+      const worker = async () => {
+        while (next < jobs.length) {
+          const [i, rowStart, rowEnd] = jobs[next++]
+          const { file, metadata } = opened[i]
+          const columns = i === 0 ? ['feature', 'token'] : ['feature', 'sign', 'token']
+          found[i].push(...(await parquetReadObjects({ file, metadata, columns, rowStart, rowEnd, compressors })))
+          progress?.(++done, jobs.length)
+        }
+      }
+      await Promise.all(Array.from({ length: SEARCH_GROUPS_AT_ONCE }, worker))
+      return found
+    })()
     promise.catch(() => searchIndex.delete(layer))
     searchIndex.set(layer, promise)
   }
   return searchIndex.get(layer)
 }
+
+const mb = bytes => `${(bytes / 1e6).toFixed(1)} MB`
+const totalFetched = () => Object.values(fetched).reduce((a, b) => a + b, 0)
 
 const norm = s => s.trim().toLowerCase()
 
@@ -569,8 +595,13 @@ async function search(query) {
   if (!q) return
   const layer = Number($('layer').value)
   const mine = ++ticket
-  setStatus(`searching layer ${layer} for ${JSON.stringify(query)}… (reads the token columns)`, 'loading')
-  const [examples, logits] = await layerIndex(layer)
+  const before = totalFetched()
+  const saying = text => mine === ticket && setStatus(text, 'loading')
+  saying(`searching layer ${layer} for ${JSON.stringify(query)}: reading the token columns…`)
+  const [examples, logits] = await layerIndex(layer, (done, total) => {
+    state.searchProgress = { done, total }
+    saying(`searching layer ${layer} for ${JSON.stringify(query)}: read ${done} of ${total} row groups of the token columns (${mb(totalFetched() - before)})`)
+  })
   if (mine !== ticket) return
   // Exact matches (ignoring case and surrounding whitespace) if any, else substrings.
   const tally = exact => {
