@@ -106,12 +106,18 @@ def server():
     s.close()
 
 
-def spec(url: str | None, **override):
+def raw_config(**explain_settings) -> dict:
+    """The demo's settings with the schema's explain defaults (not the demo's few features)
+    and these."""
     raw = demo_config()
-    raw["explain"].update(
-        {"base_url": url, "concurrency": 2, "retries": 1, "timeout": 5, **override}
+    raw["explain"] = explain_settings
+    return raw
+
+
+def spec(url: str | None, **override):
+    return typed(
+        raw_config(**{"base_url": url, "concurrency": 2, "retries": 1, "timeout": 5, **override})
     )
-    return typed(raw)
 
 
 def _example(tokens: list[str], acts: list[float]):
@@ -318,12 +324,12 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path, capsys):
     from loupe.cli import main
 
     ex, iv, st, rw = _layer_files(tmp_path)
-    raw = demo_config()
-    raw["explain"].update(base_url="http://127.0.0.1:9/v1", retries=0)
+    raw = raw_config(base_url="http://127.0.0.1:9/v1", retries=0)
     code = main(
         ["explain", "--config", json.dumps(raw), "--layer", "0", "--examples", str(ex)]
         + ["--intervals", str(iv), "--stats", str(st), "--random-windows", str(rw)]
         + ["--record", str(tmp_path / "r"), "--explanations", str(tmp_path / "o")]
+        + ["--server-log", str(tmp_path / "s.log")]
     )
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert code == 2 and len(errors) == 1
@@ -335,12 +341,12 @@ def test_kill_9_mid_run_resumes_without_resending_answers(tmp_path):
     sends each answered request never again (counted at the server) and finishes every row."""
     s = Server(delay=0.15)
     ex, iv, st, rw = _layer_files(tmp_path)
-    raw = demo_config()
-    raw["explain"].update(base_url=s.url, concurrency=2, retries=0, score_features=6)
+    raw = raw_config(base_url=s.url, concurrency=2, retries=0, score_features=6)
     record, out = tmp_path / "record.jsonl", tmp_path / "o.parquet"
     args = [sys.executable, "-m", "loupe", "explain", "--config", json.dumps(raw)]
     args += ["--layer", "0", "--examples", str(ex), "--intervals", str(iv), "--stats", str(st)]
     args += ["--random-windows", str(rw), "--record", str(record), "--explanations", str(out)]
+    args += ["--server-log", str(tmp_path / "s.log")]
     env = {**os.environ, "PYTHONPATH": str(Path(explain.__file__).parents[1])}
     try:
         job = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
@@ -369,9 +375,8 @@ def test_the_dry_run_counts_the_prompts_a_run_sends(tmp_path, tiny_model, capsys
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     s = Server(explanation=explain.ASSUMED_EXPLANATION, tokenizer=tokenizer)
     files = _layer_files(tmp_path)
-    raw = demo_config()
+    raw = raw_config(base_url=s.url, score_features=3, features=5)
     raw["model"]["name"] = str(tiny_model)
-    raw["explain"].update(base_url=s.url, score_features=3, features=5)
     config = typed(raw)
     try:
         dry = explain.explain_dry_run(config, [4], *[[f] for f in files])
@@ -385,3 +390,117 @@ def test_the_dry_run_counts_the_prompts_a_run_sends(tmp_path, tiny_model, capsys
     assert 0 < dry["total"]["uncached_prompt_tokens"] < s.prompt_tokens / 2
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1].split()[:3] == ["total", "5", "3"] and printed[-2].split()[0] == "4"
+
+
+# --- The embedded explainer: a real `transformers serve` of a tiny chat model ----------------
+
+
+@pytest.fixture(scope="module")
+def tiny_explainer(tmp_path_factory, small_corpus) -> Path:
+    """The demo's explainer (a tiny random chat model), built as the demo builds it."""
+    from loupe.demo import build_tiny_explainer
+
+    out = tmp_path_factory.mktemp("explainer") / "tiny-chat"
+    build_tiny_explainer(out, small_corpus)
+    return out
+
+
+class CountingProxy:
+    """A reverse proxy on 127.0.0.1 in front of a real server: forwards each request as it is
+    and counts /chat/completions requests by loupe's request key."""
+
+    def __init__(self, upstream: str):
+        import urllib.request
+
+        self.sent: dict[str, int] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(data)
+                key = [body["model"], body["max_tokens"], body["messages"]]
+                key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+                outer.sent[key] = outer.sent.get(key, 0) + 1
+                forward = urllib.request.Request(
+                    upstream + self.path.removeprefix("/v1"),
+                    data,
+                    {"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(forward, timeout=60) as reply:
+                    status, answer = reply.status, reply.read()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_the_embedded_server_explains_and_dies_with_a_killed_job(tmp_path, tiny_explainer):
+    """explain.base_url null: the job serves the tiny chat model with `transformers serve` on
+    127.0.0.1 (requests over HTTP). kill -9 of the job mid-run leaves no server behind. The
+    rerun, through a counting proxy in front of a real transformers serve, sends no request
+    already answered, writes every row, and its last log line counts the statuses."""
+    import psutil
+
+    from loupe.explain_server import embedded_server
+
+    ex, iv, st, rw = _layer_files(tmp_path, features=12)
+    raw = raw_config(
+        base_url=None, model=str(tiny_explainer), concurrency=2, max_tokens=8, retries=0
+    )
+    raw["device"] = "cpu"
+    record, out, log = tmp_path / "record.jsonl", tmp_path / "o.parquet", tmp_path / "job.log"
+    args = [sys.executable, "-m", "loupe", "--log", str(log), "explain", "--layer", "0"]
+    args += ["--examples", str(ex), "--intervals", str(iv), "--stats", str(st)]
+    args += ["--random-windows", str(rw), "--record", str(record), "--explanations", str(out)]
+    args += ["--server-log", str(tmp_path / "server.log")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(explain.__file__).parents[1]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    job = subprocess.Popen(args + ["--config", json.dumps(raw)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (record.exists() and len(record.read_text().splitlines()) >= 3):
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    server = psutil.Process(job.pid).children(recursive=True)
+    assert any("serve" in " ".join(p.cmdline()) for p in server)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    gone, alive = psutil.wait_procs(server, timeout=30)
+    assert not alive  # the server and its model process died with the job
+    assert not out.exists()
+    answered = {json.loads(x)["key"] for x in record.read_text().splitlines() if x.strip()}
+    assert 3 <= len(answered) < 12
+
+    with embedded_server(str(tiny_explainer), "cpu", tmp_path / "server2.log") as url:
+        proxy = CountingProxy(url)
+        try:
+            raw["explain"]["base_url"] = proxy.url
+            rerun = subprocess.run(args + ["--config", json.dumps(raw)], env=env)
+        finally:
+            proxy.close()
+    assert rerun.returncode == 0
+    assert proxy.sent and not set(proxy.sent) & answered  # nothing answered is sent again
+    assert all(n == 1 for n in proxy.sent.values())
+    df = pl.read_parquet(out)
+    assert df["feature"].to_list() == list(range(12))
+    counts = {s: df.filter(pl.col("status") == s).height for s in explain.STATUSES}
+    assert counts["failed"] == 0 and counts["ok"] + counts["unparsed"] == 12
+    assert (df["prompt_tokens"] > 500).all()  # the server's own usage counts: delphi's prompt
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.endswith(
+        f"layer 0: 12 features: {counts['ok']} ok, {counts['unparsed']} unparsed, 0 failed"
+    )

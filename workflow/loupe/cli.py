@@ -49,6 +49,11 @@ COMMANDS = {
     "demo-model": Command(
         "loupe.demo:build_model", "build the demo's tiny Gemma 4 model", ("corpus", "model")
     ),
+    "demo-explainer-model": Command(
+        "loupe.demo:build_explainer",
+        "build the demo's tiny chat model (explain.model; its explanations are noise)",
+        ("corpus", "explainer_model"),
+    ),
     "demo-transfer-model": Command(
         "loupe.demo:build_transfer",
         "build the demo's second model (the tiny model after more steps on other text)",
@@ -92,7 +97,8 @@ COMMANDS = {
     "explain": Command(
         "loupe.explain:explain_layer",
         "explanations of one layer's features by an explainer LLM, a sample scored",
-        ("examples", "intervals", "stats", "random_windows", "record", "explanations"),
+        ("examples", "intervals", "stats", "random_windows", "record", "explanations")
+        + ("server_log",),  # the embedded transformers serve's output (explain.base_url null)
         layer=True,
     ),
     "explain-dry-run": Command(

@@ -139,6 +139,7 @@ def get_final_output():
         *rules.maxact.output,
         rules.evaluate.output.metrics,
         rules.neighbours.output.neighbours,
+        rules.explain.output.explanations,
     ]
     return [
         rules.tokenize.output.manifest,
