@@ -141,11 +141,18 @@ COMMANDS = {
         ),
         path_lists=("evals",),
     ),
+    "explanation-scores": Command(
+        "loupe.explanation_scores:summarize_explanations",
+        "the explanations' coverage and scores per layer: a CSV and a plot by layer",
+        ("scores_csv", "scores_plot"),
+        path_lists=("explanations", "stats"),
+    ),
     "stage": Command(
         "loupe.publish:stage_repo",
         "assemble the hub repo in one folder",
         ("manifest", "repo"),
         path_lists=("sae", "examples", "intervals", "stats", "logits", "neighbours", "summary"),
+        optional_lists=("explanations",),
         threads=True,
     ),
     "neuronpedia": Command(

@@ -146,5 +146,6 @@ def get_final_output():
         *expand(per_layer, layer=LAYERS),
         *rules.summary.output,
         *rules.tradeoffs.output,
+        *rules.explanation_scores.output,
         rules.stage.output.repo,
     ]
