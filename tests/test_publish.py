@@ -744,10 +744,11 @@ def _write_explanations(path: Path, layer: int, rows: list[tuple]) -> None:
     pq.write_table(table, path)
 
 
-def test_explanations_are_staged_listed_and_described(pub_settings, results, tmp_path):
+def test_explanations_are_staged_listed_and_described(pub_settings, results, tiny_model, tmp_path):
     """Staged under the prefix, in the manifest and the browser's suite.json; the card's table
     gives each layer's coverage and the mean and quartiles of its scores, computed here
-    independently; the demo's card says they are noise."""
+    independently; the demo's card says they are noise; the notebook finds a feature by the
+    words of its explanation."""
     import polars as pl
 
     rows = {
@@ -791,6 +792,10 @@ def test_explanations_are_staged_listed_and_described(pub_settings, results, tmp
         f"| 2 | 1 of {live[2]:,} ({1 / live[2]:.1%}) | 0 / 1 | 1 | 0.600 (0.60 / 0.60 / 0.60) | 0.800 (0.80 / 0.80 / 0.80) |"
         in card
     )
+    nb = execute_notebook(out / NOTEBOOK, {"REPO": str(out), "MODEL": str(tiny_model)}, tmp_path)
+    text = "\n".join(_outputs(nb, "text/plain"))
+    assert "1 of 1 explained features of layer 2 mention 'the'" in text
+    assert "  feature 1: the word the (detection 0.6, fuzzing 0.8)" in text
 
 
 def test_explanation_scores_summary(pub_settings, results, tmp_path):
