@@ -504,3 +504,38 @@ def test_the_embedded_server_explains_and_dies_with_a_killed_job(tmp_path, tiny_
     assert last.endswith(
         f"layer 0: 12 features: {counts['ok']} ok, {counts['unparsed']} unparsed, 0 failed"
     )
+
+
+def test_a_server_that_cannot_start_is_one_line(tmp_path):
+    """explain.model that transformers serve cannot load (offline, no such folder or id): the
+    job says so in one line naming the server's log, and leaves no server behind."""
+    from loupe.explain_server import embedded_server
+
+    log = tmp_path / "server.log"
+    with pytest.raises(
+        LoupeError, match=r"transformers serve .* exited \(code \d+\) while starting"
+    ):
+        with embedded_server(str(tmp_path / "no-such-model"), "cpu", log):
+            pass
+    assert log.read_text()  # the server's own words are kept
+
+
+def test_the_cost_projection_is_the_stated_arithmetic():
+    """benchmarks/explain_cost.py: tokens per feature x features, at the stated rates."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from benchmarks import explain_cost as ec
+
+    pf = {
+        "explain": {"prompt_tokens": 1000, "uncached_prompt_tokens": 400, "completion_tokens": 40},
+        "score": {"prompt_tokens": 6000, "uncached_prompt_tokens": 1200, "completion_tokens": 50},
+    }
+    p = ec.project(pf)
+    explained, scored = 35 * 49_152, 35 * 1000
+    uncached = 400 * explained + 1200 * scored
+    completion = 40 * explained + 50 * scored
+    assert p["uncached_prompt_tokens"] == uncached
+    assert p["h100_hours_prefill"] == pytest.approx(uncached / 18_750 / 3600)
+    assert p["h100_hours"] == pytest.approx(uncached / 18_750 / 3600 + completion / 5000 / 3600)
+    prompt = 1000 * explained + 6000 * scored
+    assert p["api_usd"] == pytest.approx((prompt * 0.05 + completion * 0.08) / 1e6)
+    assert p["goal_met"] == (p["h100_hours"] <= 20) and p["stopping_term"] == "prefill"

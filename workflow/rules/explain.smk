@@ -14,10 +14,9 @@ rule explain:
         intervals=rules.maxact.output.intervals,
         stats=rules.maxact.output.stats,
         random_windows=rules.maxact.output.random_windows,
-        # the demo's explainer, which the workflow builds (a hub id is never an input)
-        explainer=lambda wildcards: (
-            built_by_workflow(config["explain"]["model"]) if EMBEDDED_EXPLAINER else []
-        ),
+        # the demo's explainer, which the workflow builds (a hub id or a name at an endpoint is
+        # never an input); whatever explain.base_url says, which is execution-only
+        explainer=lambda wildcards: built_by_workflow(config["explain"]["model"]),
     output:
         explanations=f"{LAYER_DIR}/explanations.parquet",
     log:
