@@ -38,7 +38,33 @@ def answer(messages: list[dict]) -> str:
     return json.dumps([int(token in t.replace("<<", "").replace(">>", "")) for t in texts])
 
 
-class Server:
+def request_key(body: dict) -> str:
+    """loupe's key of a request (explain.Endpoint.request_key), from its JSON body."""
+    key = [body["model"], body["max_tokens"], body["messages"]]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+class LocalServer:
+    """An HTTP server on 127.0.0.1 at a free port, serving in a thread; `url` ends in /v1."""
+
+    def serve(self, handler) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+class Server(LocalServer):
     """ThreadingHTTPServer answering /v1/chat/completions; counts requests by status."""
 
     def __init__(
@@ -63,8 +89,7 @@ class Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests += 1
                 outer.keys.append(self.headers.get("Authorization"))
-                key = [body["model"], body["max_tokens"], body["messages"]]
-                key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+                key = request_key(body)
                 outer.sent[key] = outer.sent.get(key, 0) + 1
                 time.sleep(outer.delay)
                 if outer.status != 200:
@@ -84,19 +109,9 @@ class Server:
                     "choices": [{"message": {"role": "assistant", "content": text}}],
                     "usage": {"prompt_tokens": 100, "completion_tokens": 7},
                 }
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 200, json.dumps(reply).encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
+        self.serve(Handler)
 
 
 @pytest.fixture
@@ -405,7 +420,7 @@ def tiny_explainer(tmp_path_factory, small_corpus) -> Path:
     return out
 
 
-class CountingProxy:
+class CountingProxy(LocalServer):
     """A reverse proxy on 127.0.0.1 in front of a real server: forwards each request as it is
     and counts /chat/completions requests by loupe's request key."""
 
@@ -422,8 +437,7 @@ class CountingProxy:
             def do_POST(self):
                 data = self.rfile.read(int(self.headers["Content-Length"]))
                 body = json.loads(data)
-                key = [body["model"], body["max_tokens"], body["messages"]]
-                key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+                key = request_key(body)
                 outer.sent[key] = outer.sent.get(key, 0) + 1
                 forward = urllib.request.Request(
                     upstream + self.path.removeprefix("/v1"),
@@ -432,18 +446,9 @@ class CountingProxy:
                 )
                 with urllib.request.urlopen(forward, timeout=60) as reply:
                     status, answer = reply.status, reply.read()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
+                send_json(self, status, answer)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
+        self.serve(Handler)
 
 
 def test_the_embedded_server_explains_and_dies_with_a_killed_job(tmp_path, tiny_explainer):

@@ -426,40 +426,27 @@ def explain_layer(
     LoupeError only where nothing could be answered at all. Where explain.base_url is null,
     the job serves explain.model itself (loupe.explain_server) on its device, its output
     in `server_log` (default: beside the record)."""
+    inputs = (examples, intervals, stats, random_windows)
     if config.explain.base_url is not None:
-        return _explain_layer(
-            config, layer, examples, intervals, stats, random_windows, record, explanations
-        )
+        return _explain_layer(config.explain, layer, inputs, record, explanations)
     from .explain_server import embedded_server
     from .gpus import select_device
 
     device = str(select_device(config.device))
     server_log = server_log or Path(record).with_name("explain_server.log")
     with embedded_server(config.explain.model, device, server_log) as url:
-        served = dataclasses.replace(
-            config, explain=dataclasses.replace(config.explain, base_url=url)
-        )
-        return _explain_layer(
-            served, layer, examples, intervals, stats, random_windows, record, explanations
-        )
+        served = dataclasses.replace(config.explain, base_url=url)
+        return _explain_layer(served, layer, inputs, record, explanations)
 
 
 def _explain_layer(
-    config: Config,
-    layer: int,
-    examples: Path,
-    intervals: Path,
-    stats: Path,
-    random_windows: Path,
-    record: Path,
-    explanations: Path,
+    spec: ExplainConfig, layer: int, inputs: tuple[Path, ...], record: Path, explanations: Path
 ) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    spec = config.explain
     endpoint = Endpoint(spec, record)
-    plan = plan_layer(spec, examples, intervals, stats, random_windows)
+    plan = plan_layer(spec, *inputs)
     log.info(
         "layer %d: explaining %d features with %s at %s, scoring %d (%s)",
         layer, len(plan.chosen), spec.model, spec.base_url, len(plan.scored),
