@@ -452,63 +452,80 @@ class CountingProxy(LocalServer):
 
 
 def test_the_embedded_server_explains_and_dies_with_a_killed_job(tmp_path, tiny_explainer):
-    """explain.base_url null: the job serves the tiny chat model with `transformers serve` on
-    127.0.0.1 (requests over HTTP). kill -9 of the job mid-run leaves no server behind. The
-    rerun, through a counting proxy in front of a real transformers serve, sends no request
-    already answered, writes every row, and its last log line counts the statuses."""
+    """explain.base_url null: the job serves the demo's wired chat model with `transformers
+    serve` on 127.0.0.1 (requests over HTTP). kill -9 of the job mid-run leaves no server
+    behind. The rerun, through a counting proxy in front of a real transformers serve, sends
+    no request already answered and writes every row; answers cut by max_tokens are counted
+    unparsed in the job's last line; whole answers are explanations, and scored."""
     import psutil
 
+    from loupe.demo import EXPLAINER_ANSWER
     from loupe.explain_server import embedded_server
 
     ex, iv, st, rw = _layer_files(tmp_path, features=12)
+    # 3 tokens: the answer's predictions without its explanation, so every row is unparsed
     raw = raw_config(
-        base_url=None, model=str(tiny_explainer), concurrency=2, max_tokens=8, retries=0
+        base_url=None, model=str(tiny_explainer), concurrency=2, max_tokens=3, retries=0
     )
     raw["device"] = "cpu"
     record, out, log = tmp_path / "record.jsonl", tmp_path / "o.parquet", tmp_path / "job.log"
     args = [sys.executable, "-m", "loupe", "--log", str(log), "explain", "--layer", "0"]
     args += ["--examples", str(ex), "--intervals", str(iv), "--stats", str(st)]
-    args += ["--random-windows", str(rw), "--record", str(record), "--explanations", str(out)]
+    args += ["--random-windows", str(rw), "--record", str(record)]
     args += ["--server-log", str(tmp_path / "server.log")]
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(explain.__file__).parents[1]),
         "HF_HUB_OFFLINE": "1",
     }
-    job = subprocess.Popen(args + ["--config", json.dumps(raw)], env=env, stderr=subprocess.DEVNULL)
+
+    def job(out: Path):
+        return args + ["--explanations", str(out), "--config", json.dumps(raw)]
+
+    killed = subprocess.Popen(job(out), env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (record.exists() and len(record.read_text().splitlines()) >= 3):
-        assert job.poll() is None and time.monotonic() < deadline
+        assert killed.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    server = psutil.Process(job.pid).children(recursive=True)
+    server = psutil.Process(killed.pid).children(recursive=True)
     assert any("serve" in " ".join(p.cmdline()) for p in server)
-    os.kill(job.pid, signal.SIGKILL)
-    job.wait()
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
     gone, alive = psutil.wait_procs(server, timeout=30)
     assert not alive  # the server and its model process died with the job
     assert not out.exists()
     answered = {json.loads(x)["key"] for x in record.read_text().splitlines() if x.strip()}
     assert 3 <= len(answered) < 12
 
+    whole = tmp_path / "whole.parquet"
     with embedded_server(str(tiny_explainer), "cpu", tmp_path / "server2.log") as url:
         proxy = CountingProxy(url)
         try:
             raw["explain"]["base_url"] = proxy.url
-            rerun = subprocess.run(args + ["--config", json.dumps(raw)], env=env)
+            rerun = subprocess.run(job(out), env=env)
+            resent = dict(proxy.sent)
+            raw["explain"]["max_tokens"] = 8
+            assert subprocess.run(job(whole), env=env).returncode == 0
         finally:
             proxy.close()
     assert rerun.returncode == 0
-    assert proxy.sent and not set(proxy.sent) & answered  # nothing answered is sent again
+    assert resent and not set(resent) & answered  # nothing answered is sent again
     assert all(n == 1 for n in proxy.sent.values())
     df = pl.read_parquet(out)
-    assert df["feature"].to_list() == list(range(12))
-    counts = {s: df.filter(pl.col("status") == s).height for s in explain.STATUSES}
-    assert counts["failed"] == 0 and counts["ok"] + counts["unparsed"] == 12
+    assert df["feature"].to_list() == list(range(12)) and set(df["status"]) == {"unparsed"}
     assert (df["prompt_tokens"] > 500).all()  # the server's own usage counts: delphi's prompt
-    last = log.read_text().strip().splitlines()[-1]
-    assert last.endswith(
-        f"layer 0: 12 features: {counts['ok']} ok, {counts['unparsed']} unparsed, 0 failed"
-    )
+    assert (df["completion_tokens"] == 3).all()
+    last = log.read_text().strip().splitlines()
+    assert any(ln.endswith("layer 0: 12 features: 0 ok, 12 unparsed, 0 failed") for ln in last)
+    # Whole answers: the wired explanation, and scores from its five predictions (fuzzing's
+    # first batch holds 5 of each feature's 6 samples; detection has 5 samples, 3 held out
+    # and 2 inactive windows, only for feature 3 and those not coded in the pool, 4-11).
+    df = pl.read_parquet(whole)
+    assert set(df["status"]) == {"ok"} and set(df["explanation"]) == {EXPLAINER_ANSWER[-1]}
+    assert df["fuzzing"].is_not_null().all() and df["fuzzing"].is_between(0, 1).all()
+    scored = df.filter(pl.col("detection").is_not_null())["feature"].to_list()
+    assert scored == [3, *range(4, 12)]
+    assert last[-1].endswith("layer 0: 12 features: 12 ok, 0 unparsed, 0 failed")
 
 
 def test_a_server_that_cannot_start_is_one_line(tmp_path):

@@ -298,11 +298,17 @@ def build_transfer(config: Config, corpus: Path, model: Path, transfer_model: Pa
     build_transfer_model(Path(model), Path(corpus), Path(transfer_model))
 
 
-# The demo's explainer: a tiny random chat model (a Llama of a few thousand parameters) with a
-# byte-level tokenizer trained on the corpus and a chat template written here, so the explain
-# stage's embedded `transformers serve` runs offline on a CPU in seconds. Its answers are
-# noise: they exercise the requests, the record and the statuses, not the explanations.
+# The demo's explainer: a tiny chat model (a 2-layer Llama of 51k parameters) with a byte-level
+# tokenizer trained on the corpus and a chat template written here, served by the explain
+# stage's embedded `transformers serve` offline on a CPU. Its weights are wired, not trained:
+# whatever the prompt, it answers EXPLAINER_ANSWER, which delphi's parsers read both as an
+# explanation and as a scorer's five predictions, so the demo runs every step (explanations,
+# scores, card, plot) on real HTTP answers. Its explanations and scores are noise: the same
+# sentence for every feature, and fixed predictions against shuffled labels (chance).
 EXPLAINER_VOCAB = 512
+EXPLAINER_ANSWER = (
+    "[1, 0, ", "true, false", ", 1]", "\n[EXPLANATION]: ", "noise of the demo's wired explainer",
+)  # fmt: skip
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -310,8 +316,14 @@ CHAT_TEMPLATE = (
 
 
 def build_tiny_explainer(out_dir: Path, corpus: Path, seed: int = 0) -> None:
-    """Save the tiny chat model and its tokenizer (with CHAT_TEMPLATE) like a hub checkpoint."""
+    """Save the wired chat model and its tokenizer (with CHAT_TEMPLATE) like a hub checkpoint.
+
+    Its attention and MLP outputs are zeroed, so the last position's residual is its token's
+    embedding: <|assistant|> and each piece of the answer (one added token each) embed as a
+    basis vector whose logit row points at the next piece, the last at EOS. Greedy decoding
+    after the chat template's <|assistant|> therefore writes the answer and stops."""
     import torch
+    from tokenizers import AddedToken
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -319,6 +331,8 @@ def build_tiny_explainer(out_dir: Path, corpus: Path, seed: int = 0) -> None:
         corpus, EXPLAINER_VOCAB, SPECIALS + ["<|system|>", "<|user|>", "<|assistant|>"]
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in EXPLAINER_ANSWER])
+    chain = [tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", *EXPLAINER_ANSWER)]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -330,8 +344,20 @@ def build_tiny_explainer(out_dir: Path, corpus: Path, seed: int = 0) -> None:
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.normal_(0, 0.02)
+        for i, (token, following) in enumerate(zip(chain, [*chain[1:], EOS_ID], strict=True)):
+            embed[token] = 0.0
+            embed[token, i] = 1.0
+            head[following] = 0.0
+            head[following, i] = 50.0
     model.generation_config = GenerationConfig(
         do_sample=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=BOS_ID
     )
@@ -339,7 +365,7 @@ def build_tiny_explainer(out_dir: Path, corpus: Path, seed: int = 0) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     n = sum(p.numel() for p in model.parameters())
-    log.info("demo explainer: a random %s-parameter chat model -> %s", f"{n:,}", out_dir)
+    log.info("demo explainer: a wired %s-parameter chat model -> %s", f"{n:,}", out_dir)
 
 
 def build_explainer(config: Config, corpus: Path, explainer_model: Path) -> None:
