@@ -561,3 +561,31 @@ def test_the_cost_projection_is_the_stated_arithmetic():
     prompt = 1000 * explained + 6000 * scored
     assert p["api_usd"] == pytest.approx((prompt * 0.05 + completion * 0.08) / 1e6)
     assert p["goal_met"] == (p["h100_hours"] <= 20) and p["stopping_term"] == "prefill"
+
+
+@pytest.mark.e2e
+def test_the_demo_explains_every_layer_through_its_embedded_server(demo_run, config):
+    """The demo's default target: each layer's features explained by the wired explainer
+    served by the job itself, a sample scored, the statuses counted in the job's last log
+    line; staged, with the card's section and the scores' plot."""
+    from loupe.demo import EXPLAINER_ANSWER
+
+    results = demo_run / "results"
+    spec = config["explain"]
+    for layer in config["model"]["layers"]:
+        df = pl.read_parquet(results / f"layer_{layer}/explanations.parquet")
+        assert df.height == spec["features"] and set(df["status"]) == {"ok"}
+        assert set(df["explanation"]) == {EXPLAINER_ANSWER[-1]}
+        assert df["fuzzing"].is_not_null().sum() <= spec["score_features"]
+        assert df["detection"].is_not_null().sum() + df["fuzzing"].is_not_null().sum() > 0
+        log = (results / f"layer_{layer}/explain.log").read_text().strip().splitlines()
+        assert log[-1].endswith(
+            f"layer {layer}: {df.height} features: {df.height} ok, 0 unparsed, 0 failed"
+        )
+        assert "ready after" in "\n".join(log)  # the job served the explainer itself
+        prefix = config["hub"]["prefix"]
+        staged = results / f"hub/{prefix}/explanations/layer_{layer}.parquet"
+        assert staged.read_bytes() == (results / f"layer_{layer}/explanations.parquet").read_bytes()
+    card = (results / "hub/README.md").read_text()
+    assert "## Explanations" in card and "**These explanations are noise.**" in card
+    assert (results / "summary/explanation_scores_by_layer.png").stat().st_size > 0
