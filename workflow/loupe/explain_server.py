@@ -41,11 +41,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
-    """In the server's process: SIGKILL it when the job's process dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _death_signal():
+    """A function for the server's process, between fork and exec: SIGKILL it when the job's
+    process dies (Linux). libc is loaded here, in the job, so the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def server_command(model: str, device: str, port: int) -> list[str]:
@@ -98,7 +103,7 @@ def embedded_server(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stopped whole
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_death_signal(),
         )
     try:
         started = time.monotonic()
