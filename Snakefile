@@ -14,12 +14,12 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/maxact.smk"
+include: "workflow/rules/explain.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/neighbours.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/publish.smk"
 include: "workflow/rules/neuronpedia.smk"
-include: "workflow/rules/explain.smk"
 
 
 localrules:

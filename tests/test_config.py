@@ -94,8 +94,9 @@ def test_stage_reads_name_real_keys_and_cover_every_output_key():
             assert named, f"{stage} reads unknown {item}"
             read |= named
     unread = {k for k, affects in keys.items() if affects and k not in read}
-    # demo.corpus/model/transfer_model are file paths: they reach rules as outputs, not params.
-    assert unread == {"demo.corpus", "demo.model", "demo.transfer_model"}
+    # demo.corpus/model/transfer_model/explainer_model are file paths: rules get them as
+    # outputs, not params.
+    assert unread == {"demo.corpus", "demo.model", "demo.transfer_model", "demo.explainer_model"}
 
 
 def test_stage_settings_hold_only_output_keys_a_stage_reads():

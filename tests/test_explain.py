@@ -38,7 +38,33 @@ def answer(messages: list[dict]) -> str:
     return json.dumps([int(token in t.replace("<<", "").replace(">>", "")) for t in texts])
 
 
-class Server:
+def request_key(body: dict) -> str:
+    """loupe's key of a request (explain.Endpoint.request_key), from its JSON body."""
+    key = [body["model"], body["max_tokens"], body["messages"]]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+class LocalServer:
+    """An HTTP server on 127.0.0.1 at a free port, serving in a thread; `url` ends in /v1."""
+
+    def serve(self, handler) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+class Server(LocalServer):
     """ThreadingHTTPServer answering /v1/chat/completions; counts requests by status."""
 
     def __init__(
@@ -63,8 +89,7 @@ class Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests += 1
                 outer.keys.append(self.headers.get("Authorization"))
-                key = [body["model"], body["max_tokens"], body["messages"]]
-                key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+                key = request_key(body)
                 outer.sent[key] = outer.sent.get(key, 0) + 1
                 time.sleep(outer.delay)
                 if outer.status != 200:
@@ -84,19 +109,9 @@ class Server:
                     "choices": [{"message": {"role": "assistant", "content": text}}],
                     "usage": {"prompt_tokens": 100, "completion_tokens": 7},
                 }
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 200, json.dumps(reply).encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
+        self.serve(Handler)
 
 
 @pytest.fixture
@@ -106,12 +121,18 @@ def server():
     s.close()
 
 
-def spec(url: str | None, **override):
+def raw_config(**explain_settings) -> dict:
+    """The demo's settings with the schema's explain defaults (not the demo's few features)
+    and these."""
     raw = demo_config()
-    raw["explain"].update(
-        {"base_url": url, "concurrency": 2, "retries": 1, "timeout": 5, **override}
+    raw["explain"] = explain_settings
+    return raw
+
+
+def spec(url: str | None, **override):
+    return typed(
+        raw_config(**{"base_url": url, "concurrency": 2, "retries": 1, "timeout": 5, **override})
     )
-    return typed(raw)
 
 
 def _example(tokens: list[str], acts: list[float]):
@@ -318,12 +339,12 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path, capsys):
     from loupe.cli import main
 
     ex, iv, st, rw = _layer_files(tmp_path)
-    raw = demo_config()
-    raw["explain"].update(base_url="http://127.0.0.1:9/v1", retries=0)
+    raw = raw_config(base_url="http://127.0.0.1:9/v1", retries=0)
     code = main(
         ["explain", "--config", json.dumps(raw), "--layer", "0", "--examples", str(ex)]
         + ["--intervals", str(iv), "--stats", str(st), "--random-windows", str(rw)]
         + ["--record", str(tmp_path / "r"), "--explanations", str(tmp_path / "o")]
+        + ["--server-log", str(tmp_path / "s.log")]
     )
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert code == 2 and len(errors) == 1
@@ -335,12 +356,12 @@ def test_kill_9_mid_run_resumes_without_resending_answers(tmp_path):
     sends each answered request never again (counted at the server) and finishes every row."""
     s = Server(delay=0.15)
     ex, iv, st, rw = _layer_files(tmp_path)
-    raw = demo_config()
-    raw["explain"].update(base_url=s.url, concurrency=2, retries=0, score_features=6)
+    raw = raw_config(base_url=s.url, concurrency=2, retries=0, score_features=6)
     record, out = tmp_path / "record.jsonl", tmp_path / "o.parquet"
     args = [sys.executable, "-m", "loupe", "explain", "--config", json.dumps(raw)]
     args += ["--layer", "0", "--examples", str(ex), "--intervals", str(iv), "--stats", str(st)]
     args += ["--random-windows", str(rw), "--record", str(record), "--explanations", str(out)]
+    args += ["--server-log", str(tmp_path / "s.log")]
     env = {**os.environ, "PYTHONPATH": str(Path(explain.__file__).parents[1])}
     try:
         job = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
@@ -369,9 +390,8 @@ def test_the_dry_run_counts_the_prompts_a_run_sends(tmp_path, tiny_model, capsys
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     s = Server(explanation=explain.ASSUMED_EXPLANATION, tokenizer=tokenizer)
     files = _layer_files(tmp_path)
-    raw = demo_config()
+    raw = raw_config(base_url=s.url, score_features=3, features=5)
     raw["model"]["name"] = str(tiny_model)
-    raw["explain"].update(base_url=s.url, score_features=3, features=5)
     config = typed(raw)
     try:
         dry = explain.explain_dry_run(config, [4], *[[f] for f in files])
@@ -385,3 +405,187 @@ def test_the_dry_run_counts_the_prompts_a_run_sends(tmp_path, tiny_model, capsys
     assert 0 < dry["total"]["uncached_prompt_tokens"] < s.prompt_tokens / 2
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1].split()[:3] == ["total", "5", "3"] and printed[-2].split()[0] == "4"
+
+
+# --- The embedded explainer: a real `transformers serve` of a tiny chat model ----------------
+
+
+@pytest.fixture(scope="module")
+def tiny_explainer(tmp_path_factory, small_corpus) -> Path:
+    """The demo's explainer (a tiny random chat model), built as the demo builds it."""
+    from loupe.demo import build_tiny_explainer
+
+    out = tmp_path_factory.mktemp("explainer") / "tiny-chat"
+    build_tiny_explainer(out, small_corpus)
+    return out
+
+
+class CountingProxy(LocalServer):
+    """A reverse proxy on 127.0.0.1 in front of a real server: forwards each request as it is
+    and counts /chat/completions requests by loupe's request key."""
+
+    def __init__(self, upstream: str):
+        import urllib.request
+
+        self.sent: dict[str, int] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(data)
+                key = request_key(body)
+                outer.sent[key] = outer.sent.get(key, 0) + 1
+                forward = urllib.request.Request(
+                    upstream + self.path.removeprefix("/v1"),
+                    data,
+                    {"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(forward, timeout=60) as reply:
+                    status, answer = reply.status, reply.read()
+                send_json(self, status, answer)
+
+        self.serve(Handler)
+
+
+def test_the_embedded_server_explains_and_dies_with_a_killed_job(tmp_path, tiny_explainer):
+    """explain.base_url null: the job serves the demo's wired chat model with `transformers
+    serve` on 127.0.0.1 (requests over HTTP). kill -9 of the job mid-run leaves no server
+    behind. The rerun, through a counting proxy in front of a real transformers serve, sends
+    no request already answered and writes every row; answers cut by max_tokens are counted
+    unparsed in the job's last line; whole answers are explanations, and scored."""
+    import psutil
+
+    from loupe.demo import EXPLAINER_ANSWER
+    from loupe.explain_server import embedded_server
+
+    ex, iv, st, rw = _layer_files(tmp_path, features=12)
+    # 3 tokens: the answer's predictions without its explanation, so every row is unparsed
+    raw = raw_config(
+        base_url=None, model=str(tiny_explainer), concurrency=2, max_tokens=3, retries=0
+    )
+    raw["device"] = "cpu"
+    record, out, log = tmp_path / "record.jsonl", tmp_path / "o.parquet", tmp_path / "job.log"
+    args = [sys.executable, "-m", "loupe", "--log", str(log), "explain", "--layer", "0"]
+    args += ["--examples", str(ex), "--intervals", str(iv), "--stats", str(st)]
+    args += ["--random-windows", str(rw), "--record", str(record)]
+    args += ["--server-log", str(tmp_path / "server.log")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(explain.__file__).parents[1]),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+    def job(out: Path):
+        return args + ["--explanations", str(out), "--config", json.dumps(raw)]
+
+    killed = subprocess.Popen(job(out), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (record.exists() and len(record.read_text().splitlines()) >= 3):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    server = psutil.Process(killed.pid).children(recursive=True)
+    assert any("serve" in " ".join(p.cmdline()) for p in server)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    gone, alive = psutil.wait_procs(server, timeout=30)
+    assert not alive  # the server and its model process died with the job
+    assert not out.exists()
+    answered = {json.loads(x)["key"] for x in record.read_text().splitlines() if x.strip()}
+    assert 3 <= len(answered) < 12
+
+    whole = tmp_path / "whole.parquet"
+    with embedded_server(str(tiny_explainer), "cpu", tmp_path / "server2.log") as url:
+        proxy = CountingProxy(url)
+        try:
+            raw["explain"]["base_url"] = proxy.url
+            rerun = subprocess.run(job(out), env=env)
+            resent = dict(proxy.sent)
+            raw["explain"]["max_tokens"] = 8
+            assert subprocess.run(job(whole), env=env).returncode == 0
+        finally:
+            proxy.close()
+    assert rerun.returncode == 0
+    assert resent and not set(resent) & answered  # nothing answered is sent again
+    assert all(n == 1 for n in proxy.sent.values())
+    df = pl.read_parquet(out)
+    assert df["feature"].to_list() == list(range(12)) and set(df["status"]) == {"unparsed"}
+    assert (df["prompt_tokens"] > 500).all()  # the server's own usage counts: delphi's prompt
+    assert (df["completion_tokens"] == 3).all()
+    last = log.read_text().strip().splitlines()
+    assert any(ln.endswith("layer 0: 12 features: 0 ok, 12 unparsed, 0 failed") for ln in last)
+    # Whole answers: the wired explanation, and scores from its five predictions (fuzzing's
+    # first batch holds 5 of each feature's 6 samples; detection has 5 samples, 3 held out
+    # and 2 inactive windows, only for feature 3 and those not coded in the pool, 4-11).
+    df = pl.read_parquet(whole)
+    assert set(df["status"]) == {"ok"} and set(df["explanation"]) == {EXPLAINER_ANSWER[-1]}
+    assert df["fuzzing"].is_not_null().all() and df["fuzzing"].is_between(0, 1).all()
+    scored = df.filter(pl.col("detection").is_not_null())["feature"].to_list()
+    assert scored == [3, *range(4, 12)]
+    assert last[-1].endswith("layer 0: 12 features: 12 ok, 0 unparsed, 0 failed")
+
+
+def test_a_server_that_cannot_start_is_one_line(tmp_path):
+    """explain.model that transformers serve cannot load (offline, no such folder or id): the
+    job says so in one line naming the server's log, and leaves no server behind."""
+    from loupe.explain_server import embedded_server
+
+    log = tmp_path / "server.log"
+    with pytest.raises(
+        LoupeError, match=r"transformers serve .* exited \(code \d+\) while starting"
+    ):
+        with embedded_server(str(tmp_path / "no-such-model"), "cpu", log):
+            pass
+    assert log.read_text()  # the server's own words are kept
+
+
+def test_the_cost_projection_is_the_stated_arithmetic():
+    """benchmarks/explain_cost.py: tokens per feature x features, at the stated rates."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from benchmarks import explain_cost as ec
+
+    pf = {
+        "explain": {"prompt_tokens": 1000, "uncached_prompt_tokens": 400, "completion_tokens": 40},
+        "score": {"prompt_tokens": 6000, "uncached_prompt_tokens": 1200, "completion_tokens": 50},
+    }
+    p = ec.project(pf)
+    explained, scored = 35 * 49_152, 35 * 1000
+    uncached = 400 * explained + 1200 * scored
+    completion = 40 * explained + 50 * scored
+    assert p["uncached_prompt_tokens"] == uncached
+    assert p["h100_hours_prefill"] == pytest.approx(uncached / 18_750 / 3600)
+    assert p["h100_hours"] == pytest.approx(uncached / 18_750 / 3600 + completion / 5000 / 3600)
+    prompt = 1000 * explained + 6000 * scored
+    assert p["api_usd"] == pytest.approx((prompt * 0.05 + completion * 0.08) / 1e6)
+    assert p["goal_met"] == (p["h100_hours"] <= 20) and p["stopping_term"] == "prefill"
+
+
+@pytest.mark.e2e
+def test_the_demo_explains_every_layer_through_its_embedded_server(demo_run, config):
+    """The demo's default target: each layer's features explained by the wired explainer
+    served by the job itself, a sample scored, the statuses counted in the job's last log
+    line; staged, with the card's section and the scores' plot."""
+    from loupe.demo import EXPLAINER_ANSWER
+
+    results = demo_run / "results"
+    spec = config["explain"]
+    for layer in config["model"]["layers"]:
+        df = pl.read_parquet(results / f"layer_{layer}/explanations.parquet")
+        assert df.height == spec["features"] and set(df["status"]) == {"ok"}
+        assert set(df["explanation"]) == {EXPLAINER_ANSWER[-1]}
+        assert df["fuzzing"].is_not_null().sum() <= spec["score_features"]
+        assert df["detection"].is_not_null().sum() + df["fuzzing"].is_not_null().sum() > 0
+        log = (results / f"layer_{layer}/explain.log").read_text().strip().splitlines()
+        assert log[-1].endswith(
+            f"layer {layer}: {df.height} features: {df.height} ok, 0 unparsed, 0 failed"
+        )
+        assert "ready after" in "\n".join(log)  # the job served the explainer itself
+        prefix = config["hub"]["prefix"]
+        staged = results / f"hub/{prefix}/explanations/layer_{layer}.parquet"
+        assert staged.read_bytes() == (results / f"layer_{layer}/explanations.parquet").read_bytes()
+    card = (results / "hub/README.md").read_text()
+    assert "## Explanations" in card and "**These explanations are noise.**" in card
+    assert (results / "summary/explanation_scores_by_layer.png").stat().st_size > 0

@@ -301,8 +301,7 @@ def _parquet(demo_run: Path, kind: str, layer: int) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(demo_run) -> Path:
-    """`snakemake neuronpedia` on the demo (with the neighbours stage's files, without
-    explanations)."""
+    """`snakemake neuronpedia` on the demo (with the neighbours and explain stages' files)."""
     run_snakemake(demo_run, "--profile", "profiles/demo", "neuronpedia")
     return demo_run / "results/neuronpedia"
 
@@ -318,12 +317,17 @@ def test_export_has_neuronpedias_layout_and_fields(exported, demo_run, config):
         files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
         assert files == [
             "activations/batch-0.jsonl.gz",
+            "explanations/batch-0.jsonl.gz",  # the demo explains 4 features per layer
             "features/batch-0.jsonl.gz",
             "model.jsonl",
             "release.jsonl",
             "source.jsonl",
             "sourceset.jsonl",
-        ]  # no explanations without explanations.parquet
+        ]
+        explained = read_jsonl(src / "explanations/batch-0.jsonl.gz")
+        assert len(explained) == config["explain"]["features"]
+        for row in explained:
+            check_row("explanations", row)
         for table in ("release", "model", "sourceset", "source"):
             (row,) = read_jsonl(src / f"{table}.jsonl")
             check_row(table, row)

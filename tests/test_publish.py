@@ -749,3 +749,121 @@ def test_demo_stages_the_repo(demo_run, tmp_path, local_hub):
     ns, _ = run_card_code(card, config["hub"]["repo"], hub, config["model"]["name"], model)
     assert len(ns["saes"]) == len(config["model"]["layers"])
     check_notebook(hub, config, model, tmp_path)
+
+
+# --- explanations -------------------------------------------------------------------------
+
+
+def _write_explanations(path: Path, layer: int, rows: list[tuple]) -> None:
+    """An explanations.parquet as the explain stage writes it: (feature, explanation,
+    detection, fuzzing, status) per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from loupe.explain import explanations_schema
+
+    table = pa.Table.from_pylist(
+        [
+            {
+                "feature": f,
+                "explanation": e,
+                "detection": d,
+                "fuzzing": z,
+                "explainer": "tiny-explainer",
+                "n_examples": 3,
+                "prompt_tokens": 100,
+                "completion_tokens": 7,
+                "status": s,
+                "layer": layer,
+                "prompt_version": "loupe-1",
+                "delphi": "0.1.3",
+            }  # fmt: skip
+            for f, e, d, z, s in rows
+        ],
+        schema=explanations_schema(),
+    )
+    pq.write_table(table, path)
+
+
+def test_explanations_are_staged_listed_and_described(pub_settings, results, tiny_model, tmp_path):
+    """Staged under the prefix, in the manifest and the browser's suite.json; the card's table
+    gives each layer's coverage and the mean and quartiles of its scores, computed here
+    independently; the demo's card says they are noise; the notebook finds a feature by the
+    words of its explanation."""
+    import polars as pl
+
+    rows = {
+        1: [
+            (0, "cats", 0.9, 0.7, "ok"),
+            (3, "dogs", 0.5, None, "ok"),
+            (5, None, None, None, "unparsed"),
+        ],
+        2: [(1, "the word the", 0.6, 0.8, "ok"), (2, None, None, None, "failed")],
+    }
+    for layer, layer_rows in rows.items():
+        _write_explanations(tmp_path / f"explanations_{layer}.parquet", layer, layer_rows)
+    out = tmp_path / "hub"
+    args = _stage_args(pub_settings, results, out)
+    args[args.index("--summary") : args.index("--summary")] = [
+        "--explanations", *[str(tmp_path / f"explanations_{n}.parquet") for n in LAYERS],
+    ]  # fmt: skip
+    assert run_cli(args) == 0
+    prefix = pub_settings["hub"]["prefix"]
+    manifest = {f["path"] for f in json.loads((out / MANIFEST).read_text())["files"]}
+    suite = json.loads((out / BROWSER / "suite.json").read_text())
+    for n in LAYERS:
+        rel = f"{prefix}/explanations/layer_{n}.parquet"
+        assert (out / rel).read_bytes() == (tmp_path / f"explanations_{n}.parquet").read_bytes()
+        assert rel in manifest and suite["files"][str(n)]["explanations"] == rel
+    card = (out / "README.md").read_text()
+    assert "## Explanations" in card and "**These explanations are noise.**" in card
+    assert "tiny-explainer" in card and "Features are not labelled" not in card
+    live = {
+        n: pl.read_parquet(results / f"layer_{n}" / PARQUET["stats"])
+        .filter(pl.col("examples") > 0)
+        .height
+        for n in LAYERS
+    }
+    # layer 1: 2 ok; detection [0.9, 0.5]: mean 0.7, q25 0.6, median 0.7, q75 0.8
+    assert (
+        f"| 1 | 2 of {live[1]:,} ({2 / live[1]:.1%}) | 1 / 0 | 2 | 0.700 (0.60 / 0.70 / 0.80) | 0.700 (0.70 / 0.70 / 0.70) |"
+        in card
+    )
+    assert (
+        f"| 2 | 1 of {live[2]:,} ({1 / live[2]:.1%}) | 0 / 1 | 1 | 0.600 (0.60 / 0.60 / 0.60) | 0.800 (0.80 / 0.80 / 0.80) |"
+        in card
+    )
+    nb = execute_notebook(out / NOTEBOOK, {"REPO": str(out), "MODEL": str(tiny_model)}, tmp_path)
+    text = "\n".join(_outputs(nb, "text/plain"))
+    assert "1 of 1 explained features of layer 2 mention 'the'" in text
+    assert "  feature 1: the word the (detection 0.6, fuzzing 0.8)" in text
+
+
+def test_explanation_scores_summary(pub_settings, results, tmp_path):
+    """The summary's CSV equals numpy's statistics of the files; the plot is a PNG."""
+    import numpy as np
+
+    from loupe.explanation_scores import summarize_explanations
+
+    scores = {1: [0.2, 0.4, 0.9, None], 2: [None]}
+    paths = []
+    for layer, values in scores.items():
+        paths.append(tmp_path / f"e{layer}.parquet")
+        layer_rows = [
+            (f, "x", v, v, "ok" if v is not None else "unparsed") for f, v in enumerate(values)
+        ]
+        _write_explanations(paths[-1], layer, layer_rows)
+    stats = [results / f"layer_{n}" / PARQUET["stats"] for n in LAYERS]
+    csv_path, plot = tmp_path / "scores.csv", tmp_path / "scores.png"
+    summarize_explanations(typed(pub_settings), paths, stats, csv_path, plot)
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["layer"]) for r in table] == LAYERS
+    d = np.array([0.2, 0.4, 0.9])
+    first = table[0]
+    assert (int(first["ok"]), int(first["unparsed"]), int(first["detection_scored"])) == (3, 1, 3)
+    assert float(first["detection_mean"]) == pytest.approx(d.mean())
+    for stat, q in (("q25", 25), ("median", 50), ("q75", 75)):
+        assert float(first[f"detection_{stat}"]) == pytest.approx(np.percentile(d, q))
+    assert table[1]["detection_mean"] == "" and int(table[1]["detection_scored"]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

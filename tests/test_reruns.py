@@ -81,10 +81,12 @@ def test_sae_k_reruns_each_layers_chain_and_the_suite_steps_only(demo_run, tmp_p
         "maxact": LAYERS,
         "evaluate": LAYERS,
         "neighbours": LAYERS,
+        "explain": LAYERS,
         "spliced": 1,
         "flow": 1,
         "summary": 1,
         "tradeoffs": 1,
+        "explanation_scores": 1,
         "stage": 1,
     }
 

@@ -101,6 +101,7 @@ class CardFacts:
     saelens_registry: str = ""  # the staged SAELens registry entry (hub.saelens), as YAML
     # The staged tables of the ladder, transfer and splice (file name -> rows), those staged.
     tables: dict[str, list[dict]] = field(default_factory=dict)
+    explanations: list[dict] = field(default_factory=list)  # loupe.explanation_scores rows
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -162,12 +163,45 @@ def collect_facts(
             for name in (LADDER_CSV, TRANSFER_CSV, SPLICED_CSV, FLOW_TABLE)
             if (root / layout.table(name)).is_file()
         },
+        explanations=_explanation_scores(root, layout, layers),
     )
 
 
 def _csv_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _explanation_scores(root: Path, layout: Layout, layers: list[int]) -> list[dict]:
+    """Per layer, the staged explanations' coverage and scores; [] where none are staged."""
+    from .explanation_scores import scores_by_layer
+
+    paths = [root / layout.per_layer("explanations", n) for n in layers]
+    if not all(p.is_file() for p in paths):
+        return []
+    return scores_by_layer(layers, paths, [root / layout.stats(n) for n in layers])
+
+
+def _explanation_rows(facts: CardFacts) -> list[list]:
+    def score(row: dict, scorer: str) -> str:
+        if not row[f"{scorer}_scored"]:
+            return "-"
+        return (
+            f"{row[f'{scorer}_mean']:.3f} ({row[f'{scorer}_q25']:.2f} /"
+            f" {row[f'{scorer}_median']:.2f} / {row[f'{scorer}_q75']:.2f})"
+        )
+
+    return [
+        [
+            r["layer"],
+            f"{r['ok']:,} of {r['live']:,} ({r['coverage']:.1%})",
+            f"{r['unparsed']:,} / {r['failed']:,}",
+            f"{r['detection_scored']:,}",
+            score(r, "detection"),
+            score(r, "fuzzing"),
+        ]
+        for r in facts.explanations
+    ]
 
 
 def _text_if_present(path: Path) -> str:
@@ -433,6 +467,8 @@ def render_card(config: Config, facts: CardFacts) -> str:
             ],
             language=LANGUAGES.get(language, f"`{language}`"),
             citation=_citation(config, name),
+            explanation_rows=_explanation_rows(facts),
+            explainers=sorted({r["explainer"] for r in facts.explanations} - {""}),
         )
     )
 

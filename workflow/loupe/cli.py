@@ -50,6 +50,11 @@ COMMANDS = {
     "demo-model": Command(
         "loupe.demo:build_model", "build the demo's tiny Gemma 4 model", ("corpus", "model")
     ),
+    "demo-explainer-model": Command(
+        "loupe.demo:build_explainer",
+        "build the demo's tiny chat model (explain.model; its explanations are noise)",
+        ("corpus", "explainer_model"),
+    ),
     "demo-transfer-model": Command(
         "loupe.demo:build_transfer",
         "build the demo's second model (the tiny model after more steps on other text)",
@@ -99,7 +104,8 @@ COMMANDS = {
     "explain": Command(
         "loupe.explain:explain_layer",
         "explanations of one layer's features by an explainer LLM, a sample scored",
-        ("examples", "intervals", "stats", "random_windows", "record", "explanations"),
+        ("examples", "intervals", "stats", "random_windows", "record", "explanations")
+        + ("server_log",),  # the embedded transformers serve's output (explain.base_url null)
         layer=True,
     ),
     "explain-dry-run": Command(
@@ -149,11 +155,18 @@ COMMANDS = {
         ),
         path_lists=("evals",),
     ),
+    "explanation-scores": Command(
+        "loupe.explanation_scores:summarize_explanations",
+        "the explanations' coverage and scores per layer: a CSV and a plot by layer",
+        ("scores_csv", "scores_plot"),
+        path_lists=("explanations", "stats"),
+    ),
     "stage": Command(
         "loupe.publish:stage_repo",
         "assemble the hub repo in one folder",
         ("manifest", "repo"),
         path_lists=("sae", "examples", "intervals", "stats", "logits", "neighbours", "summary"),
+        optional_lists=("explanations",),
         threads=True,
     ),
     "neuronpedia": Command(

@@ -214,6 +214,7 @@ class DemoConfig:
     model: str
     min_corpus_bytes: int
     transfer_model: str | None
+    explainer_model: str | None
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "demo_corpus": ("demo.min_corpus_bytes",),
     "demo_model": (),
     "demo_transfer_model": (),
+    "demo_explainer_model": (),
     "tokenize": (
         "model.name",
         "model.revision",

@@ -146,8 +146,9 @@ def _texts(corpus: Path) -> Iterator[str]:
             yield json.loads(line)["text"]
 
 
-def train_tokenizer(corpus: Path, vocab_size: int):
-    """A byte-level BPE tokenizer trained on the corpus, with Gemma's special ids."""
+def train_tokenizer(corpus: Path, vocab_size: int, specials: list[str] = SPECIALS):
+    """A byte-level BPE tokenizer trained on the corpus, with Gemma's special ids (and any
+    `specials` after them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -156,12 +157,12 @@ def train_tokenizer(corpus: Path, vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,  # ids 0..3 in this order: pad, eos, bos, unk
+        special_tokens=specials,  # ids 0..3 in this order: pad, eos, bos, unk
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_texts(corpus), trainer=trainer)
-    assert [tok.token_to_id(s) for s in SPECIALS[:3]] == [PAD_ID, EOS_ID, BOS_ID]
+    assert [tok.token_to_id(s) for s in specials[:3]] == [PAD_ID, EOS_ID, BOS_ID]
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
@@ -295,3 +296,78 @@ def build_model(config: Config, corpus: Path, model: Path) -> None:
 def build_transfer(config: Config, corpus: Path, model: Path, transfer_model: Path) -> None:
     """The demo_transfer_model rule's job: the demo's second model from `model`."""
     build_transfer_model(Path(model), Path(corpus), Path(transfer_model))
+
+
+# The demo's explainer: a tiny chat model (a 2-layer Llama of 51k parameters) with a byte-level
+# tokenizer trained on the corpus and a chat template written here, served by the explain
+# stage's embedded `transformers serve` offline on a CPU. Its weights are wired, not trained:
+# whatever the prompt, it answers EXPLAINER_ANSWER, which delphi's parsers read both as an
+# explanation and as a scorer's five predictions, so the demo runs every step (explanations,
+# scores, card, plot) on real HTTP answers. Its explanations and scores are noise: the same
+# sentence for every feature, and fixed predictions against shuffled labels (chance).
+EXPLAINER_VOCAB = 512
+EXPLAINER_ANSWER = (
+    "[1, 0, ", "true, false", ", 1]", "\n[EXPLANATION]: ", "noise of the demo's wired explainer",
+)  # fmt: skip
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_explainer(out_dir: Path, corpus: Path, seed: int = 0) -> None:
+    """Save the wired chat model and its tokenizer (with CHAT_TEMPLATE) like a hub checkpoint.
+
+    Its attention and MLP outputs are zeroed, so the last position's residual is its token's
+    embedding: <|assistant|> and each piece of the answer (one added token each) embed as a
+    basis vector whose logit row points at the next piece, the last at EOS. Greedy decoding
+    after the chat template's <|assistant|> therefore writes the answer and stops."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(
+        corpus, EXPLAINER_VOCAB, SPECIALS + ["<|system|>", "<|user|>", "<|assistant|>"]
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in EXPLAINER_ANSWER])
+    chain = [tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", *EXPLAINER_ANSWER)]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1 << 16,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.normal_(0, 0.02)
+        for i, (token, following) in enumerate(zip(chain, [*chain[1:], EOS_ID], strict=True)):
+            embed[token] = 0.0
+            embed[token, i] = 1.0
+            head[following] = 0.0
+            head[following, i] = 50.0
+    model.generation_config = GenerationConfig(
+        do_sample=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=BOS_ID
+    )
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("demo explainer: a wired %s-parameter chat model -> %s", f"{n:,}", out_dir)
+
+
+def build_explainer(config: Config, corpus: Path, explainer_model: Path) -> None:
+    """The demo_explainer_model rule's job: the tiny chat model the demo's explain serves."""
+    build_tiny_explainer(Path(explainer_model), Path(corpus))

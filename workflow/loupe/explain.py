@@ -13,6 +13,7 @@ reproduced here line for line (delphi/explainers/explainer.py, scorers/classifie
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -141,10 +142,7 @@ class Endpoint:
 
     def __init__(self, spec: ExplainConfig, record: Path):
         if spec.base_url is None:
-            raise LoupeError(
-                "explain.base_url is null: the embedded server is not built yet;"
-                " give an OpenAI-compatible endpoint"
-            )
+            raise LoupeError("explain.base_url is null: start the embedded server first")
         self.spec = spec
         self.url = spec.base_url.rstrip("/") + "/chat/completions"
         self.key = None
@@ -422,15 +420,33 @@ def explain_layer(
     random_windows: Path,
     record: Path,
     explanations: Path,
+    server_log: Path | None = None,
 ) -> dict:
     """explanations.parquet of one layer: one row per explained feature. Exits with a
-    LoupeError only where nothing could be answered at all."""
+    LoupeError only where nothing could be answered at all. Where explain.base_url is null,
+    the job serves explain.model itself (loupe.explain_server) on its device, its output
+    in `server_log` (default: beside the record)."""
+    inputs = (examples, intervals, stats, random_windows)
+    if config.explain.base_url is not None:
+        return _explain_layer(config.explain, layer, inputs, record, explanations)
+    from .explain_server import embedded_server
+    from .gpus import select_device
+
+    device = str(select_device(config.device))
+    server_log = server_log or Path(record).with_name("explain_server.log")
+    with embedded_server(config.explain.model, device, server_log) as url:
+        served = dataclasses.replace(config.explain, base_url=url)
+        return _explain_layer(served, layer, inputs, record, explanations)
+
+
+def _explain_layer(
+    spec: ExplainConfig, layer: int, inputs: tuple[Path, ...], record: Path, explanations: Path
+) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    spec = config.explain
     endpoint = Endpoint(spec, record)
-    plan = plan_layer(spec, examples, intervals, stats, random_windows)
+    plan = plan_layer(spec, *inputs)
     log.info(
         "layer %d: explaining %d features with %s at %s, scoring %d (%s)",
         layer, len(plan.chosen), spec.model, spec.base_url, len(plan.scored),

@@ -29,6 +29,7 @@ PER_LAYER = {
     "stats": "feature_stats",
     "logits": "feature_logits",
     "neighbours": "feature_neighbours",
+    "explanations": "explanations",
 }
 
 # The evaluations suites are compared by (the tradeoffs rule's outputs): each table sits beside

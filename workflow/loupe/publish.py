@@ -269,8 +269,10 @@ def stage_repo(
     repo: Path,
     manifest: Path | None = None,
     threads: int = 1,
+    explanations: list[Path] | None = None,
 ) -> dict:
-    """Stage the hub repo in `repo` from the rule's inputs (see stage_inputs)."""
+    """Stage the hub repo in `repo` from the rule's inputs (see stage_inputs); the
+    explanations where given."""
     parquet = {
         "examples": examples,
         "intervals": intervals,
@@ -278,6 +280,8 @@ def stage_repo(
         "logits": logits,
         "neighbours": neighbours,
     }
+    if explanations:
+        parquet["explanations"] = explanations
     inputs = stage_inputs(config, sae, parquet, summary, manifest)
     return stage(config, inputs, Path(repo), threads)
 

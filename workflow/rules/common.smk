@@ -142,11 +142,13 @@ def get_final_output():
         *rules.maxact.output,
         rules.evaluate.output.metrics,
         rules.neighbours.output.neighbours,
+        rules.explain.output.explanations,
     ]
     return [
         rules.tokenize.output.manifest,
         *expand(per_layer, layer=LAYERS),
         *rules.summary.output,
         *rules.tradeoffs.output,
+        *rules.explanation_scores.output,
         rules.stage.output.repo,
     ]

@@ -53,3 +53,22 @@ if (config.get("demo") or {}).get("transfer_model"):
         shell:
             "python -m loupe --log {log} demo-transfer-model --corpus {input.corpus}"
             " --model {input.model} --transfer-model {output.transfer_model}"
+
+
+if (config.get("demo") or {}).get("explainer_model"):
+
+    rule demo_explainer_model:
+        input:
+            corpus=rules.demo_corpus.output.corpus,
+        output:
+            explainer_model=directory(config["demo"]["explainer_model"]),
+        log:
+            "results/logs/demo_explainer_model.log",
+        conda:
+            ENV
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        shell:
+            "python -m loupe --log {log} demo-explainer-model --corpus {input.corpus}"
+            " --explainer-model {output.explainer_model}"

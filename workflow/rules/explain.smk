@@ -1,8 +1,11 @@
 # Feature explanations: an explainer LLM at an OpenAI-compatible endpoint (explain.base_url)
 # names each feature from its top examples with delphi's prompt; delphi's detection and fuzzing
-# scorers rate a sample (logic in workflow/loupe/explain.py). Not in the default target yet:
-# it needs an endpoint (`snakemake explanations`). The record of answered requests is no
-# output, so Snakemake never deletes it: a rerun sends only what was never answered.
+# scorers rate a sample (logic in workflow/loupe/explain.py). With explain.base_url null the
+# job serves explain.model itself (`transformers serve`, loupe/explain_server.py) on its device:
+# then it asks for a GPU. The record of answered requests is no output, so Snakemake never
+# deletes it: a rerun sends only what was never answered.
+
+EMBEDDED_EXPLAINER = config["explain"]["base_url"] is None
 
 
 rule explain:
@@ -11,25 +14,31 @@ rule explain:
         intervals=rules.maxact.output.intervals,
         stats=rules.maxact.output.stats,
         random_windows=rules.maxact.output.random_windows,
+        # the demo's explainer, which the workflow builds (a hub id or a name at an endpoint is
+        # never an input); whatever explain.base_url says, which is execution-only
+        explainer=lambda wildcards: built_by_workflow(config["explain"]["model"]),
     output:
         explanations=f"{LAYER_DIR}/explanations.parquet",
     log:
-        f"{LAYER_DIR}/explain.log",
+        job=f"{LAYER_DIR}/explain.log",
+        server=f"{LAYER_DIR}/explain_server.log",
     conda:
         ENV
     threads: 1
     resources:
-        mem_mb=4000,
+        gpu=1 if EMBEDDED_EXPLAINER else 0,
+        cpus_per_gpu=8 if EMBEDDED_EXPLAINER else 0,
+        mem_mb=32000 if EMBEDDED_EXPLAINER else 4000,
         runtime=1440,
     params:
         layer=checked_layer,
         record=lambda wildcards: f"{CHECKPOINTS}/layer_{wildcards.layer}/explain_requests.jsonl",
         settings=settings_for("explain"),
     shell:
-        "python -m loupe --log {log} explain --layer {params.layer}"
+        "python -m loupe --log {log.job} explain --layer {params.layer}"
         " --examples {input.examples} --intervals {input.intervals} --stats {input.stats}"
         " --random-windows {input.random_windows} --record {params.record}"
-        " --explanations {output.explanations}"
+        " --explanations {output.explanations} --server-log {log.server}"
 
 
 rule explanations:

@@ -3,9 +3,9 @@
 # uploaded and not built by default: name it (`snakemake neuronpedia`).
 
 # Within-layer neighbours (topkCosSim*) and explanations, per layer in LAYERS order: an empty
-# list leaves them out. To switch explanations on, point it at that stage's outputs.
+# list leaves them out.
 NEURONPEDIA_NEIGHBOURS = expand(rules.neighbours.output.neighbours, layer=LAYERS)
-NEURONPEDIA_EXPLANATIONS = []
+NEURONPEDIA_EXPLANATIONS = expand(rules.explain.output.explanations, layer=LAYERS)
 
 
 rule neuronpedia:

@@ -22,9 +22,11 @@ rule stage:
         stats=expand(rules.maxact.output.stats, layer=LAYERS),
         logits=expand(rules.maxact.output.logits, layer=LAYERS),
         neighbours=expand(rules.neighbours.output.neighbours, layer=LAYERS),
+        explanations=expand(rules.explain.output.explanations, layer=LAYERS),
         summary=rules.summary.output,
         tradeoffs=rules.tradeoffs.output,  # ladder, transfer, splice: tables and plots
         flow=rules.flow.output,
+        explanation_scores=rules.explanation_scores.output,
         manifest=ancient(str(rules.tokenize.output.manifest)),
     output:
         repo=directory(HUB),
@@ -39,7 +41,9 @@ rule stage:
         "python -m loupe --log {log} stage --threads {threads}"
         " --sae {input.sae:q} --examples {input.examples:q} --intervals {input.intervals:q}"
         " --stats {input.stats:q} --logits {input.logits:q} --neighbours {input.neighbours:q}"
+        " --explanations {input.explanations:q}"
         " --summary {input.summary:q} {input.tradeoffs:q} {input.flow:q}"
+        " {input.explanation_scores:q}"
         " --manifest {input.manifest} --repo {output.repo}"
 
 

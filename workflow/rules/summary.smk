@@ -7,6 +7,7 @@ report: "../report/workflow.rst"
 localrules:
     summary,
     tradeoffs,
+    explanation_scores,
 
 
 rule summary:
@@ -107,3 +108,29 @@ rule tradeoffs:
         " --ladder-csv {output.ladder_csv} --ladder-plot {output.ladder_plot}"
         " --spliced-csv {output.spliced_csv} --spliced-plot {output.spliced_plot}"
         " --transfer-csv {output.transfer_csv} --transfer-plot {output.transfer_plot}"
+
+
+# How good the explanations are, per layer (logic in workflow/loupe/explanation_scores.py).
+rule explanation_scores:
+    input:
+        explanations=expand(rules.explain.output.explanations, layer=LAYERS),
+        stats=expand(rules.maxact.output.stats, layer=LAYERS),
+    output:
+        scores_csv=report(
+            f"{SUMMARY}/explanation_scores.csv",
+            caption="../report/explanation_scores_csv.rst",
+            category="Summary",
+        ),
+        scores_plot=report(
+            f"{SUMMARY}/explanation_scores_by_layer.png",
+            caption="../report/explanation_scores_by_layer.rst",
+            category="Features",
+        ),
+    log:
+        f"{SUMMARY}/explanation_scores.log",
+    conda:
+        ENV
+    shell:
+        "python -m loupe --log {log} explanation-scores"
+        " --explanations {input.explanations} --stats {input.stats}"
+        " --scores-csv {output.scores_csv} --scores-plot {output.scores_plot}"
