@@ -19,7 +19,7 @@ from conftest import demo_config
 
 from loupe import cli
 from loupe.layout import MANIFEST
-from loupe.publish import build_manifest
+from loupe.stage import build_manifest
 
 FAKE_TOKEN = "hf_FAKEtokenNeverWrittenAnywhere0123456789"
 LFS_SUFFIXES = {".safetensors", ".parquet", ".png"}

@@ -90,7 +90,7 @@ COMMANDS = {
         path_lists=("evals", "stats", "train_metrics"),
     ),
     "stage": Command(
-        "loupe.publish:stage_repo",
+        "loupe.stage:stage_repo",
         "assemble the hub repo in one folder",
         ("manifest", "repo"),
         path_lists=("sae", "examples", "intervals", "stats", "logits", "summary"),

@@ -22,7 +22,7 @@ from .config import Config, HubConfig
 from .errors import LoupeError
 from .io import write_json
 from .layout import MANIFEST
-from .publish import build_manifest, read_manifest, sha256_file
+from .stage import build_manifest, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from loupe.examples import examples_schema, interval_examples_schema, write_stat
 from loupe.layout import BROWSER, MANIFEST, NOTEBOOK
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
-from loupe.publish import (
+from loupe.stage import (
     LayerInputs,
     StageInputs,
     layout_of,
@@ -369,7 +369,7 @@ def test_restaging_replaces_the_repo_atomically(tmp_path, pub_settings, results,
     def broken(*args, **kwargs):
         raise RuntimeError("card failed")
 
-    monkeypatch.setattr("loupe.publish.render_card", broken)
+    monkeypatch.setattr("loupe.stage.render_card", broken)
     with pytest.raises(RuntimeError):
         stage(config, _inputs(pub_settings, results), out)
     # The failed run left the previous repo whole and no half-built folder behind.
