@@ -497,7 +497,7 @@ def fixtures(shape: Shape, work: Path, device: str, threads: int = 1) -> dict:
 
     from loupe.config import Config
     from loupe.demo import build_tiny_model, harvest_documents
-    from loupe.io import atomic_path
+    from loupe.atomic import atomic_path
     from loupe.tokens import tokenize as tokenize_splits
 
     root = work / shape.name
@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process", action="store_true", help="no process per measurement")
     p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from loupe.io import write_json
+    from loupe.atomic import write_json
     from loupe.progress import setup_logging
 
     setup_logging()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .io import atomic_dir, atomic_path
+from .atomic import atomic_dir, atomic_path
 from .progress import progress
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import Config, EvaluateConfig
 from .errors import LoupeError
-from .io import write_json
+from .atomic import write_json
 from .metrics import EVAL_COLUMNS
 from .model import get_hookpoint, open_layer, text_config
 from .progress import progress

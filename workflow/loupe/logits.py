@@ -14,7 +14,7 @@ import torch
 
 from .errors import LoupeError
 from .examples import ROW_GROUP_FEATURES, schema
-from .io import atomic_path
+from .atomic import atomic_path
 from .progress import progress
 
 # ---------------------------------------------------------------------------------------------

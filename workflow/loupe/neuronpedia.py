@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import Config
 from .errors import LoupeError
-from .io import atomic_dir
+from .atomic import atomic_dir
 from .layout import Layout
 from .progress import progress
 from .saelens import SuiteFacts, model_link, release_name, sae_shape, source_id, suite_facts

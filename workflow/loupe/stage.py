@@ -20,7 +20,7 @@ from .browse import install_browser
 from .card import collect_facts, fill_constants, metrics_rows, render_card
 from .config import Config, TrainConfig
 from .errors import LoupeError
-from .io import atomic_dir
+from .atomic import atomic_dir
 from .layout import (
     CARD,
     MANIFEST,

@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import Config
 from .errors import LoupeError
-from .io import atomic_path
+from .atomic import atomic_path
 from .metrics import CSV_COLUMNS, EVAL_COLUMNS
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import Config, DatasetConfig
 from .errors import LoupeError
-from .io import remove_stale_tmp, write_json
+from .atomic import remove_stale_tmp, write_json
 from .progress import progress
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ import torch
 
 from .config import Config, check_train_settings
 from .errors import LoupeError
-from .io import atomic_path, write_json
+from .atomic import atomic_path, write_json
 from .layout import MANIFEST, SAE_CFG, SAE_WEIGHTS, TRAIN_METRICS
 from .model import get_hookpoint, import_sparsify, open_layer
 from .tokens import open_split, read_manifest

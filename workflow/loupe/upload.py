@@ -20,7 +20,7 @@ from pathlib import Path
 from .browse import space_folder
 from .config import Config, HubConfig
 from .errors import LoupeError
-from .io import write_json
+from .atomic import write_json
 from .layout import MANIFEST
 from .stage import build_manifest, read_manifest, sha256_file
 
