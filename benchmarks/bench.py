@@ -495,9 +495,9 @@ def fixtures(shape: Shape, work: Path, device: str, threads: int = 1) -> dict:
     import torch
     import yaml
 
+    from loupe.atomic import atomic_path
     from loupe.config import Config
     from loupe.demo import build_tiny_model, harvest_documents
-    from loupe.atomic import atomic_path
     from loupe.tokens import tokenize as tokenize_splits
 
     root = work / shape.name

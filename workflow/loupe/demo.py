@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
 from .atomic import atomic_dir, atomic_path
+from .config import Config
 from .progress import progress
 
 log = logging.getLogger(__name__)

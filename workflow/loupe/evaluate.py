@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import write_json
 from .config import Config, EvaluateConfig
 from .errors import LoupeError
-from .atomic import write_json
 from .metrics import EVAL_COLUMNS
 from .model import get_hookpoint, open_layer, text_config
 from .progress import progress

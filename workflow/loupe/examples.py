@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MaxactConfig
 from .atomic import atomic_path
+from .config import MaxactConfig
 
 # Features per parquet row group: a reader after one feature fetches ~N x 64 rows, and each
 # group is still big enough for zstd to compress the string columns well.

@@ -12,9 +12,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import LoupeError
 from .examples import ROW_GROUP_FEATURES, schema
-from .atomic import atomic_path
 from .progress import progress
 
 # ---------------------------------------------------------------------------------------------

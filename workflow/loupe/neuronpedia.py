@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_dir
 from .config import Config
 from .errors import LoupeError
-from .atomic import atomic_dir
 from .layout import Layout
 from .progress import progress
 from .saelens import SuiteFacts, model_link, release_name, sae_shape, source_id, suite_facts

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .atomic import atomic_dir
 from .browse import install_browser
 from .card import collect_facts, fill_constants, metrics_rows, render_card
 from .config import Config, TrainConfig
 from .errors import LoupeError
-from .atomic import atomic_dir
 from .layout import (
     CARD,
     MANIFEST,

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import remove_stale_tmp, write_json
 from .config import Config, DatasetConfig
 from .errors import LoupeError
-from .atomic import remove_stale_tmp, write_json
 from .progress import progress
 
 log = logging.getLogger(__name__)

@@ -55,9 +55,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path, write_json
 from .config import Config, check_train_settings
 from .errors import LoupeError
-from .atomic import atomic_path, write_json
 from .layout import MANIFEST, SAE_CFG, SAE_WEIGHTS, TRAIN_METRICS
 from .model import get_hookpoint, import_sparsify, open_layer
 from .tokens import open_split, read_manifest

@@ -17,10 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_json
 from .browse import space_folder
 from .config import Config, HubConfig
 from .errors import LoupeError
-from .atomic import write_json
 from .layout import MANIFEST
 from .stage import build_manifest, read_manifest, sha256_file
 
