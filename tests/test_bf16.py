@@ -11,12 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import typed
+from helpers import train_layer, typed
 
 from loupe.evaluate import evaluate_layer
 from loupe.maxact import sample_layer
 from loupe.model import load_model, model_dtype
-from loupe.train import train_layer
 
 LAYER = 2
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import yaml
-from conftest import REPO, demo_config
+from helpers import REPO, demo_config
 
 from loupe import config as cfg
 from loupe.errors import LoupeError

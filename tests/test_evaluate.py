@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import demo_config, typed
+from helpers import demo_config, typed
 
 import loupe.evaluate as ev
 from loupe.cli import main as cli_main
@@ -309,9 +309,8 @@ def test_trained_sae_reconstructs_better_than_an_untrained_one(
 def learned(tmp_path_factory, settings, tiny_model, token_dir):
     """The tiny model after 100 AdamW steps on the training split (loss ~7.6 -> ~5.5, ~10s
     on CPU), with layer 2's SAE trained on it: (settings, SAE folder)."""
+    from helpers import train_layer
     from transformers import AutoModelForCausalLM
-
-    from loupe.train import train_layer
 
     root = tmp_path_factory.mktemp("learned")
     torch.manual_seed(0)

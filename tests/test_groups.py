@@ -16,18 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import (
+from helpers import (
     copy_workflow,
     kill_after_first_checkpoint,
     run_snakemake,
     split_with_manifest,
+    train_layer,
     typed,
 )
 from safetensors.torch import load_file
 
+from loupe.checkpoints import OTHER, RUN_RECORD, STATE
 from loupe.config import layer_groups
 from loupe.errors import LoupeError
-from loupe.train import OTHER, RUN_RECORD, STATE, MetricsRecorder, train_group, train_layer
+from loupe.train import train_group
+from loupe.trainer import MetricsRecorder
 
 GROUP = [4, 1]  # deliberately out of depth order: each layer keeps its own output folder
 ROWS = 96  # 24 batches of 4 rows: a checkpoint after step 15 and one at the end (save_every 16)
@@ -178,7 +181,7 @@ def test_another_groupings_checkpoint_is_set_aside_not_mixed(
     assert json.loads((ckpt / STATE / RUN_RECORD).read_text())["layers"] == sorted(GROUP)
     assert torch.load(ckpt / STATE / "state.pt")["global_step"] == 15
 
-    with caplog.at_level("INFO", logger="loupe.train"):
+    with caplog.at_level("INFO", logger="loupe"):
         summary = train_layer(typed(settings), 1, split, tmp_path / "layer_1", ckpt)
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"setting checkpoint {ckpt / STATE} aside as {ckpt / OTHER} (settings changed: layers"

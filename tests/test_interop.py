@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from loupe.card import code_cells, fill_constants
 from loupe.model import import_sparsify

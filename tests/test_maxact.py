@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import demo_config, typed
+from helpers import demo_config, typed
 
 from loupe.errors import LoupeError
 from loupe.examples import ROW_GROUP_FEATURES

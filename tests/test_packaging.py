@@ -7,7 +7,7 @@ import re
 
 import tomllib
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 # What a site may set: where jobs run and who pays, never how big they are.
 SITE_RESOURCES = {"slurm_partition", "slurm_account", "gpu_model", "constraint", "slurm_extra"}

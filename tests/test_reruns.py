@@ -8,7 +8,7 @@ import re
 
 import pytest
 import yaml
-from conftest import run_snakemake
+from helpers import run_snakemake
 
 from loupe.config import schema_keys
 

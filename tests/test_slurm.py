@@ -24,7 +24,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import REPO, WORKFLOW_FILES, copy_workflow, run_snakemake, snakemake_env
+from helpers import REPO, WORKFLOW_FILES, copy_workflow, run_snakemake, snakemake_env
 
 SLURM_DIR = REPO / "tests/slurm"
 CLUSTER = SLURM_DIR / "cluster.sh"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, demo_config, load_yaml, typed
+from helpers import REPO, demo_config, load_yaml, typed
 
 from loupe import cli
 from loupe.browse import ASSETS as BROWSER_ASSETS

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import typed
+from helpers import typed
 
 from loupe import cli
 from loupe.errors import LoupeError

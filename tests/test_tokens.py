@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import typed
+from helpers import typed
 
 from loupe.config import Config
 from loupe.errors import LoupeError

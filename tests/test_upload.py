@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import demo_config
+from helpers import demo_config
 
 from loupe import cli
 from loupe.layout import MANIFEST
@@ -404,7 +404,7 @@ def _snakemake_upload(workdir: Path, env: dict, target: str = "upload"):
     import subprocess
     import sys
 
-    from conftest import snakemake_env
+    from helpers import snakemake_env
 
     return subprocess.run(
         [sys.executable, "-m", "snakemake", target, "--profile", "profiles/demo"],

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import copy_workflow, run_snakemake
+from helpers import copy_workflow, run_snakemake
 
 
 @pytest.fixture(scope="module")
