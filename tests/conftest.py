@@ -17,6 +17,16 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # no GPU in CI
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 
+def pytest_collection_modifyitems(items):
+    # The fast loop (`pytest -m "not e2e"`) must never build the demo: a test that needs the
+    # demo run carries the e2e mark, or the session stops here naming it.
+    unmarked = [
+        i.nodeid for i in items if "demo_run" in i.fixturenames and not i.get_closest_marker("e2e")
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests use demo_run without @pytest.mark.e2e: {unmarked}")
+
+
 @pytest.fixture(scope="session")
 def config() -> dict:
     return demo_config()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,33 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
             f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> jobs from Snakemake's 'Job stats' table (of a run or a dry run), without the
+    total and the `all` aggregate; {} when there was nothing to be done."""
+    if "Job stats:" not in output:
+        return {}
+    table = output.split("Job stats:", 1)[1].split("\n\n")[0]
+    rows = re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M)
+    return {rule: int(n) for rule, n in rows if rule not in ("job", "total", "all")}
+
+
+def dry_run(workdir: Path, *args: str, check: bool = True) -> dict[str, int]:
+    """Jobs `snakemake -n *args` plans in `workdir`: {rule: count} (job_counts)."""
+    proc = run_snakemake(workdir, "-n", *args, check=check)
+    return job_counts(proc.stdout + proc.stderr)
+
+
+def planned(workdir: Path, override: dict, tmp_path: Path) -> dict[str, int]:
+    """Jobs a dry run plans for the demo's default target with `override` layered over the
+    demo config: {rule: count}."""
+    extra = tmp_path / "override.yaml"
+    extra.write_text(yaml.safe_dump(override))
+    return dry_run(
+        workdir, "--profile", "profiles/demo", "--configfile",
+        "profiles/demo/demo-config.yaml", str(extra),
+    )  # fmt: skip
 
 
 def train_layer(

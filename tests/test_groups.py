@@ -19,6 +19,7 @@ import yaml
 from helpers import (
     copy_workflow,
     kill_after_first_checkpoint,
+    planned,
     run_snakemake,
     split_with_manifest,
     train_layer,
@@ -340,23 +341,6 @@ def test_bad_grouping_or_layer_fails_the_plan_in_one_line(checkout, tmp_path):
     assert "layer 9 is not configured (model.layers: 0..5, 6 layers)" in proc.stdout + proc.stderr
 
 
-def planned(workdir: Path, train: dict, tmp_path: Path) -> dict[str, int]:
-    """Jobs `snakemake -n` plans for the default target with `train` over the demo config:
-    {rule: count}, without the `all` aggregate."""
-    extra = tmp_path / "train.yaml"
-    extra.write_text(yaml.safe_dump({"train": train}))
-    proc = run_snakemake(
-        workdir, "--profile", "profiles/demo", "-n", "--configfile",
-        "profiles/demo/demo-config.yaml", str(extra),
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
-    if "Nothing to be done" in out:
-        return {}
-    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M))
-    return {rule: int(n) for rule, n in jobs.items() if rule not in ("job", "all")}
-
-
 @pytest.mark.e2e
 def test_regrouping_a_finished_run_retrains_only_groups_with_a_missing_member(demo_run, tmp_path):
     """After a full demo run (one job per layer), regrouping plans nothing; with layer 4's
@@ -364,9 +348,9 @@ def test_regrouping_a_finished_run_retrains_only_groups_with_a_missing_member(de
     members, and the steps that read them."""
     run = Path(shutil.copytree(demo_run, tmp_path / "run", symlinks=True))
     for train in ({"layers_per_job": 3}, {"layer_groups": [[0, 5], [1, 2, 3, 4]]}):
-        assert planned(run, train, tmp_path) == {}, train
+        assert planned(run, {"train": train}, tmp_path) == {}, train
     (run / "results/layer_4/sae.safetensors").unlink()
-    assert planned(run, {"layers_per_job": 3}, tmp_path) == {
+    assert planned(run, {"train": {"layers_per_job": 3}}, tmp_path) == {
         "train_layers_3_to_5": 1,
         "maxact": 3,
         "evaluate": 3,

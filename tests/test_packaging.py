@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import tomllib
 import yaml
 from helpers import REPO
@@ -51,6 +52,7 @@ def test_ci_runs_exactly_the_readme_test_command():
         assert check in command
 
 
+@pytest.mark.e2e
 def test_jobs_run_the_workflows_own_package(demo_run):
     # demo_run is a copy of the workflow elsewhere; the package is also installed (editable)
     # from this checkout: the jobs must have imported the copy's.

@@ -24,7 +24,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from helpers import REPO, WORKFLOW_FILES, copy_workflow, run_snakemake, snakemake_env
+from helpers import REPO, WORKFLOW_FILES, copy_workflow, job_counts, run_snakemake, snakemake_env
 
 SLURM_DIR = REPO / "tests/slurm"
 CLUSTER = SLURM_DIR / "cluster.sh"
@@ -145,13 +145,6 @@ def slurm_job(job_id: str) -> dict[str, str]:
 def job_rule(job: dict[str, str]) -> str:
     # The plugin comments each job with rule_<name>[_wildcards_<values>].
     return re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", job["Comment"]).group(1)
-
-
-def job_counts(output: str) -> Counter:
-    """Rule -> jobs, from Snakemake's 'Job stats' table."""
-    table = output.split("Job stats:")[1].split("\n\n")[0]
-    rows = re.findall(r"^(\w+)\s+(\d+)$", table, re.M)
-    return Counter({rule: int(n) for rule, n in rows if rule != "total"})
 
 
 def copy_checkout(src: Path, dest: Path) -> Path:
