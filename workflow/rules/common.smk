@@ -38,7 +38,8 @@ ENV = "../../envs/loupe.yaml"
 # Every job gets the whole config as JSON in LOUPE_CONFIG, read from the environment rather
 # than params: the environment never triggers a rerun, so execution-only keys (device, batch
 # sizes, logging) reach the job without rerunning anything. Local jobs inherit it; a cluster
-# job parses this file again on its node and sets it there.
+# job parses this file again on its node and sets it there; `envvars:` declares the channel,
+# so remote executors pass it on too.
 os.environ.update(
     LOUPE_CONFIG=json.dumps(config, sort_keys=True),
     PYTHONPATH=os.pathsep.join(
@@ -47,10 +48,17 @@ os.environ.update(
 )
 
 
+envvars:
+    "LOUPE_CONFIG",
+
+
 def settings_for(stage):
     """The output-changing config keys `stage` reads (loupe.config.STAGE_READS) as one JSON
-    string: the rule's params, so Snakemake reruns it exactly when one of them changes. A
-    function, so the hookpoint template's `{layer}` is not taken for a wildcard."""
+    string: the rule's params, so Snakemake reruns it exactly when one of them changes. The
+    params are the rerun key only: the job reads its config from LOUPE_CONFIG (the whole
+    config), so a key a stage reads must be listed in STAGE_READS or changing it never reruns
+    the stage (tests/test_stage_reads.py checks each stage). A function, so the hookpoint
+    template's `{layer}` is not taken for a wildcard."""
     text = json.dumps(stage_settings(config, stage), sort_keys=True)
     return lambda wildcards: text
 
