@@ -335,7 +335,7 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
     from loupe.maxact import encode_batch, stream
     from loupe.model import open_layer
     from loupe.samplers import ActivationHistogram, Batch, IntervalExamples, TopExamples
-    from loupe.tokens import open_split, read_manifest
+    from loupe.tokens import open_split, read_tokens_manifest
 
     config, sizes = config_of(ctx), ctx["batches"]
     manifests = {size: split(ctx, size, "manifest.json") for size in sizes}
@@ -343,7 +343,7 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
         config, layer, ctx["threads"], sae=trained(ctx, layer), manifest=manifests[sizes[0]]
     )
     rows = {
-        size: open_split(split(ctx, size, "sample.npy"), read_manifest(manifests[size]))
+        size: open_split(split(ctx, size, "sample.npy"), read_tokens_manifest(manifests[size]))
         for size in sizes
     }
 

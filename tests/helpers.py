@@ -160,10 +160,10 @@ def train_layer(
     """Train layer `layer`'s SAE alone (a group of one) with loupe.train.train_group: writes
     sae.safetensors, cfg.json, train_metrics.jsonl into `out_dir`. `manifest` defaults to the
     one beside `tokens`. Its summary, with the one SAE's numbers at the top level."""
-    from loupe.layout import MANIFEST
+    from loupe.tokens import TOKENS_MANIFEST
     from loupe.train import train_group
 
-    manifest = Path(tokens).with_name(MANIFEST) if manifest is None else manifest
+    manifest = Path(tokens).with_name(TOKENS_MANIFEST) if manifest is None else manifest
     summary = train_group(config, [layer], tokens, manifest, [out_dir], checkpoint_dir, threads)
     (sae,) = summary.pop("saes")
     del summary["layers"]

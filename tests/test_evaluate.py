@@ -35,7 +35,7 @@ from loupe.evaluate import (
     read_feature_stats,
 )
 from loupe.model import capture, import_sparsify, load_model, load_sae
-from loupe.tokens import read_manifest, special_ids
+from loupe.tokens import read_tokens_manifest, special_ids
 
 sparsify = import_sparsify()
 
@@ -76,7 +76,7 @@ def model(settings):
 
 @pytest.fixture(scope="module")
 def specials(token_dir) -> list[int]:
-    return special_ids(read_manifest(token_dir / "manifest.json"))
+    return special_ids(read_tokens_manifest(token_dir / "manifest.json"))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from loupe import cli
 from loupe.browse import ASSETS as BROWSER_ASSETS
 from loupe.card import CardFacts, render_card
 from loupe.examples import examples_schema, interval_examples_schema, write_stats
-from loupe.layout import BROWSER, MANIFEST, NOTEBOOK
+from loupe.layout import BROWSER, NOTEBOOK, REPO_MANIFEST
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
 from loupe.stage import (
@@ -256,7 +256,7 @@ def test_staged_layout(staged, pub_settings, results):
         "README.md",
         "config.json",
         NOTEBOOK,
-        MANIFEST,
+        REPO_MANIFEST,
         f"{prefix}/config.json",
         f"{prefix}/metrics.csv",
         f"{prefix}/plots/fvu_by_layer.png",
@@ -350,7 +350,7 @@ def test_run_config_has_what_saelens_reads(staged, pub_settings):
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(staged):
-    manifest = json.loads((staged / MANIFEST).read_text())
+    manifest = json.loads((staged / REPO_MANIFEST).read_text())
     listed = {f["path"]: f for f in manifest["files"]}
     assert sorted(listed) == repo_files(staged)
     for path, entry in listed.items():
@@ -364,7 +364,7 @@ def test_restaging_replaces_the_repo_atomically(tmp_path, pub_settings, results,
     out = tmp_path / "hub"
     config = typed(pub_settings)
     stage(config, _inputs(pub_settings, results), out)
-    before = (out / MANIFEST).read_text()
+    before = (out / REPO_MANIFEST).read_text()
 
     def broken(*args, **kwargs):
         raise RuntimeError("card failed")
@@ -373,7 +373,7 @@ def test_restaging_replaces_the_repo_atomically(tmp_path, pub_settings, results,
     with pytest.raises(RuntimeError):
         stage(config, _inputs(pub_settings, results), out)
     # The failed run left the previous repo whole and no half-built folder behind.
-    assert (out / MANIFEST).read_text() == before
+    assert (out / REPO_MANIFEST).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
 
 
@@ -683,7 +683,7 @@ def test_demo_stages_the_repo(demo_run, tmp_path, local_hub):
     config = demo_config()
     hub = demo_run / "results/hub"
     prefix = config["hub"]["prefix"]
-    manifest = json.loads((hub / MANIFEST).read_text())
+    manifest = json.loads((hub / REPO_MANIFEST).read_text())
     assert sorted(f["path"] for f in manifest["files"]) == repo_files(hub)
     layout = layout_of(typed(config))
     for n in config["model"]["layers"]:

@@ -18,12 +18,12 @@ from helpers import typed
 from loupe import cli
 from loupe.errors import LoupeError
 from loupe.tokens import (
-    MANIFEST,
     SPLITS,
     STORE,
+    TOKENS_MANIFEST,
     check_sources,
     open_split,
-    read_manifest,
+    read_tokens_manifest,
     store_key,
     tokenize,
 )
@@ -37,7 +37,9 @@ def small(settings: dict, **dataset) -> dict:
 
 
 def split_bytes(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in (*(f"{s}.npy" for s in SPLITS), MANIFEST)}
+    return {
+        name: (out / name).read_bytes() for name in (*(f"{s}.npy" for s in SPLITS), TOKENS_MANIFEST)
+    }
 
 
 def run_cli(settings: dict, out: Path, capfd) -> tuple[int, str]:
@@ -163,7 +165,7 @@ def splits(tmp_path, settings) -> Path:
 
 
 def test_a_split_is_checked_against_its_manifest(splits):
-    manifest = read_manifest(splits / MANIFEST)
+    manifest = read_tokens_manifest(splits / TOKENS_MANIFEST)
     assert open_split(splits / "train.npy", manifest).shape == (
         manifest["rows"]["train"],
         manifest["ctx_len"],
@@ -187,7 +189,7 @@ def test_a_split_is_checked_against_its_manifest(splits):
     ],
 )
 def test_an_edited_manifest_is_caught(splits, edit, message):
-    manifest = read_manifest(splits / MANIFEST)
+    manifest = read_tokens_manifest(splits / TOKENS_MANIFEST)
     edit(manifest)
     with pytest.raises(LoupeError, match=message):
         open_split(splits / "eval.npy", manifest)

@@ -13,7 +13,7 @@ TRAIN_METRICS = "train_metrics.jsonl"
 # The repo root.
 CARD = "README.md"
 RUN_CONFIG = "config.json"
-MANIFEST = "manifest.json"
+REPO_MANIFEST = "manifest.json"
 NOTEBOOK = "quickstart.ipynb"
 BROWSER = "browser"
 # Under the prefix: each layer once more in SAELens' layout (loupe.saelens), and the suite's

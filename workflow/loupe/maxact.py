@@ -21,7 +21,7 @@ from .logits import top_logits, write_feature_logits
 from .model import capture, open_layer
 from .progress import progress
 from .samplers import ActivationHistogram, Batch, FiringStats, IntervalExamples, TopExamples
-from .tokens import load_tokenizer, open_split, read_manifest
+from .tokens import load_tokenizer, open_split, read_tokens_manifest
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def sample_layer(
     """Stream the sample split through layers 0..layer and the SAE; write the four parquet
     files (max_activations, interval_examples, feature_stats, feature_logits)."""
     spec = config.maxact
-    tokens = open_split(tokens, read_manifest(manifest))
+    tokens = open_split(tokens, read_tokens_manifest(manifest))
     job = open_layer(config, layer, threads, head=True, sae=sae, manifest=manifest)
     model, hookpoint, special, sae = job.model, job.hookpoint, job.special_ids, job.sae
     tokenizer = load_tokenizer(config.model.tokenizer_name, config.model.revision)

@@ -23,8 +23,8 @@ from .config import Config, TrainConfig
 from .errors import LoupeError
 from .layout import (
     CARD,
-    MANIFEST,
     NOTEBOOK,
+    REPO_MANIFEST,
     RUN_CONFIG,
     SAE_CFG,
     SAE_WEIGHTS,
@@ -104,7 +104,7 @@ def repo_files(root: Path) -> list[str]:
             raise LoupeError(f"staged repo holds a symlink ({path}); the hub client skips them")
         if path.is_file():
             rel = path.relative_to(root).as_posix()
-            if rel != MANIFEST and not _tool_file(rel):
+            if rel != REPO_MANIFEST and not _tool_file(rel):
                 out.append(rel)
     return sorted(out)
 
@@ -133,8 +133,8 @@ def build_manifest(root: Path, threads: int = 1) -> dict:
     }
 
 
-def read_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST
+def read_repo_manifest(root: Path) -> dict:
+    path = Path(root) / REPO_MANIFEST
     if not path.is_file():
         raise LoupeError(f"{path} not found: stage the repo first (snakemake results/hub)")
     try:
@@ -307,7 +307,7 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
         )
 
         manifest = build_manifest(tmp, threads)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / REPO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info(
         "staged %d files (%.1f MB) for %s in %s; SAE files: %s",
         len(manifest["files"]),

@@ -32,7 +32,7 @@ from .progress import progress
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "sample", "eval")
-MANIFEST = "manifest.json"
+TOKENS_MANIFEST = "manifest.json"
 STORE = ".store"
 _EXTENSION_BUILDERS = {
     ".json": "json",
@@ -240,7 +240,7 @@ def store_key(config: Config) -> str:
 def link_into(store: Path, out_dir: Path) -> None:
     """Hard-link the stored splits and manifest into out_dir (the manifest last: it is what
     marks the set complete). Links keep the files' mtimes: nothing downstream looks changed."""
-    for name in (*(f"{s}.npy" for s in SPLITS), MANIFEST):
+    for name in (*(f"{s}.npy" for s in SPLITS), TOKENS_MANIFEST):
         dst = out_dir / name
         tmp = dst.with_name(f".{name}.tmp{os.getpid()}")
         tmp.unlink(missing_ok=True)
@@ -253,7 +253,7 @@ def link_into(store: Path, out_dir: Path) -> None:
 
 def _stored(store: Path, rows: dict[str, int], ctx_len: int) -> bool:
     """A complete split set in `store`: its manifest, and every split of the right shape."""
-    if not (store / MANIFEST).is_file():
+    if not (store / TOKENS_MANIFEST).is_file():
         return False
     try:
         return all(
@@ -289,10 +289,10 @@ def tokenize(config: Config, out_dir: Path, threads: int = 1) -> dict:
     if _stored(store, rows, spec.ctx_len):
         link_into(store, out_dir)
         log.info("reused the token splits tokenized before with these settings (%s)", store)
-        return read_manifest(out_dir / MANIFEST)
+        return read_tokens_manifest(out_dir / TOKENS_MANIFEST)
     _check_disk(store, sum(rows.values()) * spec.ctx_len * 4)
     manifest = _tokenize_into(config, store, threads)
-    write_json(store / MANIFEST, manifest)
+    write_json(store / TOKENS_MANIFEST, manifest)
     link_into(store, out_dir)
     return manifest
 
@@ -409,7 +409,7 @@ def _hint(dataset: DatasetConfig) -> str:
     )
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_tokens_manifest(path: str | Path) -> dict:
     """The token manifest (tokenize's manifest.json)."""
     try:
         return json.loads(Path(path).read_text())
@@ -430,7 +430,7 @@ def open_split(path: str | Path, manifest: dict | None = None) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise LoupeError(f"token split not found: {path} (run the tokenize rule first)")
-    rerun = f"rerun tokenize (delete {path.parent / MANIFEST})"
+    rerun = f"rerun tokenize (delete {path.parent / TOKENS_MANIFEST})"
     try:
         arr = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:

@@ -35,7 +35,7 @@ from .config import Config, check_train_settings
 from .errors import LoupeError
 from .layout import SAE_CFG, SAE_WEIGHTS, TRAIN_METRICS
 from .model import get_hookpoint, import_sparsify, open_layer
-from .tokens import open_split, read_manifest
+from .tokens import open_split, read_tokens_manifest
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def train_group(
     members = sorted(zip(layers, map(Path, out_dir), strict=True))
     layers = [layer for layer, _ in members]
     tokens_path, manifest_path, checkpoint_dir = Path(tokens), Path(manifest), Path(checkpoint_dir)
-    manifest = read_manifest(manifest_path)
+    manifest = read_tokens_manifest(manifest_path)
     tokens = open_split(tokens_path, manifest)
     identity = run_identity(config, layers, tokens_path.stem, manifest)
     # The model cut after the deepest member: every shallower hookpoint is kept.

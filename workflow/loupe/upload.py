@@ -21,8 +21,8 @@ from .atomic import write_json
 from .browse import space_folder
 from .config import Config, HubConfig
 from .errors import LoupeError
-from .layout import MANIFEST
-from .stage import build_manifest, read_manifest, sha256_file
+from .layout import REPO_MANIFEST
+from .stage import build_manifest, read_repo_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,15 @@ def token_source() -> str | None:
 def local_files(staged: Path) -> list[dict]:
     """The manifest's files plus the manifest itself, each checked present with its size."""
     staged = Path(staged)
-    files = list(read_manifest(staged)["files"])
-    manifest = staged / MANIFEST
+    files = list(read_repo_manifest(staged)["files"])
+    manifest = staged / REPO_MANIFEST
     files.append(
-        {"path": MANIFEST, "size": manifest.stat().st_size, "sha256": sha256_file(manifest)}
+        {"path": REPO_MANIFEST, "size": manifest.stat().st_size, "sha256": sha256_file(manifest)}
     )
     for f in files:
         path = staged / f["path"]
         if not path.is_file() or path.stat().st_size != f["size"]:
-            raise LoupeError(f"{path} does not match {MANIFEST}: stage the repo again")
+            raise LoupeError(f"{path} does not match {REPO_MANIFEST}: stage the repo again")
     return files
 
 
