@@ -115,42 +115,42 @@ def sample_layer(
 ) -> dict:
     """Stream the sample split through layers 0..layer and the SAE; write the four parquet
     files (max_activations, interval_examples, feature_stats, feature_logits)."""
-    spec = config.maxact
-    tokens = open_split(tokens, read_tokens_manifest(manifest))
+    maxact = config.maxact
+    split = open_split(tokens, read_tokens_manifest(manifest))
     job = open_layer(config, layer, threads, head=True, sae=sae, manifest=manifest)
-    model, hookpoint, special, sae = job.model, job.hookpoint, job.special_ids, job.sae
+    model, hookpoint, special, coder = job.model, job.hookpoint, job.special_ids, job.sae
     tokenizer = load_tokenizer(config.model.tokenizer_name, config.model.revision)
-    rows, seq = tokens.shape
+    rows, seq = split.shape
     log.info(
         "layer %d: %s rows x %d tokens, %d features, top %d, %d intervals x %d, window -%d/+%d",
         layer,
         f"{rows:,}",
         seq,
-        sae.num_latents,
-        spec.top_n,
-        spec.intervals,
-        spec.per_interval,
-        spec.window_before,
-        spec.window_after,
+        coder.num_latents,
+        maxact.top_n,
+        maxact.intervals,
+        maxact.per_interval,
+        maxact.window_before,
+        maxact.window_after,
     )
     t0 = time.perf_counter()
-    kept = stream(model, sae, hookpoint, tokens, spec, special, desc=f"maxact layer {layer}")
+    kept = stream(model, coder, hookpoint, split, maxact, special, desc=f"maxact layer {layer}")
     elapsed = time.perf_counter() - t0
     t1 = time.perf_counter()
     # The unembedding: Gemma ties it to the input embeddings; untied models have their own.
-    promoted = top_logits(sae.W_dec, model.get_output_embeddings().weight, k=spec.top_logits)
+    promoted = top_logits(coder.W_dec, model.get_output_embeddings().weight, k=maxact.top_logits)
     logit_seconds = time.perf_counter() - t1
 
     metadata = {
         "layer": layer,
         "hookpoint": hookpoint,
-        "num_latents": sae.num_latents,
-        "k": sae.cfg.k,
-        "top_n": spec.top_n,
-        "window_before": spec.window_before,
-        "window_after": spec.window_after,
-        "intervals": spec.intervals,
-        "per_interval": spec.per_interval,
+        "num_latents": coder.num_latents,
+        "k": coder.cfg.k,
+        "top_n": maxact.top_n,
+        "window_before": maxact.window_before,
+        "window_after": maxact.window_after,
+        "intervals": maxact.intervals,
+        "per_interval": maxact.per_interval,
         "sample_rows": rows,
         "ctx_len": seq,
         "tokens": kept.stats.tokens,
@@ -167,9 +167,9 @@ def sample_layer(
         kept.histogram.cpu(),
         metadata,
     )
-    written = write_examples(Path(examples), top, tokens, tokenizer, spec, layer, metadata)
+    written = write_examples(Path(examples), top, split, tokenizer, maxact, layer, metadata)
     spread = write_examples(
-        Path(intervals), kept.intervals.cpu(), tokens, tokenizer, spec, layer, metadata, True
+        Path(intervals), kept.intervals.cpu(), split, tokenizer, maxact, layer, metadata, True
     )
     write_feature_logits(Path(logits), promoted, TokenStrings(tokenizer), metadata)
     summary = {
@@ -180,7 +180,7 @@ def sample_layer(
         "logit_seconds": round(logit_seconds, 2),
         "tokens_per_s": rows * seq / max(elapsed, 1e-9),
         "dead_features": counts["dead"],
-        "features": sae.num_latents,
+        "features": coder.num_latents,
         "examples": written,
         "interval_examples": spread,
     }
@@ -193,7 +193,7 @@ def sample_layer(
         elapsed,
         summary["tokens_per_s"],
         counts["dead"],
-        sae.num_latents,
+        coder.num_latents,
         f"{written:,}",
         f"{spread:,}",
         logit_seconds,

@@ -220,8 +220,9 @@ def summarize(
 ) -> list[dict]:
     """The summary rule's job: per-layer inputs in model.layers order, six outputs."""
     outputs = SummaryOutputs(metrics, fvu, delta_ce, dead, density, curves)
-    m = config.model
-    return write_summary(m.name, m.layers, evals, stats, train_metrics, outputs)
+    return write_summary(
+        config.model.name, config.model.layers, evals, stats, train_metrics, outputs
+    )
 
 
 def write_summary(

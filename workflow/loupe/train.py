@@ -110,7 +110,7 @@ def train_group(
     layers = [layer for layer, _ in members]
     tokens_path, manifest_path, checkpoint_dir = Path(tokens), Path(manifest), Path(checkpoint_dir)
     manifest = read_tokens_manifest(manifest_path)
-    tokens = open_split(tokens_path, manifest)
+    split = open_split(tokens_path, manifest)
     identity = run_identity(config, layers, tokens_path.stem, manifest)
     # The model cut after the deepest member: every shallower hookpoint is kept.
     job = open_layer(config, layers[-1], threads, manifest=manifest_path)
@@ -123,10 +123,10 @@ def train_group(
         check_train_settings(
             config,
             d_in=d_in,
-            rows=len(tokens),
+            rows=len(split),
             vocab=model.get_input_embeddings().num_embeddings,
         )
-    dataset = ShuffledRows(tokens, config.train.shuffle_seed)
+    dataset = ShuffledRows(split, config.train.shuffle_seed)
     resume = prepare_checkpoint_dir(checkpoint_dir, identity)
     if len(layers) > 1:
         log.info("%s: one shared forward pass, one SAE each", _named(layers))
@@ -140,7 +140,7 @@ def train_group(
                 name=hookpoint,
                 path=checkpoint_dir / hookpoint / TRAIN_METRICS,
                 log_every=config.train.log_every,
-                tokens_per_batch=cfg.batch_size * tokens.shape[1],
+                tokens_per_batch=cfg.batch_size * split.shape[1],
                 grad_acc_steps=cfg.grad_acc_steps,
                 dead_threshold=cfg.dead_feature_threshold,
             )
