@@ -26,13 +26,12 @@ from loupe import cli
 from loupe.browse import ASSETS as BROWSER_ASSETS
 from loupe.card import CardFacts, render_card
 from loupe.examples import examples_schema, interval_examples_schema, write_stats
-from loupe.layout import BROWSER, NOTEBOOK, REPO_MANIFEST
+from loupe.layout import BROWSER, NOTEBOOK, REPO_MANIFEST, Layout
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
 from loupe.stage import (
     LayerInputs,
     StageInputs,
-    layout_of,
     place,
     repo_files,
     set_notebook_parameters,
@@ -685,7 +684,7 @@ def test_demo_stages_the_repo(demo_run, tmp_path, local_hub):
     prefix = config["hub"]["prefix"]
     manifest = json.loads((hub / REPO_MANIFEST).read_text())
     assert sorted(f["path"] for f in manifest["files"]) == repo_files(hub)
-    layout = layout_of(typed(config))
+    layout = Layout.of(typed(config))
     for n in config["model"]["layers"]:
         sae = sparsify.SparseCoder.load_from_disk(hub / layout.sae_dir(n))
         assert sae.d_in == 64

@@ -39,6 +39,11 @@ class Layout:
     prefix: str
     hookpoint_template: str
 
+    @classmethod
+    def of(cls, config) -> Layout:
+        """The layout of the suite a loupe Config describes: hub.prefix, model.hookpoint."""
+        return cls(config.hub.prefix, config.model.hookpoint)
+
     def hookpoint(self, layer: int) -> str:
         return self.hookpoint_template.format(layer=layer)
 
@@ -47,7 +52,7 @@ class Layout:
 
     def per_layer(self, kind: str, layer: int) -> str:
         """Layer `layer`'s parquet file of `kind` (a PER_LAYER key)."""
-        return f"{self.prefix}/{PER_LAYER[kind]}/layer_{layer}.parquet"
+        return per_layer_file(self.prefix, kind, layer)
 
     def examples(self, layer: int) -> str:
         return self.per_layer("examples", layer)
@@ -75,6 +80,12 @@ class Layout:
     def run_config(self) -> str:
         # SAELens' sparsify loader reads config.json from the folder above the SAE folders.
         return f"{self.prefix}/{RUN_CONFIG}"
+
+
+def per_layer_file(prefix: str, kind: str, layer: int) -> str:
+    """Layer `layer`'s parquet file of `kind` (a PER_LAYER key) under `prefix`: all a reader
+    of a staged repo needs, without the config (loupe.browse)."""
+    return f"{prefix}/{PER_LAYER[kind]}/layer_{layer}.parquet"
 
 
 def example_layer(layers: list[int]) -> int:

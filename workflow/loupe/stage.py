@@ -46,10 +46,6 @@ _TRAIN_FIELDS = tuple(
 )
 
 
-def layout_of(config: Config) -> Layout:
-    return Layout(config.hub.prefix, config.model.hookpoint)
-
-
 @dataclass(frozen=True)
 class LayerInputs:
     """One layer's results: its SAE folder (cfg.json, sae.safetensors) and its parquet file
@@ -274,7 +270,7 @@ def stage_repo(
 def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) -> dict:
     """Assemble the repo in a temporary folder beside `out_dir`, then rename it into place."""
     _check_inputs(inputs, config)
-    layout = layout_of(config)
+    layout = Layout.of(config)
     out_dir = Path(out_dir)
     modes: dict[str, int] = {}
     with atomic_dir(out_dir) as tmp:
