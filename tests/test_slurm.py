@@ -26,6 +26,8 @@ import torch
 import yaml
 from helpers import REPO, WORKFLOW_FILES, copy_workflow, job_counts, run_snakemake, snakemake_env
 
+from loupe.jobs import train_mem_mb
+
 SLURM_DIR = REPO / "tests/slurm"
 CLUSTER = SLURM_DIR / "cluster.sh"
 TEST_PROFILE = SLURM_DIR / "profile"  # status command squeue, short status intervals
@@ -45,11 +47,6 @@ GROUP_RULE = "train_layers_1_3"
 
 def is_gpu_rule(rule: str) -> bool:
     return rule in GPU_RULES or rule == GROUP_RULE
-
-
-def train_mem_mb(layers) -> int:
-    """The host memory a training job asks for (workflow/rules/train.smk's formula)."""
-    return 47000 + 1000 * len(layers)
 
 
 # --- The profile itself (a dry run: no cluster needed) ---------------------------------------

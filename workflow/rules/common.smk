@@ -1,6 +1,8 @@
 import json
 import os
+import re
 import sys
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
@@ -31,6 +33,7 @@ except LoupeError as e:
 LAYERS = config["model"]["layers"]
 TOKENS = "results/tokens"
 LAYER_DIR = "results/layer_{layer}"
+SAE_FILE = f"{LAYER_DIR}/sae.safetensors"
 SUMMARY = "results/summary"
 HUB = "results/hub"
 ENV = "../../envs/loupe.yaml"
@@ -70,6 +73,23 @@ def checked_layer(wildcards):
             f"layer {layer} is not configured (model.layers: {LAYERS[0]}..{LAYERS[-1]}, {len(LAYERS)} layers)"
         )
     return layer
+
+
+def listed(files):
+    """A rule's named output as a list: one file (rule train) or a group's members' files."""
+    return [files] if isinstance(files, str) else list(files)
+
+
+def trained_layers(output):
+    """The layers a training job trains: those of its sae.safetensors outputs."""
+    pattern = re.escape(SAE_FILE).replace(re.escape("{layer}"), r"(\d+)")
+    layers = [int(re.fullmatch(pattern, path).group(1)) for path in listed(output.sae)]
+    return [checked_layer(SimpleNamespace(layer=layer)) for layer in layers]
+
+
+def member_files(template, group):
+    """`template`'s files for the members of `group`; the template itself for rule train."""
+    return template if group is None else expand(template, layer=group)
 
 
 def built_by_workflow(path):
