@@ -384,7 +384,7 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
             batches.append(Batch(acts, indices, start, num))
             top.update(batches[-1])  # computes the peaks the interval examples share, as in stream
         t = now(ctx)
-        intervals = IntervalExamples(num, spec, device, spec.intervals, spec.per_interval)
+        intervals = IntervalExamples(num, spec, device)
         allocation = now(ctx) - t
         histogram = ActivationHistogram(num, device)
         for _ in range(repeats):

@@ -61,7 +61,7 @@ def _chunk_top(logits: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tenso
 def top_logits(
     W_dec: torch.Tensor,
     W_U: torch.Tensor,
-    k: int = 10,
+    k: int,
     feature_chunk: int = 1024,
     vocab_chunk: int = 65536,
 ) -> FeatureLogits:

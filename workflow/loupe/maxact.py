@@ -74,9 +74,7 @@ def stream(
     special = torch.tensor(special_ids, dtype=torch.int64, device=device)
     kept = Sampled(
         TopExamples(num, spec, device),
-        IntervalExamples(num, spec, device, spec.intervals, spec.per_interval)
-        if intervals
-        else None,
+        IntervalExamples(num, spec, device) if intervals else None,
         FiringStats(num, device),
         ActivationHistogram(num, device) if histogram else None,
     )

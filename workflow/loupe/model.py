@@ -51,7 +51,7 @@ def import_sparsify():
         installed = version("eai-sparsify")
     except PackageNotFoundError:
         raise LoupeError(
-            "eai-sparsify is not installed (pip install eai-sparsify==1.3.3)"
+            f"eai-sparsify is not installed (pip install eai-sparsify=={SPARSIFY_SUPPORTED[-1]})"
         ) from None
     if installed not in SPARSIFY_SUPPORTED:
         raise LoupeError(

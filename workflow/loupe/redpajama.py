@@ -100,15 +100,6 @@ class RedPajamaSource:
     def url(self, tag: str) -> str:
         return f"{self.base_url.rstrip('/')}/documents/{tag}.json.gz"
 
-    def more_data_hint(self) -> str:
-        """One line on how to read more documents from this source."""
-        room = SHARDS_PER_SNAPSHOT - self.shard_start
-        others = [s for s in SNAPSHOTS if s not in self.snapshots][-2:]
-        return (
-            f"to read more, raise shard_count (now {self.shard_count} per snapshot, at most "
-            f"{room}) or add snapshots (e.g. {', '.join(others)})"
-        )
-
 
 def _tag_of(line: str) -> str | None:
     # The list holds full publisher URLs; keying on the tag lets it apply to any mirror.

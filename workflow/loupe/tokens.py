@@ -401,8 +401,10 @@ def _tokens(n: int) -> str:
 
 
 def _hint(dataset: DatasetConfig) -> str:
+    from .redpajama import SHARDS_PER_SNAPSHOT
+
     rp = dataset.redpajama
-    room = 5000 - rp.shard_start
+    room = SHARDS_PER_SNAPSHOT - rp.shard_start
     return (
         f"to read more, raise dataset.redpajama.shard_count (now {rp.shard_count} per snapshot,"
         f" at most {room}) or add snapshots"
