@@ -48,6 +48,7 @@ def test_ci_runs_exactly_the_readme_test_command():
         "ruff format --check .",
         "snakefmt --check .",
         "snakemake --lint",
+        "@biomejs/biome@2.6.9 lint",  # the browser's JavaScript, biome from npm, pinned
     ):
         assert check in command
 
