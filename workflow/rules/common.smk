@@ -17,6 +17,7 @@ sys.path.insert(0, PACKAGE_ROOT)
 
 from loupe.config import Config, check_train_settings, stage_settings  # noqa: E402
 from loupe.errors import LoupeError  # noqa: E402
+from loupe.jobs import train_mem_mb, train_runtime  # noqa: E402
 from loupe.tokens import check_sources  # noqa: E402
 
 # Validated once (one line naming the key on error); the schema's defaults filled in. The local
@@ -90,6 +91,36 @@ def trained_layers(output):
 def member_files(template, group):
     """`template`'s files for the members of `group`; the template itself for rule train."""
     return template if group is None else expand(template, layer=group)
+
+
+def site_value(value):
+    """A profile's setting as given (Snakemake keeps them as its Resource objects)."""
+    return getattr(value, "raw", value)
+
+
+# A site's profile names the train rule (its partition, account, threads), never a group's
+# rule; each group's rule takes the train rule's entry in its own resources and threads, or
+# its GPU jobs would go to the default (CPU) partition.
+_site = workflow.resource_settings
+TRAIN_SITE_RESOURCES = {
+    key: site_value(value)
+    for key, value in dict(_site.overwrite_resources.get("train") or {}).items()
+}
+TRAIN_SITE_THREADS = site_value(_site.overwrite_threads.get("train"))
+
+
+def train_resources(group):
+    """The resources of the train rule (group None, sized per layer) or of a group's rule."""
+    if group is None:
+        mem_mb = lambda wildcards: train_mem_mb([int(wildcards.layer)])
+        runtime = lambda wildcards: train_runtime(
+            [int(wildcards.layer)], config["tokens"]["train_tokens"]
+        )
+    else:
+        mem_mb = train_mem_mb(group)
+        runtime = train_runtime(group, config["tokens"]["train_tokens"])
+    own = dict(gpu=1, cpus_per_gpu=8, mem_mb=mem_mb, runtime=runtime)
+    return own if group is None else {**own, **TRAIN_SITE_RESOURCES}
 
 
 def built_by_workflow(path):

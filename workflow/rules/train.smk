@@ -18,43 +18,13 @@
 # loupe.jobs.
 
 from loupe.config import layer_groups
-from loupe.jobs import group_rule_name, train_mem_mb, train_runtime
+from loupe.jobs import group_rule_name
 
 CHECKPOINTS = "results/checkpoints"
 try:
     TRAIN_GROUPS = layer_groups(Config.from_dict(config))
 except LoupeError as e:
     raise WorkflowError(str(e)) from None
-
-
-def site_value(value):
-    """A profile's setting as given (Snakemake keeps them as its Resource objects)."""
-    return getattr(value, "raw", value)
-
-
-# A site's profile names rule train (its partition, account, threads), never a group's rule:
-# each group's rule takes rule train's entry in its own resources:/threads:, or its GPU jobs
-# would go to the default (CPU) partition.
-_site = workflow.resource_settings
-TRAIN_SITE_RESOURCES = {
-    key: site_value(value)
-    for key, value in dict(_site.overwrite_resources.get("train") or {}).items()
-}
-TRAIN_SITE_THREADS = site_value(_site.overwrite_threads.get("train"))
-
-
-def train_resources(group):
-    """The resources of rule train (group None: sized per layer) or of a group's rule."""
-    if group is None:
-        mem_mb = lambda wildcards: train_mem_mb([int(wildcards.layer)])
-        runtime = lambda wildcards: train_runtime(
-            [int(wildcards.layer)], config["tokens"]["train_tokens"]
-        )
-    else:
-        mem_mb = train_mem_mb(group)
-        runtime = train_runtime(group, config["tokens"]["train_tokens"])
-    own = dict(gpu=1, cpus_per_gpu=8, mem_mb=mem_mb, runtime=runtime)
-    return own if group is None else {**own, **TRAIN_SITE_RESOURCES}
 
 
 # Rule train, then one rule per group of several layers (a group of one is rule train's).
