@@ -3,9 +3,6 @@
 # (workflow/loupe/), which every rule calls through `python -m loupe <stage>`.
 
 
-configfile: "config.yaml"
-
-
 include: "workflow/rules/common.smk"
 
 
@@ -18,13 +15,17 @@ include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/maxact.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/neighbours.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/publish.smk"
 include: "workflow/rules/neuronpedia.smk"
+include: "workflow/rules/explain.smk"
 
 
 localrules:
     all,
+    explanations,
+    explain_dry_run,
 
 
 rule all:

@@ -62,6 +62,8 @@ def settings(config, tiny_model, small_corpus) -> dict:
     s["dataset"]["path"] = str(small_corpus)
     s["tokens"].update(train_tokens=65536, sample_tokens=16384, eval_tokens=8192)
     s["train"].update(save_every=16, log_every=4)
+    # The demo's second model is one the workflow builds; a test that wants it builds its own.
+    s["evaluate"]["transfer_models"] = []
     return s
 
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from browser_repo import build_synthetic_repo
 
-from loupe.browse import make_server, serve, space_folder, suite_manifest
+from loupe.browse import ASSETS, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
 
 CHROMIUM_ARGS = [
@@ -369,7 +369,7 @@ def test_the_staged_demo_repo_in_the_browser(page, demo_run, tmp_path):
     hub = demo_run / "results/hub"
     suite = json.loads((hub / "browser/suite.json").read_text())
     files = suite["files"]["3"]
-    assert set(files) == {"examples", "intervals", "stats", "logits"}
+    assert set(files) == {"examples", "intervals", "stats", "logits", "neighbours"}
     stats = pq.read_table(hub / files["stats"]).to_pylist()
     feature = max(stats, key=lambda r: r["fire_count"] if r["examples"] > 1 else -1)["feature"]
     examples = rows_of(hub, files["examples"], feature)
@@ -400,3 +400,47 @@ def test_the_staged_demo_repo_in_the_browser(page, demo_run, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_server_stays_in_its_folder_and_answers_only_its_own_host(tmp_path):
+    """Issue 27 #4: a symlink in the repo pointing outside was served, folders were listed
+    (/etc through a symlink to /), and any Host header was answered (DNS rebinding)."""
+    site = tmp_path / "site"
+    (site / "browser").mkdir(parents=True)
+    (site / "browser" / "index.html").write_text("<p>page</p>")
+    (site / "data").mkdir()
+    (site / "data" / "a.txt").write_text("inside")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    (site / "leak.txt").symlink_to(secret)
+    (site / "root").symlink_to("/")
+    (site / "passwd").symlink_to("/etc/passwd")
+    server, url = serve(site)
+    base = url.removesuffix("browser/index.html")
+    port = server.server_address[1]
+    try:
+        assert _get(base + "data/a.txt")[::2] == (200, b"inside")
+        assert _get(base + "browser/")[::2] == (200, b"<p>page</p>")
+        for path in ("leak.txt", "passwd", "root/etc/passwd", "root/", "root/etc/", "data/", ""):
+            status, _, body = _get(base + path)
+            assert status == 404 and b"outside" not in body and b"root:" not in body, path
+            assert b"Directory listing" not in body, path
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}"):
+            status, _, body = _get(base + "data/a.txt", {"Host": host})
+            assert status == 403 and b"inside" not in body, host
+        assert _get(base + "data/a.txt", {"Host": f"localhost:{port}"})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert secret.read_text() == "outside" and (site / "data" / "a.txt").read_text() == "inside"
+
+
+def test_the_page_never_turns_data_into_markup():
+    """README: data read through ?base= or ?repo= (any origin) is shown as text. The page's
+    own scripts set no HTML from strings; markup in a token is rendered as text (the e2e
+    browser tests show tokens through textContent)."""
+    sinks = re.compile(
+        r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function"
+    )
+    for script in sorted(ASSETS.glob("*.js")):
+        assert not sinks.search(script.read_text()), script.name

@@ -123,7 +123,8 @@ def test_a_split_that_differs_from_its_manifest_fails_before_touching_anything(
     assert train_cli(settings, tokens, tmp_path / "out", ckpt, log) == 2
     assert capsys.readouterr().err == (
         f"loupe train: error: token split {tokens} does not match its manifest's sha256:"
-        f" rerun tokenize (delete {tokens.parent / 'manifest.json'})\n"
+        f" delete {tokens.parent / 'manifest.json'} and run again (tokenize checks its stored"
+        " copy and tokenizes again if that is damaged too)\n"
     )
     assert digests(ckpt) == before and not (tmp_path / "out").exists()
 

@@ -69,11 +69,17 @@ def test_every_key_is_documented_and_classified_once():
         "maxact.batch_size",
         "evaluate.batch_size",
         "evaluate.logit_chunk",
+        "neighbours.chunk",
         "hub.private",
         "train.layers_per_job",
         "train.layer_groups",
         "dataset.redpajama.base_url",
         "dataset.redpajama.missing_list_url",
+        "explain.base_url",
+        "explain.api_key_env",
+        "explain.concurrency",
+        "explain.timeout",
+        "explain.retries",
     }
     for name, section in schema_sections(schema).items():
         for key, leaf in section["properties"].items():
@@ -89,8 +95,8 @@ def test_stage_reads_name_real_keys_and_cover_every_output_key():
             assert named, f"{stage} reads unknown {item}"
             read |= named
     unread = {k for k, affects in keys.items() if affects and k not in read}
-    # demo.corpus/model are file paths: they reach rules as outputs, not params.
-    assert unread == {"demo.corpus", "demo.model"}
+    # demo.corpus/model/transfer_model are file paths: they reach rules as outputs, not params.
+    assert unread == {"demo.corpus", "demo.model", "demo.transfer_model"}
 
 
 def test_stage_settings_hold_only_output_keys_a_stage_reads():
@@ -137,6 +143,7 @@ def test_config_builds_once_with_defaults_from_the_schema():
         per_interval=5,
         top_logits=10,
         batch_size=8,
+        random_windows=1000,
     )
     assert c.model.hookpoint_of(17) == "language_model.layers.17"
     assert c.model.tokenizer_name == c.model.name == "google/gemma-4-E2B"
@@ -158,6 +165,13 @@ def test_config_builds_once_with_defaults_from_the_schema():
             {"dataset": {"redpajama": {"snapshots": ["2023-14"], "shard_count": 2}}},
             "config error at dataset: give exactly one of path and redpajama",
         ),
+        # The Hub's own rules, at start: the upload could not create these hours later.
+        ({"hub": {"repo": "me/gemma..loupe"}}, "config error at hub/repo: Cannot have -- or .."),
+        (
+            {"hub": {"space": "me/browser!"}},
+            "config error at hub/space: Repo id must use alphanumeric chars",
+        ),
+        ({"hub": {"repo": "me/loupe.git"}}, "config error at hub/repo: Repo_id cannot end by"),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(patch, message):

@@ -33,6 +33,7 @@ SPEC = MaxactConfig(
     per_interval=5,
     top_logits=10,
     batch_size=4,
+    random_windows=0,
 )
 
 

@@ -34,7 +34,8 @@ from loupe.evaluate import (
     next_token_losses,
     read_feature_stats,
 )
-from loupe.model import capture, import_sparsify, load_model, load_sae
+from loupe.metrics import LADDER_COLUMNS, TRANSFER_COLUMNS
+from loupe.model import capture, get_hookpoint, import_sparsify, load_model, load_sae
 from loupe.tokens import read_tokens_manifest, special_ids
 
 sparsify = import_sparsify()
@@ -58,14 +59,18 @@ METRICS = (
 
 
 def spec(
-    batch_size: int = 4, max_tokens: int = 1_048_576, logit_chunk: int = 256
+    batch_size: int = 4,
+    max_tokens: int = 1_048_576,
+    logit_chunk: int = 256,
+    k_ladder: tuple[int, ...] = (),
 ) -> EvaluateConfig:
-    """An evaluate section (the demo's, these keys replaced)."""
+    """An evaluate section (the demo's, these keys replaced; no ladder unless asked)."""
     return dataclasses.replace(
         typed(demo_config()).evaluate,
         batch_size=batch_size,
         max_tokens=max_tokens,
         logit_chunk=logit_chunk,
+        k_ladder=list(k_ladder),
     )
 
 
@@ -244,7 +249,9 @@ def test_evaluate_layer_writes_finite_metrics_for_the_trained_sae(
     m, e = settings["model"], settings["evaluate"]
     assert result["config"] == {
         "model": {k: m[k] for k in ("name", "revision", "hookpoint", "dtype")},
-        "evaluate": {k: e[k] for k in ("max_tokens", "dense_threshold")},
+        "evaluate": {
+            k: e[k] for k in ("max_tokens", "dense_threshold", "k_ladder", "transfer_models")
+        },
     }
     assert {k: result["sae_cfg"][k] for k in settings["sae"]} == settings["sae"]
     assert result["sae_cfg"] == json.loads((trained_layer / "cfg.json").read_text())
@@ -274,7 +281,9 @@ def test_identity_splice_changes_nothing_and_ablation_does(
     monkeypatch, model, trained_layer, eval_rows, specials
 ):
     sae = load_sae(trained_layer, torch.device("cpu"))
-    monkeypatch.setattr(ev, "reconstruct", lambda sae, x: (x.clone(), torch.full(x.shape[:1], 8)))
+    monkeypatch.setattr(
+        ev, "reconstruct", lambda sae, x, k=None: (x.clone(), torch.full(x.shape[:1], 8))
+    )
     got = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(4, 4 * 128, 64))
     assert got["fvu"] == 0 and got["cosine"] == pytest.approx(1.0)
     assert got["ce_loss_spliced"] == pytest.approx(got["ce_loss_clean"], abs=1e-6)
@@ -300,6 +309,134 @@ def test_trained_sae_reconstructs_better_than_an_untrained_one(
     # ce_loss_score is not compared here: the demo model is random, its loss is ~log(vocab)
     # whatever layer 2 holds (zero ablation costs ~0.005 nats), so the score is noise. The
     # test below compares it on a briefly trained model.
+
+
+# --- the sparsity ladder ---------------------------------------------------------------------
+
+
+def test_ladder_at_the_trained_k_reproduces_the_metrics_exactly(
+    model, trained_layer, eval_rows, specials
+):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    plain = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(4, 6 * 128, 64))
+    laddered = evaluate_sae(
+        model, sae, HOOK, eval_rows, specials, spec(4, 6 * 128, 64, (sae.cfg.k, 3))
+    )
+    rungs = {r["k"]: r for r in laddered.pop("ladder")}
+    assert plain == laddered  # the ladder leaves every metric of the trained k as it was
+    assert set(rungs) == {3, sae.cfg.k}
+    assert rungs[sae.cfg.k] == {"k": sae.cfg.k, **{c.name: plain[c.name] for c in LADDER_COLUMNS}}
+    # The ladder's encoder at the trained k is sparsify's encode, bit for bit.
+    x = torch.randn(50, sae.d_in)
+    a, b = ev.encode_at(sae, x, sae.cfg.k), sae.encode(x)
+    assert torch.equal(a.top_acts, b.top_acts) and torch.equal(a.top_indices, b.top_indices)
+
+
+@pytest.mark.parametrize("k", [2, 21])
+def test_ladder_at_another_k_equals_an_independent_top_k(
+    k, model, trained_layer, eval_rows, specials
+):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    rows = 3
+    got = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(2, rows * 128, 50, (k,)))
+    (rung,) = got["ladder"]
+    ids = torch.from_numpy(eval_rows[:rows].astype(np.int64))
+    mask = keep_mask(ids, specials)
+    h = capture(model, HOOK, ids)
+    x = h[mask].float()
+    # The top k of ReLU(W_enc (x - b_dec) + b_enc), decoded by hand.
+    with torch.no_grad():
+        pre = torch.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
+        acts, idx = pre.topk(k, dim=-1)
+        recon = torch.einsum("nk,nkd->nd", acts, sae.W_dec[idx]) + sae.b_dec
+        err = x - recon
+        fvu = float(err.pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        cos = float(F.cosine_similarity(x, recon).mean())
+        # The reconstruction spliced into the full model, its own logits (softcap included).
+        module = get_hookpoint(model, HOOK)
+
+        def splice(_m, _i, out):
+            hs = (out[0] if isinstance(out, tuple) else out).clone()
+            hs[mask] = recon.to(hs.dtype)
+            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+        handle = module.register_forward_hook(splice)
+        try:
+            logits = model(input_ids=ids).logits.float()
+        finally:
+            handle.remove()
+    at = mask.clone()
+    at[:, -1] = False
+    ce = F.cross_entropy(logits[at], ids[:, 1:][at[:, :-1]])
+    assert rung["k"] == k
+    assert rung["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert rung["cosine"] == pytest.approx(cos, rel=1e-5)
+    assert rung["l0"] == pytest.approx(float((acts > 0).sum(-1).float().mean()))
+    assert rung["ce_loss_spliced"] == pytest.approx(float(ce), rel=1e-5)
+    assert rung["delta_ce"] == pytest.approx(float(ce) - got["ce_loss_clean"], abs=1e-5)
+    # More latents reconstruct better than the trained k, fewer worse.
+    assert (rung["fvu"] < got["fvu"]) == (k > sae.cfg.k)
+
+
+def test_ladder_rejects_a_k_wider_than_the_sae(model, trained_layer, eval_rows, specials):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    with pytest.raises(LoupeError, match="k_ladder's k .* exceeds the SAE's"):
+        evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(k_ladder=(sae.num_latents + 1,)))
+
+
+def test_ladder_needs_a_topk_sae(model, trained_layer, eval_rows, specials):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    sae.cfg.activation = "groupmax"  # its k would be the number of groups
+    with pytest.raises(LoupeError, match="k_ladder needs a topk SAE; this one is groupmax"):
+        evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(k_ladder=(sae.cfg.k, 2)))
+    plain = evaluate_sae(model, sae, HOOK, eval_rows, specials, spec(2, 128, 50, (sae.cfg.k,)))
+    assert [r["k"] for r in plain["ladder"]] == [sae.cfg.k]  # its own k alone is allowed
+
+
+# --- transfer to another model ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_model, small_corpus):
+    """The demo's second model: the tiny model after more steps on other text."""
+    from loupe.demo import build_transfer_model
+
+    out = tmp_path_factory.mktemp("tuned") / "model_tuned"
+    build_transfer_model(tiny_model, small_corpus, out)
+    return out
+
+
+def test_transfer_equals_a_direct_computation_on_the_second_model(
+    tmp_path, settings, token_dir, trained_layer, eval_rows, specials, tuned, model
+):
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    write_stats(tmp_path / "stats.parquet", np.ones(sae.num_latents, dtype=np.int64))
+    s = copy.deepcopy(settings)
+    s["evaluate"].update(transfer_models=[str(tuned)], k_ladder=[], max_tokens=8 * 128)
+    out = tmp_path / "eval.json"
+    args = (trained_layer, token_dir / "eval.npy", token_dir / "manifest.json")
+    evaluate_layer(typed(s), 2, *args, tmp_path / "stats.parquet", out)
+    result = json.loads(out.read_text())
+    (got,) = result["transfer"]
+    assert got["model"] == str(tuned)
+    assert set(got) == {"model", *(c.name for c in TRANSFER_COLUMNS)}
+    # Directly: the second model's own activations through sparsify, its own logits.
+    other = load_model(str(tuned), torch.device("cpu"), head=True)
+    ids = torch.from_numpy(eval_rows[:8].astype(np.int64))
+    mask = keep_mask(ids, specials)
+    with torch.no_grad():
+        x = capture(other, HOOK, ids)[mask].float()
+        logits = other(input_ids=ids).logits.float()
+        fvu = float(sae(x).fvu)
+    at = mask.clone()
+    at[:, -1] = False
+    ce = float(F.cross_entropy(logits[at], ids[:, 1:][at[:, :-1]]))
+    assert got["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert got["ce_loss_clean"] == pytest.approx(ce, rel=1e-5)
+    # The same SAE on the base model: the second model's numbers differ measurably.
+    for key in ("fvu", "ce_loss_clean", "delta_ce"):
+        assert abs(got[key] - result[key]) > 0.01 * abs(result[key]), key
+    print({k: (result[k], got[k]) for k in ("fvu", "delta_ce", "kl", "ce_loss_clean")})
 
 
 # --- next-token loss on a model that predicts something --------------------------------------
@@ -386,3 +523,31 @@ def test_cli_rejects_stats_of_another_sae_in_one_line(
     argv[argv.index("--layer") + 1] = "9"
     assert cli_main(argv) == 2
     assert "layer 9 is not in model.layers" in capsys.readouterr().err
+
+
+def test_an_sae_whose_cfg_does_not_match_its_weights_is_one_line(
+    tmp_path, settings, trained_layer, token_dir, capfd
+):
+    """Issue 27 #8: torch's state-dict error lists one line per tensor; the CLI prints one."""
+    from loupe import cli
+
+    sae = shutil.copytree(trained_layer, tmp_path / "layer_2")
+    cfg = json.loads((sae / "cfg.json").read_text())
+    cfg["num_latents"] = 2 * (cfg["num_latents"] or cfg["d_in"] * cfg["expansion_factor"])
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    weights = (sae / "sae.safetensors").read_bytes()
+    capfd.readouterr()
+    code = cli.main(
+        [
+            "--log", str(tmp_path / "evaluate.log"), "evaluate", "--config", json.dumps(settings),
+            "--layer", "2", "--sae", str(sae / "sae.safetensors"),
+            "--tokens", str(token_dir / "eval.npy"), "--manifest", str(token_dir / "manifest.json"),
+            "--stats", str(tmp_path / "stats.parquet"), "--metrics", str(tmp_path / "eval.json"),
+        ]
+    )  # fmt: skip
+    err = capfd.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"loupe evaluate: error: cannot load SAE from {sae}: RuntimeError:")
+    assert "size mismatch for encoder.weight" in err[0] and "size mismatch for W_dec" in err[0]
+    assert (sae / "sae.safetensors").read_bytes() == weights
+    assert not (tmp_path / "eval.json").exists()

@@ -354,6 +354,9 @@ def test_regrouping_a_finished_run_retrains_only_groups_with_a_missing_member(de
         "train_layers_3_to_5": 1,
         "maxact": 3,
         "evaluate": 3,
+        "neighbours": 4,  # layers 3-5, and layer 2, whose next layer is 3
+        "spliced": 1,
         "summary": 1,
+        "tradeoffs": 1,
         "stage": 1,
     }

@@ -173,8 +173,10 @@ def sampled(tmp_path_factory, settings, token_dir, trained_layer):
         out / "interval_examples.parquet",
         out / "feature_stats.parquet",
         out / "feature_logits.parquet",
+        random_windows=out / "random_windows.parquet",
     )
     assert summary["tokens"] == np.load(token_dir / "sample.npy").size
+    assert summary["random_windows"] == s["maxact"]["random_windows"]
     return s, out / "max_activations.parquet", out / "feature_stats.parquet"
 
 
@@ -228,6 +230,41 @@ def test_examples_match_brute_force_for_every_feature(sampled, reference):
             assert reference[r, got[r][1], f] == pytest.approx(want[r][0], rel=tol, abs=tol)
     assert swapped <= 2
     assert len(df) == pl.read_parquet(stats)["examples"].sum() > 0
+
+
+def test_random_windows_hold_every_tokens_exact_code(sampled, reference, token_dir):
+    """Each pooled window's codes, densified, equal the brute-force activations of its tokens:
+    so "feature f is not active in this window" is exact."""
+    s, examples, _ = sampled
+    pool = pl.read_parquet(examples.parent / "random_windows.parquet")
+    tokens = np.load(token_dir / "sample.npy")
+    rows, seq = tokens.shape
+    width = s["maxact"]["window_before"] + 1 + s["maxact"]["window_after"]
+    assert len(pool) == s["maxact"]["random_windows"]
+    pairs = list(zip(pool["sequence"], pool["start"], strict=True))
+    assert len(set(pairs)) == len(pairs) and pairs == sorted(pairs)  # distinct, split order
+    assert len({r for r, _ in pairs}) > rows // 4  # spread over the split
+    for row in pool.iter_rows(named=True):
+        r, t = row["sequence"], row["start"]
+        assert 0 <= t <= seq - width
+        assert row["token_ids"] == tokens[r, t : t + width].tolist()
+        dense = torch.zeros(width, reference.shape[2])
+        dense.scatter_(
+            1,
+            torch.tensor(row["features"], dtype=torch.int64),
+            torch.tensor(row["activations"]),
+        )
+        torch.testing.assert_close(dense, reference[r, t : t + width], rtol=1e-4, atol=1e-4)
+
+
+def test_random_windows_depend_only_on_the_split_shape():
+    from loupe.samplers import RandomWindows
+
+    a = RandomWindows(100, 64, 50, 41, 4, torch.device("cpu"))
+    b = RandomWindows(100, 64, 50, 41, 8, torch.device("cpu"))
+    assert np.array_equal(a.rows, b.rows) and np.array_equal(a.starts, b.starts)
+    small = RandomWindows(2, 10, 50, 41, 4, torch.device("cpu"))  # windows clipped to a row
+    assert small.width == 10 and len(small.rows) == 2  # one start per row
 
 
 def _token_string(tokenizer, token_id: int) -> str:
@@ -404,6 +441,7 @@ def _cli(settings, trained_layer, token_dir, tmp_path, **override):
         "intervals": str(tmp_path / "iv.parquet"),
         "stats": str(tmp_path / "st.parquet"),
         "logits": str(tmp_path / "lg.parquet"),
+        "random-windows": str(tmp_path / "rw.parquet"),
         **override,
     }
     return main(["maxact", *[x for k, v in args.items() for x in (f"--{k}", v)]])

@@ -294,13 +294,15 @@ def _parquet(demo_run: Path, kind: str, layer: int) -> Path:
         "intervals": "interval_examples",
         "stats": "feature_stats",
         "logits": "feature_logits",
+        "neighbours": "feature_neighbours",
     }
     return demo_run / f"results/layer_{layer}/{names[kind]}.parquet"
 
 
 @pytest.fixture(scope="module")
 def exported(demo_run) -> Path:
-    """`snakemake neuronpedia` on the demo (without neighbours and explanations)."""
+    """`snakemake neuronpedia` on the demo (with the neighbours stage's files, without
+    explanations)."""
     run_snakemake(demo_run, "--profile", "profiles/demo", "neuronpedia")
     return demo_run / "results/neuronpedia"
 
@@ -338,7 +340,7 @@ def test_export_has_neuronpedias_layout_and_fields(exported, demo_run, config):
 @pytest.mark.e2e
 def test_export_values_are_the_parquet_files(exported, demo_run, config):
     """For sampled features of every layer: the feature row carries feature_stats' max and
-    density and feature_logits' tokens; its activation records are its max-activating and
+    density, feature_logits' tokens and feature_neighbours' same-layer rows; its activation records are its max-activating and
     interval examples, token for token."""
     from safetensors import safe_open
 
@@ -352,6 +354,7 @@ def test_export_values_are_the_parquet_files(exported, demo_run, config):
         logits = pl.read_parquet(_parquet(demo_run, "logits", layer))
         examples = pl.read_parquet(_parquet(demo_run, "examples", layer))
         intervals = pl.read_parquet(_parquet(demo_run, "intervals", layer))
+        neighbours = pl.read_parquet(_parquet(demo_run, "neighbours", layer))
         records: dict[int, list[dict]] = {}
         for r in read_jsonl(src / "activations/batch-0.jsonl.gz"):
             records.setdefault(int(r["index"]), []).append(r)
@@ -372,7 +375,12 @@ def test_export_values_are_the_parquet_files(exported, demo_run, config):
                 want = want.sort("rank")
                 assert row[tokens] == want["token"].to_list()
                 assert row[values] == pytest.approx(want["value"].to_list(), rel=1e-6)
-            assert row["topkCosSimIndices"] == [] and row["topkCosSimValues"] == []
+            same = neighbours.filter(
+                (pl.col("feature") == feature) & (pl.col("relation") == "same")
+            ).sort("rank")
+            assert same.height > 0
+            assert row["topkCosSimIndices"] == same["other_feature"].to_list()
+            assert row["topkCosSimValues"] == pytest.approx(same["cosine"].to_list(), rel=1e-6)
 
             mine = sorted(records[feature], key=lambda r: r["id"])
             top = examples.filter(pl.col("feature") == feature).sort("rank")

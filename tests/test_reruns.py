@@ -26,6 +26,12 @@ EXECUTION_ONLY = {
     "hub.private": True,
     "train.layers_per_job": 3,
     "train.layer_groups": [[0, 1], [2, 3, 4, 5]],
+    "neighbours.chunk": 7,
+    "explain.base_url": "http://127.0.0.1:9/v1",
+    "explain.api_key_env": "LOUPE_TEST_KEY",
+    "explain.concurrency": 2,
+    "explain.timeout": 5,
+    "explain.retries": 1,
 }
 
 
@@ -50,7 +56,10 @@ def test_sae_k_reruns_each_layers_chain_and_the_suite_steps_only(demo_run, tmp_p
         "train": LAYERS,
         "maxact": LAYERS,
         "evaluate": LAYERS,
+        "neighbours": LAYERS,
+        "spliced": 1,
         "summary": 1,
+        "tradeoffs": 1,
         "stage": 1,
     }
 

@@ -29,6 +29,7 @@ from loupe.examples import examples_schema, interval_examples_schema, write_stat
 from loupe.layout import BROWSER, NOTEBOOK, REPO_MANIFEST, Layout
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
+from loupe.neighbours import decoder_neighbours, neighbours_table, read_decoder, write_neighbours
 from loupe.stage import (
     LayerInputs,
     StageInputs,
@@ -131,6 +132,7 @@ PARQUET = {
     "intervals": "interval_examples.parquet",
     "stats": "feature_stats.parquet",
     "logits": "feature_logits.parquet",
+    "neighbours": "feature_neighbours.parquet",
 }
 
 
@@ -178,6 +180,11 @@ def results(tmp_path_factory, trained_layer) -> Path:
         pq.write_table(_intervals_table(layer, num_latents), d / PARQUET["intervals"])
         _write_stats(d / PARQUET["stats"], num_latents)
         pq.write_table(_logits_table(num_latents), d / PARQUET["logits"])
+        # Every layer holds the same SAE: each feature's best match next door is itself.
+        W = read_decoder(d / "sae.safetensors", "cpu")
+        adjacent = {r: (n, W) for r, n in (("prev", layer - 1), ("next", layer + 1)) if n in LAYERS}
+        found = decoder_neighbours(W, adjacent, layer, 3)
+        write_neighbours(d / PARQUET["neighbours"], neighbours_table(found))
     summary = root / "summary"
     summary.mkdir()
     with open(summary / "metrics.csv", "w", newline="") as f:
@@ -273,6 +280,7 @@ def test_staged_layout(staged, pub_settings, results):
             f"{prefix}/interval_examples/layer_{n}.parquet",
             f"{prefix}/feature_stats/layer_{n}.parquet",
             f"{prefix}/feature_logits/layer_{n}.parquet",
+            f"{prefix}/feature_neighbours/layer_{n}.parquet",
         }
     # The feature browser: its page, as shipped, and the suite it reads.
     expected |= {
@@ -658,9 +666,15 @@ def check_notebook(staged: Path, settings: dict, model: Path, workdir: Path) -> 
     assert "top features (activation)" in html
     shown = re.search(r"feature (\d+): its (\d+) max-activating examples", text)
     assert shown, text[-2000:]
-    assert int(shown.group(1)) < latents  # a feature of this SAE
+    feature = int(shown.group(1))
+    assert feature < latents  # a feature of this SAE
     assert int(shown.group(2)) > 0
     assert html.count("rgba(255, 140, 0, 1.00)") >= 1  # each example's peak, fully shaded
+    # The trace follows the best matches through every layer of the suite.
+    layers = settings["model"]["layers"]
+    assert f"trace of feature {feature} of layer {layer} ({len(layers)} of {len(layers)}" in text
+    steps = re.findall(r"^  layer (\d+): feature (\d+) \(cosine", text, re.M)
+    assert [int(n) for n, _ in steps] == sorted(layers)
 
 
 def test_notebook_is_filled_in_for_the_run(staged, pub_settings):

@@ -18,7 +18,7 @@ LAYER = 2
 # Keys a stage reads only to check its arguments, never to make its result: a per-layer stage
 # checks that its layer is in model.layers (adding a layer must not rerun the others).
 CHECKS_ONLY = {"model.layers"}
-PER_LAYER = {"train", "maxact", "evaluate"}
+PER_LAYER = {"train", "maxact", "evaluate", "neighbours", "explain"}
 # Keys read on the way to one that is used, whose value never reaches the output (reviewed by
 # hand; keep this short). neuronpedia: tokens.rows() computes every split's rows, the export
 # uses the sample's; saelens.suite_facts carries train.exclude_tokens, the export never writes it.
@@ -96,21 +96,33 @@ def test_the_recording_config_records_reads_through_methods_and_vars(settings):
     assert seen == {"model.hookpoint"} | {f"sae.{f.name}" for f in dataclasses.fields(config.sae)}
 
 
+# Rules whose params carry another stage's keys: {rule's stage here: its STAGE_READS entry}.
+DECLARED_AS = {"tradeoffs": "summary"}
+
+
 @pytest.fixture(scope="module")
 def reads(settings, token_dir, tmp_path_factory) -> dict[str, set[str]]:
     """Every stage run once, on one layer: {stage: the keys it read}."""
+    from test_explain import Server
+
     from loupe.evaluate import evaluate_layer
+    from loupe.explain import explain_layer
     from loupe.maxact import sample_layer
+    from loupe.neighbours import neighbours_layer
     from loupe.neuronpedia import export
+    from loupe.splice import splice_job
     from loupe.stage import stage_repo
     from loupe.summary import summarize
     from loupe.tokens import tokenize
+    from loupe.tradeoffs import summarize_tradeoffs
     from loupe.upload import dry_run
 
     root = tmp_path_factory.mktemp("reads")
+    server = Server()
     s = copy.deepcopy(settings)
     s["model"]["layers"] = [LAYER]
     s["maxact"].update(top_n=8, batch_size=8)
+    s["explain"].update(base_url=server.url, features=2, score_features=1, retries=0)
     base = typed(s)
     out: dict[str, set[str]] = {}
 
@@ -120,32 +132,49 @@ def reads(settings, token_dir, tmp_path_factory) -> dict[str, set[str]]:
 
     manifest = token_dir / "manifest.json"
     layer = root / f"layer_{LAYER}"
+    sae = layer / "sae.safetensors"
     small = split_with_manifest(token_dir, root / "small", 32)
     run("tokenize", tokenize, root / "tokens")
     run("train", train_layer, LAYER, small, layer, root / "ckpt")
     files = {k: layer / f"{k}.parquet" for k in ("examples", "intervals", "stats", "logits")}
-    run("maxact", sample_layer, LAYER, layer / "sae.safetensors", token_dir / "sample.npy",
-        manifest, **files)  # fmt: skip
-    run("evaluate", evaluate_layer, LAYER, layer / "sae.safetensors", token_dir / "eval.npy",
-        manifest, files["stats"], layer / "eval.json")  # fmt: skip
+    windows = layer / "random_windows.parquet"
+    run("maxact", sample_layer, LAYER, sae, token_dir / "sample.npy", manifest, **files,
+        random_windows=windows)  # fmt: skip
+    try:
+        run("explain", explain_layer, LAYER, files["examples"], files["intervals"],
+            files["stats"], windows, root / "record.jsonl", layer / "explanations.parquet")  # fmt: skip
+    finally:
+        server.close()
+    run("neighbours", neighbours_layer, LAYER, sae, layer / "feature_neighbours.parquet")
+    run("evaluate", evaluate_layer, LAYER, sae, token_dir / "eval.npy", manifest, files["stats"],
+        layer / "eval.json")  # fmt: skip
+    spliced = root / "summary/spliced.json"
+    run("spliced", splice_job, [sae], token_dir / "eval.npy", manifest, spliced)
     plots = {k: root / f"summary/{k}.png" for k in ("fvu", "delta_ce", "dead", "density", "curves")}
     run("summary", summarize, [layer / "eval.json"], [files["stats"]],
         [layer / "train_metrics.jsonl"], root / "summary/metrics.csv", **plots)  # fmt: skip
+    tables = ("ladder_csv", "ladder_plot", "spliced_csv", "spliced_plot", "transfer_csv",
+              "transfer_plot")  # fmt: skip
+    run("tradeoffs", summarize_tradeoffs, [layer / "eval.json"], spliced,
+        **{k: root / "summary" / k for k in tables})  # fmt: skip
     lists = {k: [v] for k, v in files.items()}
-    run("stage", stage_repo, [layer / "sae.safetensors"], **lists,
+    neighbours = [layer / "feature_neighbours.parquet"]
+    run("stage", stage_repo, [sae], **lists, neighbours=neighbours,
         summary=[root / "summary/metrics.csv", plots["fvu"]], repo=root / "hub",
         manifest=manifest)  # fmt: skip
-    run("neuronpedia", export, [layer / "sae.safetensors"], **lists,
-        out_dir=root / "neuronpedia")  # fmt: skip
+    run("neuronpedia", export, [sae], **lists, out_dir=root / "neuronpedia",
+        neighbours=neighbours, explanations=[layer / "explanations.parquet"])  # fmt: skip
     run("upload", dry_run, root / "hub", root / "plan.json")
     assert json.loads((root / "plan.json").read_text())["dry_run"] is True
     return out
 
 
-@pytest.mark.parametrize(
-    "stage",
-    ["tokenize", "train", "maxact", "evaluate", "summary", "stage", "neuronpedia", "upload"],
-)
+STAGES = ["tokenize", "train", "maxact", "explain", "neighbours", "evaluate", "spliced"]
+STAGES += ["summary", "tradeoffs", "stage", "neuronpedia", "upload"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_each_stage_reads_only_its_declared_output_keys(reads, stage):
     assert reads[stage], "the recording config saw no read: the check would pass vacuously"
-    assert undeclared(stage, reads[stage]) == set(), sorted(reads[stage])
+    declared = DECLARED_AS.get(stage, stage)
+    assert undeclared(declared, reads[stage]) == set(), sorted(reads[stage])

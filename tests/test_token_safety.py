@@ -21,7 +21,9 @@ from loupe.tokens import (
     SPLITS,
     STORE,
     TOKENS_MANIFEST,
+    check_hub_ids,
     check_sources,
+    is_local,
     open_split,
     read_tokens_manifest,
     store_key,
@@ -144,7 +146,7 @@ def test_bad_gzip_and_missing_folders_are_found_before_any_job(tmp_path, setting
     for key in ("name", "tokenizer"):
         s = small(settings, path=str(ok))
         s["model"][key] = str(tmp_path / "no-such-model")
-        with pytest.raises(LoupeError, match=f"model.{key}: model folder not found"):
+        with pytest.raises(LoupeError, match=f"model.{key}: not found: .*no-such-model"):
             check_sources(typed(s))
     # What the workflow builds itself (the demo model) is not expected to exist yet.
     s = small(settings, path=str(ok))
@@ -200,4 +202,114 @@ def test_a_truncated_split_is_one_line(splits):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(LoupeError) as e:
         open_split(path)
-    assert "is truncated or corrupt" in str(e.value) and "rerun tokenize" in str(e.value)
+    assert "is truncated or corrupt" in str(e.value) and "and run again" in str(e.value)
+
+
+def test_one_test_tells_local_paths_from_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hub = ["google/gemma-4-E2B", "gpt2", "models/gemma", "results/no_such_model"]
+    local = ["/abs/model", "./model", "~/model", "a/b/c", "docs.jsonl.gz", "my model/x"]
+    assert [is_local(n) for n in hub + local] == [False] * len(hub) + [True] * len(local)
+    # A first part that is a folder here makes a two-part name local.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "results").mkdir()
+    assert is_local("models/gemma") and is_local("results/no_such_model")
+    assert not is_local("google/gemma-4-E2B")
+
+
+@pytest.mark.parametrize("key", ["model.name", "model.tokenizer", "dataset.path"])
+def test_a_missing_local_name_is_not_found_not_a_network_error(
+    tmp_path, monkeypatch, settings, key
+):
+    """`results/no_such_model` used to pass the start check as a hub id; the tokenize job then
+    blamed the network ("couldn't connect to huggingface.co")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    s = small(settings)
+    section, name = key.split(".")
+    s[section][name] = "results/no_such_model"
+    with pytest.raises(LoupeError) as e:
+        check_sources(typed(s))
+    assert str(e.value) == f"{key}: not found: results/no_such_model (no such local file or folder)"
+
+
+def test_offline_a_hub_id_missing_from_the_cache_is_not_found(tmp_path, monkeypatch, settings):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    s = small(settings)
+    s["model"]["tokenizer"] = "someone/no-such-model"
+    check_sources(typed(s))  # the start check needs no cache: dry runs plan offline
+    with pytest.raises(LoupeError, match=r"^model.tokenizer: not found: someone/no-such-model is"):
+        check_hub_ids(typed(s))
+    (tmp_path / "hub" / "models--someone--no-such-model").mkdir(parents=True)
+    check_hub_ids(typed(s))
+
+
+def test_a_bit_flipped_split_leads_out_of_the_loop(tmp_path, settings, capfd):
+    """Issue 27 #2: a split damaged in place (same size) made training advise deleting the
+    manifest; tokenize then relinked the same damaged copy from its store, unchecked."""
+    good = small(settings)
+    out = tmp_path / "tokens"
+    tokenize(typed(good), out)
+    before = split_bytes(out)
+    a = np.load(out / "train.npy", mmap_mode="r+")  # through the hard link: the store too
+    a[5, 5] ^= 1
+    a.flush()
+    del a
+    capfd.readouterr()
+    code = cli.main(
+        [
+            "--log", str(tmp_path / "train.log"),
+            "train", "--config", json.dumps(good), "--layers", "1",
+            "--tokens", str(out / "train.npy"), "--manifest", str(out / TOKENS_MANIFEST),
+            "--out-dir", str(tmp_path / "layer_1"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+        ]
+    )  # fmt: skip
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        f"loupe train: error: token split {out / 'train.npy'} does not match its manifest's"
+        f" sha256: delete {out / TOKENS_MANIFEST} and run again (tokenize checks its stored copy and"
+        " tokenizes again if that is damaged too)"
+    ]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "layer_1").exists()
+    # Following the advice: the damaged store is set aside, not relinked; the same splits again.
+    (out / TOKENS_MANIFEST).unlink()
+    tokenize(typed(good), out)
+    assert split_bytes(out) == before
+    store = out / STORE / store_key(typed(good))
+    assert (store.parent / f"{store.name}.damaged" / "train.npy").is_file()
+    open_split(out / "train.npy", read_tokens_manifest(out / TOKENS_MANIFEST))
+
+
+def test_a_dataset_folder_with_symlink_loops(tmp_path, settings):
+    """Not yet tried in issue 27: a folder linking to itself is read once; a file link that
+    loops is one line at workflow start (it was a traceback)."""
+    from loupe.tokens import resolve_source
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.jsonl").write_text('{"text": "one"}\n')
+    (data / "sub" / "b.jsonl").write_text('{"text": "two"}\n')
+    (data / "sub" / "up").symlink_to("..")  # data/sub/up/sub/up/... forever
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "c.jsonl").write_text('{"text": "three"}\n')
+    (data / "linked").symlink_to(tmp_path / "more")  # a folder assembled from links
+    s = small(settings, path=str(data))
+    check_sources(typed(s))
+    _, kwargs = resolve_source(typed(s).dataset)
+    assert kwargs["data_files"] == [
+        str(data / "a.jsonl"),
+        str(data / "linked" / "c.jsonl"),
+        str(data / "sub" / "b.jsonl"),
+    ]
+    (data / "loop.jsonl").symlink_to("loop.jsonl")
+    with pytest.raises(LoupeError) as e:
+        check_sources(typed(s))
+    assert str(e.value) == (
+        f"dataset path {data}: {data / 'loop.jsonl'} is a broken symlink or a symlink loop"
+    )
+    s = small(settings, path=str(data / "loop.jsonl"))
+    with pytest.raises(LoupeError, match="^dataset.path: .*loop.jsonl is a broken symlink"):
+        check_sources(typed(s))

@@ -100,7 +100,7 @@ def _no_outputs(out_dir):
 
 def test_missing_dataset_path(tmp_path, settings):
     config = _config(settings, {"path": str(tmp_path / "nope.jsonl.gz")})
-    with pytest.raises(LoupeError, match="dataset path not found"):
+    with pytest.raises(LoupeError, match="dataset.path: not found"):
         tokenize(config, tmp_path / "out")
     assert _no_outputs(tmp_path / "out")
 
@@ -191,7 +191,8 @@ def test_cli_prints_one_line_for_bad_input(tmp_path, settings):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"loupe tokenize: error: dataset path not found: {tmp_path / 'missing.parquet'}"
+        f"loupe tokenize: error: dataset.path: not found: {tmp_path / 'missing.parquet'}"
+        " (no such local file or folder)"
     ]
     assert "Traceback" not in log.read_text()
     assert not (tmp_path / "t" / "train.npy").exists()
@@ -221,3 +222,28 @@ def test_redpajama_code_path_on_local_json_gz(tmp_path, settings, small_corpus):
     manifest = tokenize(config, tmp_path / "tokens")
     assert manifest["rows"] == {"train": 128, "sample": 32, "eval": 32}
     assert manifest["dataset"]["data_files"] == data_files
+
+
+def test_whitespace_only_documents_are_skipped_and_counted(
+    tmp_path, settings, tagged_corpus, caplog
+):
+    """Issue 27 #8: a document of only whitespace was tokenized (an EOS, no word) silently.
+    With blank documents between the real ones, the splits are those of the corpus without
+    them (no shuffle buffer: the stream order is the file's)."""
+    with gzip.open(tagged_corpus, "rt") as f:
+        lines = f.readlines()
+    blanks = ["", " ", "\n\n", "\t \u3000"]
+    with_blanks = tmp_path / "with_blanks.jsonl"
+    with_blanks.write_text(
+        "".join(line + json.dumps({"body": blanks[i % 4]}) + "\n" for i, line in enumerate(lines))
+    )
+    caplog.set_level("INFO", logger="loupe")
+    got = tokenize(_tagged(settings, with_blanks, shuffle_buffer=0), tmp_path / "a")
+    skipped = [r.getMessage() for r in caplog.records if "only whitespace" in r.getMessage()]
+    want = tokenize(_tagged(settings, tagged_corpus, shuffle_buffer=0), tmp_path / "b")
+    assert got["sha256"] == want["sha256"]
+    assert got["documents_read"] == want["documents_read"]
+    (n,) = [int(re.search(r"skipped ([\d,]+)", m)[1].replace(",", "")) for m in skipped]
+    # One blank after each real document, read a batch at a time: the batches' blanks.
+    ahead = settings["tokens"]["doc_batch_size"]
+    assert want["documents_read"] - 1 <= n <= want["documents_read"] + ahead

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -248,3 +250,33 @@ def test_checkpoint_swap_never_leaves_a_torn_checkpoint(tmp_path):
     assert not prepare_checkpoint_dir(ckpt, other_run)
     assert not (ckpt / STATE).exists()
     assert (ckpt / OTHER / "state.pt").read_text() == "2"
+
+
+def test_ctrl_c_during_training_is_one_line_and_resumes(tmp_path, settings, token_dir):
+    """Issue 27 #5: Ctrl-C printed a KeyboardInterrupt traceback through sparsify and torch."""
+    s = copy.deepcopy(settings)
+    s["train"].update(batch_size=1, grad_acc_steps=2, save_every=8, log_every=8)
+    tokens, ckpt, log = token_dir / "train.npy", tmp_path / "ckpt", tmp_path / "train.log"
+    cmd = _train_cmd(s, 3, tokens, tmp_path / "out", ckpt, log)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (ckpt / "state" / "state.pt").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    line = (
+        "loupe train: interrupted (Ctrl-C); nothing finished is lost: run it again (training"
+        " resumes from its last checkpoint)"
+    )
+    assert proc.returncode == 130 and err.strip().splitlines() == [line]
+    assert "Traceback" not in log.read_text() and log.read_text().rstrip().endswith(line)
+    assert not (tmp_path / "out" / "sae.safetensors").exists()
+    subprocess.run(cmd, check=True)
+    resumed_at = int(log.read_text().split("resumed layer 3 at batch ")[1].split()[0])
+    assert resumed_at > 0 and (tmp_path / "out" / "sae.safetensors").is_file()

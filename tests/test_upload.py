@@ -434,7 +434,7 @@ def with_browser(staged: Path) -> Path:
     return staged
 
 
-def test_space_publishes_the_page_set_to_read_the_model_repo(tmp_path, staged, hub, token):
+def test_space_publishes_the_page_set_to_read_the_model_repo(tmp_path, staged, hub, token, capfd):
     staged, space = with_browser(staged), "someone/demo-browser"
     config, receipt = hub_config(space=space, revision="v1"), tmp_path / "upload.json"
     assert run_upload(tmp_path, staged, config, receipt) == 0
@@ -480,6 +480,12 @@ def test_space_publishes_the_page_set_to_read_the_model_repo(tmp_path, staged, h
         in (tmp_path / "plan.log").read_text()
     )
     assert len(hub.clients) == 2
+    # Token hygiene with a Space too (issue 27): not in any file written here, any output, or
+    # anything either repo received.
+    assert_token_nowhere(tmp_path, *capfd.readouterr())
+    for name, remote in hub.remote.items():
+        for path, data in remote["files"].items():
+            assert FAKE_TOKEN.encode() not in data, (name, path)
 
 
 def test_a_space_that_differs_after_upload_fails_with_no_receipt(

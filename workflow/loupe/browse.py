@@ -17,6 +17,7 @@ from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import LoupeError
 from .layout import BROWSER, PER_LAYER, per_layer_file
@@ -112,7 +113,9 @@ def space_folder(staged: Path, out: Path, repo: str, revision: str) -> Path:
 
 class RangeRequestHandler(SimpleHTTPRequestHandler):
     """Static files with single-range requests (206 Partial Content) and module-script MIME
-    types; directories fall back to the standard listing."""
+    types. Only regular files that resolve inside the served folder (a folder: its
+    index.html), never a listing, and only to requests naming the server's own loopback host
+    and port: a web page reaching it through DNS rebinding names its own host."""
 
     extensions_map = {
         **SimpleHTTPRequestHandler.extensions_map,
@@ -127,6 +130,20 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
     def __init__(self, *args, quiet: bool = True, **kwargs):
         self.quiet = quiet  # before super().__init__, which handles the request at once
         super().__init__(*args, **kwargs)
+
+    def _host_allowed(self) -> bool:
+        port = self.server.server_address[1]
+        names = {"127.0.0.1", "localhost", "[::1]"}
+        allowed = {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+        return (self.headers.get("Host") or "").strip().lower() in allowed
+
+    def _served_file(self) -> Path | None:
+        """The regular file inside the served folder the request names, or None."""
+        root = Path(self.directory).resolve()
+        path = Path(self.translate_path(self.path)).resolve()
+        if path.is_dir():
+            path = (path / "index.html").resolve()
+        return path if path.is_relative_to(root) and path.is_file() else None
 
     def log_message(self, format, *args):
         if not self.quiet:
@@ -150,9 +167,16 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
 
     def send_head(self):
         self._remaining = None
-        path = self.translate_path(self.path)
-        if os.path.isdir(path) or path.endswith("/"):
-            return super().send_head()
+        if not self._host_allowed():
+            self.send_error(HTTPStatus.FORBIDDEN, "Host not allowed")
+            return None
+        served = self._served_file()
+        if served is None:
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        if served.name == "index.html" and not urlsplit(self.path).path.endswith(("/", ".html")):
+            return super().send_head()  # its redirect to the folder's URL with a slash
+        path = str(served)
         try:
             f = open(path, "rb")  # the caller (do_GET, do_HEAD) copies and closes it
         except OSError:

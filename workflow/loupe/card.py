@@ -22,6 +22,7 @@ from .errors import LoupeError
 from .layout import SAE_CFG, SAE_WEIGHTS, Layout, example_layer
 from .metrics import METRICS
 from .saelens import release_name
+from .tokens import is_hub_id
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
@@ -157,11 +158,6 @@ def _histogram_bins(stats: Path) -> int:
     return len(meta["histogram_edges"]) + 1
 
 
-def _is_hub_id(name: str | None) -> bool:
-    """A hub id (owner/name), not a local folder: only those go into the card's metadata."""
-    return bool(name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists())
-
-
 def card_data(config: Config) -> ModelCardData:
     """The front matter the Hub reads (huggingface_hub.ModelCardData)."""
     from huggingface_hub import ModelCardData
@@ -171,8 +167,8 @@ def card_data(config: Config) -> ModelCardData:
         license=hub.license,
         library_name="sparsify",
         tags=list(TAGS),
-        base_model=model.name if _is_hub_id(model.name) else None,
-        datasets=[dataset.hub_id] if _is_hub_id(dataset.hub_id) else None,
+        base_model=model.name if is_hub_id(model.name) else None,
+        datasets=[dataset.hub_id] if is_hub_id(dataset.hub_id) else None,
         language=[hub.language],
     )
 
@@ -384,7 +380,7 @@ def render_card(config: Config, facts: CardFacts) -> str:
             name=name,
             model_link=(
                 f"[{model.name}](https://huggingface.co/{model.name})"
-                if _is_hub_id(model.name)
+                if is_hub_id(model.name)
                 else f"`{model.name}`"
             ),
             code=quick_start(config, layout, facts.layers),

@@ -23,6 +23,7 @@ from .errors import LoupeError
 from .progress import setup_logging
 
 CONFIG_ENV = "LOUPE_CONFIG"
+INTERRUPTED = "nothing finished is lost: run it again (training resumes from its last checkpoint)"
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ COMMANDS = {
     "demo-model": Command(
         "loupe.demo:build_model", "build the demo's tiny Gemma 4 model", ("corpus", "model")
     ),
+    "demo-transfer-model": Command(
+        "loupe.demo:build_transfer",
+        "build the demo's second model (the tiny model after more steps on other text)",
+        ("corpus", "model", "transfer_model"),
+    ),
     "browse": Command(
         "loupe.browse:browse",
         "serve the staged repo's feature browser on 127.0.0.1 until Ctrl-C",
@@ -72,7 +78,7 @@ COMMANDS = {
     "maxact": Command(
         "loupe.maxact:sample_layer",
         "max-activating examples and feature stats of one layer",
-        ("sae", "tokens", "manifest", "examples", "intervals", "stats", "logits"),
+        ("sae", "tokens", "manifest", "examples", "intervals", "stats", "logits", "random_windows"),
         layer=True,
         threads=True,
     ),
@@ -83,17 +89,57 @@ COMMANDS = {
         layer=True,
         threads=True,
     ),
+    "explain": Command(
+        "loupe.explain:explain_layer",
+        "explanations of one layer's features by an explainer LLM, a sample scored",
+        ("examples", "intervals", "stats", "random_windows", "record", "explanations"),
+        layer=True,
+    ),
+    "explain-dry-run": Command(
+        "loupe.explain:explain_dry_run",
+        "print the tokens the explain stage would send, per layer and in total",
+        path_lists=("examples", "intervals", "stats", "random_windows"),
+        layers=True,
+    ),
+    "neighbours": Command(
+        "loupe.neighbours:neighbours_layer",
+        "each feature's nearest features by decoder cosine, in its layer and the adjacent ones",
+        ("sae", "neighbours"),
+        optional_lists=("prev_sae", "next_sae"),  # empty where that layer is not configured
+        layer=True,
+    ),
+    "splice": Command(
+        "loupe.splice:splice_job",
+        "every layer's SAE spliced into one forward, and each prefix of the layers",
+        ("tokens", "manifest", "spliced"),
+        path_lists=("sae",),  # in model.layers order
+        threads=True,
+    ),
     "summary": Command(
         "loupe.summary:summarize",
         "metrics.csv and plots of the whole suite",
         ("metrics", "fvu", "delta_ce", "dead", "density", "curves"),
         path_lists=("evals", "stats", "train_metrics"),
     ),
+    "tradeoffs": Command(
+        "loupe.tradeoffs:summarize_tradeoffs",
+        "the sparsity ladder and the all-layer splice as tables and plots",
+        (
+            "spliced",
+            "ladder_csv",
+            "ladder_plot",
+            "spliced_csv",
+            "spliced_plot",
+            "transfer_csv",
+            "transfer_plot",
+        ),
+        path_lists=("evals",),
+    ),
     "stage": Command(
         "loupe.stage:stage_repo",
         "assemble the hub repo in one folder",
         ("manifest", "repo"),
-        path_lists=("sae", "examples", "intervals", "stats", "logits", "summary"),
+        path_lists=("sae", "examples", "intervals", "stats", "logits", "neighbours", "summary"),
         threads=True,
     ),
     "neuronpedia": Command(
@@ -212,6 +258,13 @@ def _log_to(paths: list[Path] | None):
         logging.root.handlers[:] = handlers
 
 
+def error_line(command: str, error: LoupeError) -> str:
+    """The one line a LoupeError prints, also when it quotes a library's message of several
+    lines (torch's state-dict size mismatches list one line per tensor)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"loupe {command}: error: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     terminal = sys.stderr
@@ -224,13 +277,22 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run(args)
             except LoupeError as e:
-                print(f"loupe {args.command}: error: {e}", file=sys.stderr)
+                print(error_line(args.command, e), file=sys.stderr)
                 raise
     except LoupeError as e:
         # The log has it too; the terminal gets exactly one line.
         if args.log:
-            print(f"loupe {args.command}: error: {e}", file=terminal)
+            print(error_line(args.command, e), file=terminal)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: no traceback through sparsify and torch. Every output is written whole or
+        # not at all, and training resumes from its last checkpoint.
+        line = f"loupe {args.command}: interrupted (Ctrl-C); {INTERRUPTED}"
+        print(line, file=terminal)
+        for path in args.log or []:
+            with open(path, "a") as f:
+                print(line, file=f)
+        return 130
     return 0
 
 

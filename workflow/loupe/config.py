@@ -147,10 +147,39 @@ class MaxactConfig:
     per_interval: int
     top_logits: int
     batch_size: int
+    random_windows: int
 
     @property
     def width(self) -> int:
         return self.window_before + 1 + self.window_after
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Feature explanations by an explainer LLM, scored with delphi's detection and fuzzing
+    (loupe.explain)."""
+
+    base_url: str | None
+    model: str
+    api_key_env: str | None
+    features: int | str
+    score_features: int
+    scorers: list[str]
+    explain_examples: int
+    score_examples: int
+    examples_per_prompt: int
+    max_tokens: int
+    concurrency: int
+    timeout: float
+    retries: int
+
+
+@dataclass(frozen=True)
+class NeighboursConfig:
+    """Each feature's nearest features by decoder cosine (loupe.neighbours)."""
+
+    top_n: int
+    chunk: int
 
 
 @dataclass(frozen=True)
@@ -159,6 +188,9 @@ class EvaluateConfig:
     max_tokens: int
     logit_chunk: int
     dense_threshold: float
+    k_ladder: list[int]
+    transfer_models: list[str]
+    spliced_max_tokens: int
 
 
 @dataclass(frozen=True)
@@ -181,6 +213,7 @@ class DemoConfig:
     corpus: str
     model: str
     min_corpus_bytes: int
+    transfer_model: str | None
 
 
 @dataclass(frozen=True)
@@ -194,7 +227,9 @@ class Config:
     maxact: MaxactConfig
     evaluate: EvaluateConfig
     hub: HubConfig
+    neighbours: NeighboursConfig
     demo: DemoConfig | None = None
+    explain: ExplainConfig | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:
@@ -243,7 +278,9 @@ SECTIONS = {
     "maxact": MaxactConfig,
     "evaluate": EvaluateConfig,
     "hub": HubConfig,
+    "neighbours": NeighboursConfig,
     "demo": DemoConfig,
+    "explain": ExplainConfig,
 }
 
 # The output-changing keys each stage reads ("section" = all of its output-changing keys,
@@ -253,6 +290,7 @@ SECTIONS = {
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "demo_corpus": ("demo.min_corpus_bytes",),
     "demo_model": (),
+    "demo_transfer_model": (),
     "tokenize": (
         "model.name",
         "model.revision",
@@ -274,7 +312,26 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "model.dtype",
         "maxact",
     ),
-    "evaluate": ("model.name", "model.revision", "model.hookpoint", "model.dtype", "evaluate"),
+    "explain": ("model.name", "maxact", "explain"),
+    "neighbours": ("neighbours",),
+    "evaluate": (
+        "model.name",
+        "model.revision",
+        "model.hookpoint",
+        "model.dtype",
+        "evaluate.max_tokens",
+        "evaluate.dense_threshold",
+        "evaluate.k_ladder",
+        "evaluate.transfer_models",
+    ),
+    "spliced": (
+        "model.name",
+        "model.revision",
+        "model.hookpoint",
+        "model.dtype",
+        "model.layers",
+        "evaluate.spliced_max_tokens",
+    ),
     "summary": ("model.name", "model.layers"),
     "stage": (
         "model",
@@ -284,6 +341,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
         "train",
         "maxact",
         "evaluate",
+        "neighbours",
         "hub.repo",
         "hub.prefix",
         "hub.license",
@@ -319,7 +377,7 @@ def check_train_settings(
     """One LoupeError line for a value the schema accepts but sparsify cannot train with.
 
     Needs no model and no torch: at workflow start, call it with the config alone (the split's
-    rows follow from `tokens`); train_layer calls it again with the hookpoint's width `d_in`,
+    rows follow from `tokens`); train_group calls it again with the hookpoint's width `d_in`,
     the split's `rows` and the model's `vocab`, before it touches the checkpoint folder."""
     sae, train = config.sae, config.train
     rows = config.tokens.rows()["train"] if rows is None else rows
@@ -356,6 +414,23 @@ def check_train_settings(
             )
     if vocab is not None and (outside := [t for t in train.exclude_tokens if t >= vocab]):
         raise LoupeError(f"train.exclude_tokens {outside} outside the vocabulary ({vocab} ids)")
+
+
+def check_yaml(path: str | Path) -> None:
+    """One line naming the file and the line of a YAML mistake in a config file (Snakemake's
+    own message names neither)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoupeError(f"config file {path} cannot be read: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LoupeError(f"config file {path}{where} is not valid YAML: {what}") from None
 
 
 # --- the schema -------------------------------------------------------------------------------
@@ -410,6 +485,9 @@ def validate(data: dict, schema: dict | None = None) -> dict:
         dataset = data.get("dataset") or {}
         if (dataset.get("path") is None) == (dataset.get("redpajama") is None):
             raise LoupeError("config error at dataset: give exactly one of path and redpajama")
+        for key in ("repo", "space"):
+            if name := (data.get("hub") or {}).get(key):
+                _check_repo_id(f"hub/{key}", name)
         return data
     key = "/".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties":
@@ -420,6 +498,17 @@ def validate(data: dict, schema: dict | None = None) -> dict:
             f" (known keys here: {', '.join(known)})"
         )
     raise LoupeError(f"config error at {key or '(top level)'}: {error.message}")
+
+
+def _check_repo_id(key: str, name: str) -> None:
+    """The Hub's own rules for a repo id (characters, length, no `--`), checked at start: else
+    the staged card names a repo that the upload, hours later, cannot create."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise LoupeError(f"config error at {key}: {e}") from None
 
 
 def stage_settings(data: dict, stage: str, schema: dict | None = None) -> dict:

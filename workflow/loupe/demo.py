@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,13 +201,16 @@ def tiny_gemma4_config(spec: TinyModelSpec):
     return Gemma4Config(text_config=text, vision_config=None, audio_config=None)
 
 
-def pretrain(model, tokenizer, corpus: Path, spec: TinyModelSpec) -> list[float]:
-    """A few AdamW steps of next-token training on the corpus; returns the losses."""
+def pretrain(
+    model, tokenizer, corpus: Path, spec: TinyModelSpec, texts: Iterable[str] | None = None
+) -> list[float]:
+    """A few AdamW steps of next-token training on the corpus (or on `texts`, if given);
+    returns the losses."""
     import torch
 
     need = spec.pretrain_steps * spec.pretrain_batch * (spec.pretrain_ctx - 1)
     stream: list[int] = []
-    for text in _texts(corpus):
+    for text in _texts(corpus) if texts is None else texts:
         stream += tokenizer(text, add_special_tokens=False).input_ids + [EOS_ID]
         if len(stream) >= need:
             break
@@ -247,6 +250,38 @@ def build_tiny_model(out_dir: Path, corpus: Path, spec: TinyModelSpec) -> None:
         )
 
 
+# The second model: the tiny model after this many more steps on the corpus's last documents
+# (pretraining read its first ones), as an instruction-tuned model is its base after more
+# training on other text. Enough that the SAEs' metrics on it differ measurably.
+TRANSFER_STEPS = 30
+
+
+def build_transfer_model(base: Path, corpus: Path, out_dir: Path, steps: int = TRANSFER_STEPS):
+    """Save the tiny model at `base` after `steps` more AdamW steps on other text (the
+    corpus read from its end), with the same tokenizer; returns the losses."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoTokenizer, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(TinyModelSpec.seed + 1)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = Gemma4ForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    spec = dataclasses.replace(TinyModelSpec(), pretrain_steps=steps)
+    losses = pretrain(model, tokenizer, corpus, spec, texts=reversed(list(_texts(corpus))))
+    with atomic_dir(out_dir) as tmp:
+        model.eval().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log.info(
+        "demo transfer model: %d more steps (loss %.3f -> %.3f) -> %s",
+        steps,
+        losses[0],
+        losses[-1],
+        out_dir,
+    )
+    return losses
+
+
 def build_corpus(config: Config, corpus: Path) -> dict:
     """The demo_corpus rule's job: at least demo.min_corpus_bytes of text in `corpus`."""
     return write_corpus(Path(corpus), config.demo.min_corpus_bytes)
@@ -255,3 +290,8 @@ def build_corpus(config: Config, corpus: Path) -> dict:
 def build_model(config: Config, corpus: Path, model: Path) -> None:
     """The demo_model rule's job: the tiny Gemma 4 model and tokenizer, trained on `corpus`."""
     build_tiny_model(Path(model), Path(corpus), TinyModelSpec())
+
+
+def build_transfer(config: Config, corpus: Path, model: Path, transfer_model: Path) -> None:
+    """The demo_transfer_model rule's job: the demo's second model from `model`."""
+    build_transfer_model(Path(model), Path(corpus), Path(transfer_model))

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,8 @@ from torch import nn
 from .atomic import write_json
 from .config import Config, EvaluateConfig
 from .errors import LoupeError
-from .metrics import EVAL_COLUMNS
-from .model import get_hookpoint, open_layer, text_config
+from .metrics import EVAL_COLUMNS, LADDER_COLUMNS, TRANSFER_COLUMNS
+from .model import get_hookpoint, hidden_size, load_model, open_layer, text_config
 from .progress import progress
 from .tokens import open_split, read_tokens_manifest
 
@@ -118,12 +118,24 @@ def keep_mask(input_ids: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
 # --- reconstruction metrics ----------------------------------------------------------------
 
 
-def reconstruct(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_at(sae, x: torch.Tensor, k: int):
+    """sparsify's `sae.encode` with `k` latents kept per row instead of the trained cfg.k (the
+    same fused encoder, so at k == cfg.k it is exactly `encode`)."""
+    from sparsify.fused_encoder import fused_encoder
+
+    if not sae.cfg.transcode:
+        x = x - sae.b_dec
+    return fused_encoder(x, sae.encoder.weight, sae.encoder.bias, k, sae.cfg.activation)
+
+
+def reconstruct(sae, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The SAE's k-latent reconstruction of x [n, d_in] (float32), and the number of nonzero
-    latents per row [n]. Not `sae.forward`: with multi_topk its output uses 4k latents."""
-    enc = sae.encode(x)
+    latents per row [n]; k defaults to the trained cfg.k. Not `sae.forward`: with multi_topk
+    its output uses 4k latents."""
+    k = sae.cfg.k if k is None else k
+    enc = sae.encode(x) if k == sae.cfg.k else encode_at(sae, x, k)
     # TopK (and groupmax) select exactly k latents per token; anything else is a bug.
-    assert enc.top_indices.shape[-1] == sae.cfg.k, (enc.top_indices.shape, sae.cfg.k)
+    assert enc.top_indices.shape[-1] == k, (enc.top_indices.shape, k)
     recon = sae.decode(enc.top_acts, enc.top_indices)
     if getattr(sae, "W_skip", None) is not None:
         recon = recon + x.to(sae.dtype) @ sae.W_skip.mT
@@ -194,7 +206,35 @@ class ReconStats:
 
 # --- next-token loss -----------------------------------------------------------------------
 
-_LOSS_KEYS = ("ce_clean", "ce_spliced", "ce_zero", "kl", "kl_zero")
+
+def run_losses(
+    head: LogitHead,
+    clean: torch.Tensor,
+    runs: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    chunk: int,
+) -> dict[str, float]:
+    """Summed CE of the clean run ("ce_clean") and of each modified run ("ce_<name>"), and
+    summed KL(clean || run) ("kl_<name>") over n positions. clean and each run: [n, d] final
+    hidden states; targets: [n] next tokens. Logits exist for `chunk` positions at a time."""
+    sums = {"ce_clean": 0.0}
+    for name in runs:
+        sums[f"ce_{name}"] = sums[f"kl_{name}"] = 0.0
+    for start in range(0, len(targets), chunk):
+        part = slice(start, start + chunk)
+        t = targets[part, None]
+        lp_clean = head.log_probs(clean[part])
+        p_clean = lp_clean.exp()
+        # KL(p || q) = sum p log p - sum p log q; the first term is shared by every run.
+        neg_entropy = float((p_clean * lp_clean).sum())
+        sums["ce_clean"] -= float(lp_clean.gather(-1, t).sum())
+        del lp_clean
+        for name, hidden in runs.items():
+            lp = head.log_probs(hidden[part])
+            sums[f"ce_{name}"] -= float(lp.gather(-1, t).sum())
+            sums[f"kl_{name}"] += neg_entropy - float((p_clean * lp).sum())
+            del lp
+    return sums
 
 
 def next_token_losses(
@@ -208,23 +248,8 @@ def next_token_losses(
     """Summed CE of the three runs and summed KL(clean || spliced), KL(clean || zero) over
     n positions. clean/spliced/zero: [n, d] final hidden states; targets: [n] next tokens.
     Logits exist for `chunk` positions at a time only."""
-    sums = dict.fromkeys(_LOSS_KEYS, 0.0)
-    for start in range(0, len(targets), chunk):
-        part = slice(start, start + chunk)
-        t = targets[part, None]
-        lp_clean = head.log_probs(clean[part])
-        p_clean = lp_clean.exp()
-        # KL(p || q) = sum p log p - sum p log q; the first term is shared by both runs.
-        neg_entropy = float((p_clean * lp_clean).sum())
-        sums["ce_clean"] -= float(lp_clean.gather(-1, t).sum())
-        del lp_clean
-        for name, hidden in (("spliced", spliced), ("zero", zero)):
-            lp = head.log_probs(hidden[part])
-            sums[f"ce_{name}"] -= float(lp.gather(-1, t).sum())
-            sums["kl" if name == "spliced" else "kl_zero"] += neg_entropy - float(
-                (p_clean * lp).sum()
-            )
-            del lp
+    sums = run_losses(head, clean, {"spliced": spliced, "zero": zero}, targets, chunk)
+    sums["kl"] = sums.pop("kl_spliced")
     return sums
 
 
@@ -265,13 +290,26 @@ def evaluate_sae(
     """Reconstruction and loss metrics of `sae` at `hookpoint` on token rows [rows, ctx_len]
     (at most spec.max_tokens tokens, whole rows). Three passes per batch: clean (recording the
     layer's output, reconstructed here), with the reconstruction spliced in, and with the
-    positions zeroed."""
+    positions zeroed; then one spliced pass per k of spec.k_ladder other than the trained k
+    (the trained k's entry is the main splice itself): its metrics under "ladder"."""
     rows = min(len(tokens), max(1, math.ceil(spec.max_tokens / tokens.shape[1])))
     module = get_hookpoint(model, hookpoint)
     head = LogitHead.of(model)
     device = next(model.parameters()).device
+    ladder = sorted(spec.k_ladder)
+    if ladder and ladder[-1] > sae.num_latents:
+        raise LoupeError(
+            f"evaluate.k_ladder's k {ladder[-1]} exceeds the SAE's {sae.num_latents} latents"
+        )
+    if sae.cfg.activation != "topk" and set(ladder) - {sae.cfg.k}:
+        # groupmax's k is its number of groups: another k is another SAE, not a sparsity level.
+        raise LoupeError(
+            f"evaluate.k_ladder needs a topk SAE; this one is {sae.cfg.activation} (k"
+            f" {sae.cfg.k}): set evaluate.k_ladder to [] or [{sae.cfg.k}]"
+        )
     recon_stats = ReconStats()
-    loss_sums = dict.fromkeys(_LOSS_KEYS, 0.0)
+    ladder_stats = {k: ReconStats() for k in ladder if k != sae.cfg.k}
+    loss_sums: dict[str, float] = {}
     loss_positions = 0
     bar = progress(total=rows, desc=f"evaluate {hookpoint}", unit="row")
     for start in range(0, rows, spec.batch_size):
@@ -293,16 +331,23 @@ def evaluate_sae(
         # Position t predicts token t+1: the last position has no target.
         at = mask.clone()
         at[:, -1] = False
+        runs = {"spliced": spliced[at], "zero": zero[at]}
+        for k, stats in ladder_stats.items():
+            recon_k, active_k = reconstruct(sae, x, k)
+            stats.add(x, recon_k, active_k)
+            with substituted_output(module, mask, recon_k.to(h.dtype)):
+                runs[f"k{k}"] = final_hidden(model, ids)[at]
         targets = ids[:, 1:][at[:, :-1]]
-        sums = next_token_losses(head, clean[at], spliced[at], zero[at], targets, spec.logit_chunk)
+        sums = run_losses(head, clean[at], runs, targets, spec.logit_chunk)
+        sums["kl"] = sums.pop("kl_spliced")
         for k, v in sums.items():
-            loss_sums[k] += v
+            loss_sums[k] = loss_sums.get(k, 0.0) + v
         loss_positions += len(targets)
         bar.update(len(ids))
     bar.close()
     if not loss_positions:
         raise LoupeError("no positions to evaluate: every eval token is BOS/EOS/PAD")
-    return {
+    result = {
         **recon_stats.result(),
         **loss_metrics(loss_sums, loss_positions),
         "k": sae.cfg.k,
@@ -311,6 +356,34 @@ def evaluate_sae(
         "tokens": recon_stats.n,
         "ce_tokens": loss_positions,
     }
+    if ladder:
+        result["ladder"] = [
+            ladder_entry(k, result)
+            if k == sae.cfg.k
+            else ladder_entry(
+                k,
+                {
+                    **ladder_stats[k].result(),
+                    **loss_metrics(
+                        {
+                            "ce_clean": loss_sums["ce_clean"],
+                            "ce_spliced": loss_sums[f"ce_k{k}"],
+                            "ce_zero": loss_sums["ce_zero"],
+                            "kl": loss_sums[f"kl_k{k}"],
+                            "kl_zero": loss_sums["kl_zero"],
+                        },
+                        loss_positions,
+                    ),
+                },
+            )
+            for k in ladder
+        ]
+    return result
+
+
+def ladder_entry(k: int, metrics: dict) -> dict:
+    """One rung of eval.json's "ladder": k, then loupe.metrics.LADDER_COLUMNS' keys."""
+    return {"k": k, **{c.name: metrics[c.name] for c in LADDER_COLUMNS}}
 
 
 # --- feature stats -------------------------------------------------------------------------
@@ -348,6 +421,38 @@ def read_feature_stats(path: Path, num_latents: int) -> tuple[np.ndarray, np.nda
 # --- the rule's job ------------------------------------------------------------------------
 
 
+def transfer_entry(config: Config, name: str, job, split: np.ndarray) -> dict:
+    """The SAE of `job` scored on model `name` (e.g. the instruction-tuned model): its
+    activations at the same hookpoint, spliced into it, on the same eval rows; no ladder."""
+    m = config.model
+    model = load_model(name, job.device, m.revision if name == m.name else None, m.dtype, head=True)
+    if hidden_size(model) != job.sae.d_in:
+        raise LoupeError(
+            f"evaluate.transfer_models: {name} has hidden size {hidden_size(model)}, the SAE"
+            f" reads {job.sae.d_in}-dim activations"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(split.max()) >= vocab:
+        raise LoupeError(
+            f"evaluate.transfer_models: the eval split holds token id {int(split.max())}, but"
+            f" {name} has {vocab} embeddings: it uses another tokenizer"
+        )
+    t0 = time.perf_counter()
+    spec = replace(config.evaluate, k_ladder=[])
+    measured = evaluate_sae(model, job.sae, job.hookpoint, split, job.special_ids, spec)
+    log.info(
+        "layer %d on %s: fvu %.4f, delta CE %+.4f, KL %.4f in %.1fs",
+        job.layer,
+        name,
+        measured["fvu"],
+        measured["delta_ce"],
+        measured["kl"],
+        time.perf_counter() - t0,
+    )
+    del model
+    return {"model": name, **{c.name: measured[c.name] for c in TRANSFER_COLUMNS}}
+
+
 def evaluate_layer(
     config: Config,
     layer: int,
@@ -368,6 +473,9 @@ def evaluate_layer(
         job.model, job.sae, job.hookpoint, split, job.special_ids, config.evaluate
     )
     elapsed = time.perf_counter() - t0
+    transfer = [
+        transfer_entry(config, name, job, split) for name in config.evaluate.transfer_models
+    ]
     values = {
         "layer": layer,
         "hookpoint": job.hookpoint,
@@ -377,6 +485,8 @@ def evaluate_layer(
     # The vocabulary's keys first, in its order (a key no computation made fails here); then
     # what the metrics were computed over.
     result = {c.name: values.pop(c.name) for c in EVAL_COLUMNS}
+    if transfer:
+        values["transfer"] = transfer
     result.update(
         values,
         seconds=round(elapsed, 2),

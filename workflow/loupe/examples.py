@@ -31,6 +31,23 @@ def schema(columns: str):
     return pa.schema([(n, getattr(pa, t)()) for n, t in (c.split(":") for c in columns.split())])
 
 
+def feature_file_writer(path: Path, schema, metadata: dict | None = None, sorted_by: int = 3):
+    """A ParquetWriter for a per-feature file sorted by its first `sorted_by` columns: zstd,
+    a page index, the run's metadata as JSON under "loupe". Callers write one row group per
+    ROW_GROUP_FEATURES features, into a temporary path (io.atomic_path)."""
+    import pyarrow.parquet as pq
+
+    if metadata is not None:
+        schema = schema.with_metadata({"loupe": json.dumps(metadata, sort_keys=True)})
+    return pq.ParquetWriter(
+        path,
+        schema,
+        compression="zstd",
+        write_page_index=True,
+        sorting_columns=[pq.SortingColumn(i) for i in range(sorted_by)],
+    )
+
+
 def examples_schema():
     # The published columns first, exactly as the model card names them.
     return schema(
@@ -272,3 +289,40 @@ def write_stats(
             write_page_index=True,
         )
     return {"dead": int((~firing).sum()), "examples": int(kept.sum())}
+
+
+def write_random_windows(
+    path: Path, pool: dict[str, np.ndarray], tokens: np.ndarray, tokenizer, metadata: dict
+) -> int:
+    """random_windows.parquet from RandomWindows.cpu(): one row per window, in split order:
+    window, sequence, start, token_ids, context, context_tokens (JSON, as in the examples),
+    and per token its sparse code, `features` and `activations` ([width][k] lists; an
+    activation of 0 marks an uncounted position). zstd. Returns rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, starts = pool["rows"], pool["starts"]
+    size, width, k = pool["acts"].shape
+    ids = np.asarray(tokens[rows[:, None], starts[:, None] + np.arange(width)]).astype(np.int64)
+    strings = TokenStrings(tokenizer)
+    offsets = np.arange(0, size * width + 1, width)
+
+    def nested(flat: np.ndarray, typ) -> pa.Array:
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), typ), k)
+        return pa.FixedSizeListArray.from_arrays(inner, width)
+
+    table = pa.table(
+        {
+            "window": pa.array(np.arange(size, dtype=np.int64)),
+            "sequence": pa.array(rows.astype(np.int64)),
+            "start": pa.array(starts.astype(np.int64)),
+            "token_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), width),
+            "context": pa.array(decode_many(tokenizer, ids.tolist())),
+            "context_tokens": _json_lists(pa.array(strings.as_json(ids.reshape(-1))), offsets),
+            "features": nested(pool["indices"].astype(np.int32), pa.int32()),
+            "activations": nested(pool["acts"].astype(np.float32), pa.float32()),
+        }
+    ).replace_schema_metadata({"loupe": json.dumps(metadata, sort_keys=True)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return size

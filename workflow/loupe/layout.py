@@ -10,6 +10,7 @@ SAE_CFG = "cfg.json"
 SAE_WEIGHTS = "sae.safetensors"
 # Beside the SAE in results/layer_N/ (not published in the SAE folder).
 TRAIN_METRICS = "train_metrics.jsonl"
+SAE_DIGEST = "sae.sha256"  # the weights' sha256: their content key in the DAG (train.sae_digest)
 # The repo root.
 CARD = "README.md"
 RUN_CONFIG = "config.json"
@@ -27,6 +28,7 @@ PER_LAYER = {
     "intervals": "interval_examples",
     "stats": "feature_stats",
     "logits": "feature_logits",
+    "neighbours": "feature_neighbours",
 }
 
 

@@ -4,7 +4,6 @@ product never exists whole; written as feature_logits.parquet."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +13,7 @@ import torch
 
 from .atomic import atomic_path
 from .errors import LoupeError
-from .examples import ROW_GROUP_FEATURES, schema
+from .examples import ROW_GROUP_FEATURES, feature_file_writer, schema
 from .progress import progress
 
 # ---------------------------------------------------------------------------------------------
@@ -58,6 +57,61 @@ def _chunk_top(logits: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tenso
 
 
 @torch.inference_mode()
+def blocked_top_k(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    directions: tuple[bool, ...] = (True,),
+    query_chunk: int = 1024,
+    key_chunk: int = 65536,
+    skip_self: bool = False,
+    desc: str = "top k",
+) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+    """Per row of queries [Q, d], the k largest (direction True) and/or smallest (False) dot
+    products with the rows of keys [K, d], and those rows' indices: {direction: (values
+    [Q, k], indices [Q, k] int64)}, best first, equal values by index (also at the k-th
+    place: the lower indices make the cut). Computed on queries' device in fp32 (fp64 if
+    given), in blocks of query_chunk x key_chunk, so the [Q, K] product never exists whole.
+    skip_self: queries and keys are the same set, and a row never matches itself."""
+    num = queries.shape[0]
+    count = keys.shape[0] - (1 if skip_self else 0)
+    if not 1 <= k <= count:
+        raise LoupeError(f"{desc}: k must be between 1 and {count}, got {k}")
+    if query_chunk < 1 or key_chunk < 1:
+        raise LoupeError(f"{desc}: chunk sizes must be at least 1")
+    device = queries.device
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    out: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
+        d: ([], []) for d in directions
+    }
+    bar = progress(total=num, desc=desc, unit="row", unit_scale=True)
+    for q0 in range(0, num, query_chunk):
+        block = queries[q0 : q0 + query_chunk].to(dtype)
+        rows = torch.arange(q0, q0 + block.shape[0], device=device)[:, None]
+        best: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        for k0 in range(0, keys.shape[0], key_chunk):
+            product = block @ keys[k0 : k0 + key_chunk].to(device, dtype).T  # [chunk, kchunk]
+            own = None
+            if skip_self:
+                own = rows == torch.arange(k0, k0 + product.shape[1], device=device)[None]
+            for largest in directions:
+                scores = product
+                if own is not None:  # the row itself can never win
+                    scores = product.masked_fill(own, -torch.inf if largest else torch.inf)
+                vals, ids = _chunk_top(scores, min(k, scores.shape[1]), largest)
+                ids = ids + k0
+                if largest in best:
+                    vals = torch.cat([best[largest][0], vals], dim=1)
+                    ids = torch.cat([best[largest][1], ids], dim=1)
+                best[largest] = _best(vals, ids, k, largest)
+        for largest in directions:
+            out[largest][0].append(best[largest][0])
+            out[largest][1].append(best[largest][1])
+        bar.update(block.shape[0])
+    bar.close()
+    return {d: (torch.cat(v), torch.cat(i)) for d, (v, i) in out.items()}
+
+
 def top_logits(
     W_dec: torch.Tensor,
     W_U: torch.Tensor,
@@ -68,8 +122,8 @@ def top_logits(
     """Each feature's k largest and k smallest W_dec[f] . W_U[t] over the vocabulary.
 
     W_dec: [F, d] decoder directions; W_U: [vocab, d] the unembedding (for Gemma the tied
-    embedding matrix). Computed on W_dec's device in fp32 (fp64 if given), in blocks of
-    feature_chunk x vocab_chunk, so the [F, vocab] product never exists whole.
+    embedding matrix). Computed by blocked_top_k on W_dec's device in fp32 (fp64 if given),
+    in blocks of feature_chunk x vocab_chunk, so the [F, vocab] product never exists whole.
 
     The direction goes straight through the unembedding, as SAEDashboard's Neuronpedia runner
     does (`feature_resid_dir @ W_U`, the model loaded without processing or W_U taken from the
@@ -82,7 +136,7 @@ def top_logits(
             f"top_logits needs W_dec [F, d] and W_U [vocab, d], got {list(W_dec.shape)} and"
             f" {list(W_U.shape)}"
         )
-    num, d = W_dec.shape
+    d = W_dec.shape[1]
     vocab = W_U.shape[0]
     if W_U.shape[1] != d:
         raise LoupeError(
@@ -93,27 +147,10 @@ def top_logits(
         raise LoupeError(f"top_logits k must be between 1 and the vocabulary size {vocab}, got {k}")
     if feature_chunk < 1 or vocab_chunk < 1:
         raise LoupeError("top_logits chunk sizes must be at least 1")
-    device = W_dec.device
-    dtype = torch.promote_types(W_dec.dtype, torch.float32)
-    out: list[list[torch.Tensor]] = [[], [], [], []]
-    bar = progress(total=num, desc="top logits", unit="feature", unit_scale=True)
-    for f0 in range(0, num, feature_chunk):
-        dec = W_dec[f0 : f0 + feature_chunk].to(dtype)
-        best: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-        for v0 in range(0, vocab, vocab_chunk):
-            logits = dec @ W_U[v0 : v0 + vocab_chunk].to(device, dtype).T  # [chunk, vchunk]
-            for largest in (True, False):
-                vals, ids = _chunk_top(logits, min(k, logits.shape[1]), largest)
-                ids = ids + v0
-                if largest in best:
-                    vals = torch.cat([best[largest][0], vals], dim=1)
-                    ids = torch.cat([best[largest][1], ids], dim=1)
-                best[largest] = _best(vals, ids, k, largest)
-        for i, t in enumerate((*best[True], *best[False])):
-            out[i].append(t)
-        bar.update(dec.shape[0])
-    bar.close()
-    return FeatureLogits(*(torch.cat(ts) for ts in out))
+    best = blocked_top_k(
+        W_dec, W_U, k, (True, False), feature_chunk, vocab_chunk, desc="top logits"
+    )
+    return FeatureLogits(*best[True], *best[False])
 
 
 def feature_logits_schema():
@@ -159,21 +196,10 @@ def write_feature_logits(
 ) -> int:
     """A feature-logits parquet file: sorted by feature, sign, rank; zstd; one row group per
     ROW_GROUP_FEATURES features; written atomically. Returns rows."""
-    import pyarrow.parquet as pq
-
     cpu = FeatureLogits(*(t.cpu() for t in logits))
-    schema = feature_logits_schema()
-    if metadata is not None:
-        schema = schema.with_metadata({"loupe": json.dumps(metadata, sort_keys=True)})
     written = 0
     with atomic_path(path) as tmp:
-        with pq.ParquetWriter(
-            tmp,
-            schema,
-            compression="zstd",
-            write_page_index=True,
-            sorting_columns=[pq.SortingColumn(i) for i in range(3)],
-        ) as writer:
+        with feature_file_writer(tmp, feature_logits_schema(), metadata) as writer:
             for first in range(0, cpu.positive_values.shape[0], ROW_GROUP_FEATURES):
                 part = FeatureLogits(*(t[first : first + ROW_GROUP_FEATURES] for t in cpu))
                 table = feature_logits_table(part, token_strings, first_feature=first)

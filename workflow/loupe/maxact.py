@@ -16,11 +16,18 @@ import numpy as np
 import torch
 
 from .config import Config, MaxactConfig
-from .examples import TokenStrings, write_examples, write_stats
+from .examples import TokenStrings, write_examples, write_random_windows, write_stats
 from .logits import top_logits, write_feature_logits
 from .model import capture, open_layer
 from .progress import progress
-from .samplers import ActivationHistogram, Batch, FiringStats, IntervalExamples, TopExamples
+from .samplers import (
+    ActivationHistogram,
+    Batch,
+    FiringStats,
+    IntervalExamples,
+    RandomWindows,
+    TopExamples,
+)
 from .tokens import load_tokenizer, open_split, read_tokens_manifest
 
 log = logging.getLogger(__name__)
@@ -46,12 +53,14 @@ def encode_batch(
 @dataclass
 class Sampled:
     """What one pass keeps: the top examples, the interval examples and the activation
-    histogram (each None if switched off), and the firing statistics."""
+    histogram (each None if switched off), the firing statistics, and the random-window pool
+    (maxact.random_windows of them, possibly none)."""
 
     top: TopExamples
     intervals: IntervalExamples | None
     stats: FiringStats
     histogram: ActivationHistogram | None
+    random_windows: RandomWindows | None = None  # set by stream
 
 
 @torch.inference_mode()
@@ -79,6 +88,8 @@ def stream(
         ActivationHistogram(num, device) if histogram else None,
     )
     rows, seq = tokens.shape
+    k = sae.cfg.k
+    kept.random_windows = RandomWindows(rows, seq, spec.random_windows, spec.width, k, device)
     bar = progress(total=rows * seq, desc=desc, unit="tok", unit_scale=True)
     for start in range(0, rows, spec.batch_size):
         ids = torch.from_numpy(tokens[start : start + spec.batch_size].astype(np.int64))
@@ -90,6 +101,7 @@ def stream(
         kept.top.update(batch)
         if kept.intervals is not None:
             kept.intervals.update(batch)
+        kept.random_windows.update(batch)
         bar.update(ids.numel())
     bar.close()
     return kept
@@ -110,9 +122,11 @@ def sample_layer(
     stats: Path,
     logits: Path,
     threads: int = 1,
+    random_windows: Path | None = None,
 ) -> dict:
     """Stream the sample split through layers 0..layer and the SAE; write the four parquet
-    files (max_activations, interval_examples, feature_stats, feature_logits)."""
+    files (max_activations, interval_examples, feature_stats, feature_logits), and the pool of
+    random windows with their sparse codes where `random_windows` names a file."""
     maxact = config.maxact
     split = open_split(tokens, read_tokens_manifest(manifest))
     job = open_layer(config, layer, threads, head=True, sae=sae, manifest=manifest)
@@ -170,6 +184,9 @@ def sample_layer(
         Path(intervals), kept.intervals.cpu(), split, tokenizer, maxact, layer, metadata, True
     )
     write_feature_logits(Path(logits), promoted, TokenStrings(tokenizer), metadata)
+    pool = kept.random_windows
+    if random_windows is not None:
+        write_random_windows(Path(random_windows), pool.cpu(), split, tokenizer, metadata)
     summary = {
         "layer": layer,
         "tokens": rows * seq,
@@ -181,6 +198,7 @@ def sample_layer(
         "features": coder.num_latents,
         "examples": written,
         "interval_examples": spread,
+        "random_windows": len(pool.rows),
     }
     log.info(
         "layer %d: %s tokens (%s non-special) in %.1fs (%.0f tokens/s); %d of %d features dead;"

@@ -66,6 +66,48 @@ EVAL_COLUMNS: tuple[Column, ...] = (
     ),
 )
 
+# eval.json's "ladder": one entry per k of evaluate.k_ladder (the SAE's encoder keeping k
+# latents per token instead of the trained k), each these keys of EVAL_COLUMNS after "k";
+# metrics.csv gains them as "<name>@k<k>" columns.
+LADDER_COLUMNS: tuple[Column, ...] = tuple(
+    c
+    for c in EVAL_COLUMNS
+    if c.name
+    in (
+        "fvu",
+        "explained_variance",
+        "cosine",
+        "l0",
+        "ce_loss_spliced",
+        "delta_ce",
+        "ce_loss_score",
+        "kl",
+    )
+)
+
+
+# results/summary/spliced.json's "prefixes": one entry per prefix of model.layers (the SAEs of
+# its first layers spliced in at once; the last entry, also under "suite", splices them all).
+# metrics.csv gains ce_loss_spliced_prefix, delta_ce_prefix and kl_prefix: the prefix that ends
+# at the row's layer.
+SPLICED_COLUMNS: tuple[Column, ...] = (
+    _fact("spliced_layers", "how many layers have their SAE spliced in (the first ones)"),
+    _fact("last_hookpoint", "the deepest spliced hookpoint"),
+    Column(
+        "ce_loss_spliced",
+        "next-token loss with every layer up to this one replaced by its SAE's reconstruction",
+    ),
+    Column("delta_ce", "ce_loss_spliced - ce_loss_clean (lower is better)"),
+    Column("kl", "KL divergence of the spliced from the clean next-token distribution"),
+)
+
+# eval.json's "transfer": one entry per model of evaluate.transfer_models (e.g. the
+# instruction-tuned model), "model" then these keys of EVAL_COLUMNS, measured on that model's
+# activations with the SAE spliced into it (same eval tokens, same definitions).
+TRANSFER_COLUMNS: tuple[Column, ...] = tuple(
+    c for c in EVAL_COLUMNS if c.metric and c.name not in ("dead_fraction", "dense_fraction")
+)
+
 # The measured qualities among them, in the same order.
 METRICS: tuple[Column, ...] = tuple(c for c in EVAL_COLUMNS if c.metric)
 

@@ -32,11 +32,6 @@ _NON_TEXT_MODULES = (
 )
 
 
-def is_local_path(name: str) -> bool:
-    """A folder, not a hub id ("owner/name" or "name"): deeper nesting or a path prefix."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 # The sparsify releases loupe's Trainer patches (train.py) were written and tested against:
 # they override its checkpoint and resume internals, which change between releases.
 SPARSIFY_SUPPORTED = ("1.3.3",)
@@ -84,9 +79,9 @@ def load_model(
     (no LM head), or with `head` the causal LM (Gemma 4: Gemma4ForConditionalGeneration)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    if is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
-        # Else transformers tries the hub and reports a connection error instead.
-        raise LoupeError(f"model folder not found: {name} (check model.name)")
+    from .tokens import check_name
+
+    check_name("model.name", name)
     cls = AutoModelForCausalLM if head else AutoModel
     try:
         model = cls.from_pretrained(name, revision=revision, dtype=model_dtype(device, dtype))

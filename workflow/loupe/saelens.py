@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import Config
 from .layout import SAE_CFG, SAE_WEIGHTS, Layout
+from .tokens import is_hub_id
 
 # SAELens' file names (sae_lens/constants.py: SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME,
 # SPARSITY_FILENAME); its cfg.json has the same name as sparsify's.
@@ -199,7 +200,7 @@ def sae_shape(weights: Path) -> tuple[int, int]:
 
 def model_link(name: str) -> str | None:
     """The model's Hub page, if `name` is a Hub id (owner/name) rather than a local folder."""
-    if "/" in name and not Path(name).exists() and len(name.split("/")) == 2:
+    if is_hub_id(name):
         return f"https://huggingface.co/{name}"
     return None
 

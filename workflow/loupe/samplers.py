@@ -468,3 +468,59 @@ class IntervalExamples:
         out["lower"], out["upper"] = lower.cpu().numpy(), upper.cpu().numpy()
         out["count"] = self.counts.cpu().numpy()
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Random windows: contexts whose every activation is known
+
+# The pool's seed: the same windows for every layer and every run of a split.
+RANDOM_WINDOWS_SEED = 0
+
+
+class RandomWindows:
+    """A seeded pool of random windows of the split, each with every token's sparse code (the
+    TopK indices and activations, uncounted positions zeroed): a scorer's non-activating
+    contexts for feature f are the windows where f is in no token's code, known exactly, not
+    guessed from a feature's missing examples.
+
+    The windows (distinct (row, start) pairs, `width` tokens each, inside one row) are drawn
+    before the pass from a numpy generator seeded with RANDOM_WINDOWS_SEED, so they depend only
+    on the split's shape, never on the model; each batch copies the codes of the windows in its
+    rows. State: acts [size, width, k] float32 and indices int32, on the device: 1,000 windows
+    of 41 tokens at k = 100 hold 33 MB, whatever the sample size."""
+
+    def __init__(
+        self, rows: int, seq: int, size: int, width: int, k: int, device: torch.device
+    ) -> None:
+        width = min(width, seq)
+        starts = seq - width + 1
+        size = min(size, rows * starts)
+        rng = np.random.default_rng(RANDOM_WINDOWS_SEED)
+        chosen = np.sort(rng.choice(rows * starts, size=size, replace=False))
+        self.rows, self.starts = chosen // starts, chosen % starts  # [size] int64, row order
+        self.width = width
+        self.acts = torch.zeros(size, width, k, device=device)
+        self.indices = torch.zeros(size, width, k, dtype=torch.int32, device=device)
+
+    def update(self, batch: Batch) -> int:
+        """Copy the codes of the windows whose row is in this batch; returns how many."""
+        first, device = batch.first_row, batch.acts.device
+        lo, hi = np.searchsorted(self.rows, [first, first + len(batch.acts)])
+        if lo == hi:
+            return 0
+        row = torch.as_tensor(self.rows[lo:hi] - first, device=device)[:, None]
+        t = torch.as_tensor(self.starts[lo:hi], device=device)[:, None] + torch.arange(
+            self.width, device=device
+        )
+        self.acts[lo:hi] = batch.acts[row, t]
+        self.indices[lo:hi] = batch.indices[row, t].to(torch.int32)
+        return int(hi - lo)
+
+    def cpu(self) -> dict[str, np.ndarray]:
+        """rows, starts [size] int64; acts [size, width, k] float32, indices int32."""
+        return {
+            "rows": self.rows,
+            "starts": self.starts,
+            "acts": self.acts.cpu().numpy(),
+            "indices": self.indices.cpu().numpy(),
+        }

@@ -49,7 +49,7 @@ _TRAIN_FIELDS = tuple(
 @dataclass(frozen=True)
 class LayerInputs:
     """One layer's results: its SAE folder (cfg.json, sae.safetensors) and its parquet file
-    of each kind (layout.PER_LAYER: examples, intervals, stats, logits)."""
+    of each kind (layout.PER_LAYER: examples, intervals, stats, logits, neighbours)."""
 
     layer: int
     sae_dir: Path
@@ -256,13 +256,20 @@ def stage_repo(
     intervals: list[Path],
     stats: list[Path],
     logits: list[Path],
+    neighbours: list[Path],
     summary: list[Path],
     repo: Path,
     manifest: Path | None = None,
     threads: int = 1,
 ) -> dict:
     """Stage the hub repo in `repo` from the rule's inputs (see stage_inputs)."""
-    parquet = {"examples": examples, "intervals": intervals, "stats": stats, "logits": logits}
+    parquet = {
+        "examples": examples,
+        "intervals": intervals,
+        "stats": stats,
+        "logits": logits,
+        "neighbours": neighbours,
+    }
     inputs = stage_inputs(config, sae, parquet, summary, manifest)
     return stage(config, inputs, Path(repo), threads)
 

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -54,15 +55,47 @@ def _builder_for(path: str) -> str | None:
     return None
 
 
-def looks_local(name: str) -> bool:
-    """A local file or folder, not a hub id ("owner/name" or "name"): a path prefix, deeper
-    nesting, a data file extension, or something that exists here."""
-    return (
-        name.startswith(("/", ".", "~"))
-        or name.count("/") > 1
-        or _builder_for(name) is not None
-        or os.path.exists(name)
-    )
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def is_local(name: str) -> bool:
+    """Whether a model, tokenizer or dataset name means a local file or folder rather than a
+    Hugging Face Hub id ("owner/name", or a legacy "name"): the one test loupe uses for this.
+    Local: a path prefix (/ . ~), more than one slash, a data file's extension, anything that
+    exists here, a first part that is a folder here (`results/no_such_model`), or no valid hub
+    id at all. Anything else is a hub id (`models/gemma` too, unless ./models exists)."""
+    if name.startswith(("/", ".", "~")) or _builder_for(name) or os.path.exists(name):
+        return True
+    if not _HUB_ID.fullmatch(name):
+        return True
+    return "/" in name and os.path.isdir(name.split("/")[0])
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A hub id with an owner (owner/name), not a local path: what links to a Hub page."""
+    return bool(name and "/" in name and not is_local(name))
+
+
+def check_name(key: str, name: str) -> None:
+    """One line naming config `key` if `name` cannot be found: a local name that does not
+    exist (else transformers and datasets try the hub and blame the network), or, with
+    HF_HUB_OFFLINE set, a hub id that is not in the Hugging Face cache."""
+    if is_local(name):
+        if os.path.islink(name) and not os.path.exists(name):
+            raise LoupeError(f"{key}: {name} is a broken symlink or a symlink loop")
+        if not os.path.exists(os.path.expanduser(name)):
+            raise LoupeError(f"{key}: not found: {name} (no such local file or folder)")
+        return
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not any(
+        (Path(constants.HF_HUB_CACHE) / f"{kind}--{name.replace('/', '--')}").is_dir()
+        for kind in ("models", "datasets")
+    ):
+        raise LoupeError(
+            f"{key}: not found: {name} is no local folder, and with HF_HUB_OFFLINE set the"
+            f" hub id must be in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        )
 
 
 def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
@@ -72,13 +105,15 @@ def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
             if "://" not in f and not any(ch in f for ch in "*?[") and not os.path.exists(f):
                 raise LoupeError(f"dataset file not found: {f}")
         return spec.path, {"data_files": list(spec.data_files)}
-    if looks_local(spec.path):
+    if is_local(spec.path):
+        check_name("dataset.path", spec.path)
         path = Path(spec.path).expanduser()
-        if not path.exists():
-            raise LoupeError(f"dataset path not found: {spec.path}")
-        files = (
-            sorted(p for p in path.rglob("*") if _builder_for(p.name)) if path.is_dir() else [path]
-        )
+        files = _data_files(path) if path.is_dir() else [path]
+        for f in files:
+            if not f.is_file():
+                raise LoupeError(
+                    f"dataset path {spec.path}: {f} is a broken symlink or a symlink loop"
+                )
         builders = {_builder_for(p.name) for p in files}
         if not files or None in builders:
             raise LoupeError(
@@ -90,22 +125,52 @@ def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
     return spec.path, {"name": spec.name}
 
 
+def _names(config: Config, built: set[str]) -> list[tuple[str, str]]:
+    """(config key, name) of the model, tokenizer and dataset the workflow does not build."""
+    m, d = config.model, config.dataset
+    named = [("model.name", m.name), ("model.tokenizer", m.tokenizer)]
+    if not d.data_files:
+        named.append(("dataset.path", d.path))
+    return [(key, name) for key, name in named if name and name not in built]
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The data files under `folder`, following symlinked folders (a dataset assembled from
+    links) but each real folder once: a symlink loop ends the descent instead of recursing."""
+    seen, found = set(), []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(root, f) for f in files if _builder_for(f)]
+    return sorted(found)
+
+
 def check_sources(config: Config, built: set[str] = frozenset()) -> None:
     """Cheap checks of the local inputs before any job runs (Snakemake deletes a job's old
-    outputs before starting it): model and tokenizer folders exist, a local dataset is there,
-    not empty, and its first megabyte reads as text. Paths in `built` are made by the workflow."""
-    m = config.model
-    for key, name in (("model.name", m.name), ("model.tokenizer", m.tokenizer)):
-        if name and name not in built and looks_local(name):
-            if not os.path.isdir(os.path.expanduser(name)):
-                raise LoupeError(f"{key}: model folder not found: {name}")
+    outputs before starting it): local model, tokenizer and dataset names exist (check_name),
+    a local dataset is not empty and its first megabyte reads as text. Paths in `built` are
+    made by the workflow."""
+    for key, name in _names(config, built):
+        if is_local(name):
+            check_name(key, name)
     d = config.dataset
-    if d.path is None or d.path in built or not (d.data_files or looks_local(d.path)):
+    if d.path is None or d.path in built or not (d.data_files or is_local(d.path)):
         return
     _, kwargs = resolve_source(d)
     for f in kwargs.get("data_files", []):
         if "://" not in f and not any(ch in f for ch in "*?["):
             _check_readable(Path(f))
+
+
+def check_hub_ids(config: Config, built: set[str] = frozenset()) -> None:
+    """With HF_HUB_OFFLINE set, the hub ids in the config are in the Hugging Face cache
+    (check_name). The workflow calls it when jobs are about to run; a dry run needs no cache."""
+    for key, name in _names(config, built):
+        if not is_local(name):
+            check_name(key, name)
 
 
 def _check_readable(path: Path, size: int = 1 << 20) -> None:
@@ -140,6 +205,9 @@ def iter_texts(spec: DatasetConfig, seed: int, shuffle_buffer: int, stats=None) 
         return
     from datasets import load_dataset
 
+    # datasets logs through its own handler on the terminal's stderr, bound at import: its
+    # records go to the root logger (the rule's log) instead, the terminal gets one line.
+    logging.getLogger("datasets").handlers.clear()
     source, kwargs = resolve_source(spec)
     files = kwargs.get("data_files") or []
     where = f"dataset {spec.path!r}" + (
@@ -220,6 +288,7 @@ class _SplitWriter:
 def load_tokenizer(name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    check_name("model.tokenizer", name)
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision)
     except Exception as e:
@@ -251,16 +320,27 @@ def link_into(store: Path, out_dir: Path) -> None:
         os.replace(tmp, dst)
 
 
-def _stored(store: Path, rows: dict[str, int], ctx_len: int) -> bool:
-    """A complete split set in `store`: its manifest, and every split of the right shape."""
+def _reusable(store: Path) -> bool:
+    """Whether `store` holds a complete, intact split set: its manifest, and every split
+    matching it (open_split: shape, dtype, sha256, token ids). A damaged set (a bit flipped in
+    place reaches the store too: the outputs are hard links to it) is moved aside to
+    `{key}.damaged`, never relinked, so deleting the manifest really tokenizes again."""
     if not (store / TOKENS_MANIFEST).is_file():
         return False
     try:
-        return all(
-            np.load(store / f"{s}.npy", mmap_mode="r").shape == (rows[s], ctx_len) for s in SPLITS
+        manifest = read_tokens_manifest(store / TOKENS_MANIFEST)
+        for s in SPLITS:
+            open_split(store / f"{s}.npy", manifest)
+    except LoupeError as e:
+        aside = store.with_name(f"{store.name}.damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(store, aside)
+        store.mkdir()
+        log.warning(
+            "stored token splits damaged (%s): moved them to %s, tokenizing again", e, aside
         )
-    except (OSError, ValueError, EOFError):
         return False
+    return True
 
 
 def _check_disk(folder: Path, needed: int) -> None:
@@ -286,7 +366,7 @@ def tokenize(config: Config, out_dir: Path, threads: int = 1) -> dict:
     removed = remove_stale_tmp(store) + remove_stale_tmp(out_dir)
     if removed:
         log.info("removed %d temporary files of killed tokenize jobs", removed)
-    if _stored(store, rows, spec.ctx_len):
+    if _reusable(store):
         link_into(store, out_dir)
         log.info("reused the token splits tokenized before with these settings (%s)", store)
         return read_tokens_manifest(out_dir / TOKENS_MANIFEST)
@@ -307,7 +387,7 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
     rows = spec.rows()
     rng = np.random.default_rng(spec.seed)
     total_rows = sum(rows.values())
-    docs = tokens_seen = 0
+    docs = tokens_seen = blank = 0
     start = time.perf_counter()
     stream_stats = None
     if dataset.redpajama is not None:
@@ -343,7 +423,14 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
                     f"corpus too small: collected {found:,} of {total_rows * spec.ctx_len:,}"
                     f" tokens ({filled()}) from {docs:,} documents{more}"
                 )
-            encoded = tok(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            # A document of only whitespace has no word to learn from: skipped, counted.
+            kept = [text for text in batch if text.strip()]
+            blank += len(batch) - len(kept)
+            encoded = (
+                tok(kept, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+                if kept
+                else []
+            )
             for ids in encoded:
                 docs += 1
                 open_splits = [s for s in SPLITS if not writers[s].full]
@@ -364,6 +451,8 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
             w.discard()
         raise
     elapsed = time.perf_counter() - start
+    if blank:
+        log.info("skipped %s documents that are only whitespace", f"{blank:,}")
     log.info(
         "tokenized %s documents into %s rows (%s tokens) in %.1fs: %.0f tokens/s",
         f"{docs:,}",
@@ -432,7 +521,10 @@ def open_split(path: str | Path, manifest: dict | None = None) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise LoupeError(f"token split not found: {path} (run the tokenize rule first)")
-    rerun = f"rerun tokenize (delete {path.parent / TOKENS_MANIFEST})"
+    rerun = (
+        f"delete {path.parent / TOKENS_MANIFEST} and run again (tokenize checks its stored copy"
+        " and tokenizes again if that is damaged too)"
+    )
     try:
         arr = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:

@@ -15,10 +15,27 @@ min_version("9.21")
 PACKAGE_ROOT = os.path.join(workflow.basedir, "workflow")
 sys.path.insert(0, PACKAGE_ROOT)
 
-from loupe.config import Config, check_train_settings, stage_settings  # noqa: E402
+from loupe.config import (  # noqa: E402
+    Config,
+    check_train_settings,
+    check_yaml,
+    stage_settings,
+)
 from loupe.errors import LoupeError  # noqa: E402
 from loupe.jobs import train_mem_mb, train_runtime  # noqa: E402
-from loupe.tokens import check_sources  # noqa: E402
+from loupe.tokens import check_hub_ids, check_sources, store_key  # noqa: E402
+
+# The workflow's config.yaml, read here rather than in the Snakefile: Snakemake's own message for
+# a YAML mistake names neither the file nor the line. (Files given with --configfile are read
+# by Snakemake's command line before any of this runs: their YAML mistakes get its message.)
+try:
+    check_yaml("config.yaml")
+except LoupeError as e:
+    raise WorkflowError(str(e)) from None
+
+
+configfile: "config.yaml"
+
 
 # Validated once (one line naming the key on error); the schema's defaults filled in. The local
 # inputs are checked here, before any job: Snakemake deletes a job's old outputs before it
@@ -31,6 +48,21 @@ try:
 except LoupeError as e:
     raise WorkflowError(str(e)) from None
 
+
+onstart:
+    # Hub ids offline only when jobs are about to run: a dry run plans without the cache.
+    try:
+        check_hub_ids(Config.from_dict(config), built=set(BUILT))
+    except LoupeError as e:
+        raise WorkflowError(str(e)) from None
+
+
+# The token splits' identity: the key of their store (loupe.tokens.store_key, the hash of the
+# settings that make them). Rules reading the splits take them as ancient() and this as a
+# param: tokenize ends by touching its outputs, hard links into the store, so returning to
+# earlier token settings (a relink) would otherwise look like new tokens and rerun every GPU
+# stage; other settings change this key, and so rerun them.
+TOKENS_KEY = store_key(Config.from_dict(config))
 LAYERS = config["model"]["layers"]
 TOKENS = "results/tokens"
 LAYER_DIR = "results/layer_{layer}"
@@ -137,16 +169,40 @@ def model_inputs(wildcards=None):
     return sorted({p for n in names for p in built_by_workflow(n)})
 
 
+def adjacent_layer(template, offset):
+    """An input function: `template` (e.g. rule train's SAE or digest) for layer
+    {layer}+offset, or nothing where that layer is not in model.layers (feature neighbours
+    across layers). Weights are ancient(): judged by their digest, as in maxact.smk."""
+
+    def inputs(wildcards):
+        other = int(wildcards.layer) + offset
+        if other not in LAYERS:
+            return []
+        path = template.format(layer=other)
+        return [ancient(path) if path.endswith(".safetensors") else path]
+
+    return inputs
+
+
+def transfer_model_inputs(wildcards=None):
+    """The evaluate.transfer_models this workflow builds (the demo's second model)."""
+    return sorted(
+        {p for m in config["evaluate"]["transfer_models"] for p in built_by_workflow(m)}
+    )
+
+
 def get_final_output():
     """What `snakemake` builds by default: every layer's results, the summary, the staged repo."""
     per_layer = [
         rules.train.output.sae,
         *rules.maxact.output,
         rules.evaluate.output.metrics,
+        rules.neighbours.output.neighbours,
     ]
     return [
         rules.tokenize.output.manifest,
         *expand(per_layer, layer=LAYERS),
         *rules.summary.output,
+        *rules.tradeoffs.output,
         rules.stage.output.repo,
     ]

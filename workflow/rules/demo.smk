@@ -33,3 +33,23 @@ if config.get("demo"):
         shell:
             "python -m loupe --log {log} demo-model --corpus {input.corpus}"
             " --model {output.model}"
+
+
+if (config.get("demo") or {}).get("transfer_model"):
+
+    rule demo_transfer_model:
+        input:
+            corpus=rules.demo_corpus.output.corpus,
+            model=rules.demo_model.output.model,
+        output:
+            transfer_model=directory(config["demo"]["transfer_model"]),
+        log:
+            "results/logs/demo_transfer_model.log",
+        conda:
+            ENV
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        shell:
+            "python -m loupe --log {log} demo-transfer-model --corpus {input.corpus}"
+            " --model {input.model} --transfer-model {output.transfer_model}"

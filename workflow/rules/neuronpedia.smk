@@ -2,16 +2,17 @@
 # and fields of Neuronpedia's own export, for a publisher to hand to Neuronpedia (README). Not
 # uploaded and not built by default: name it (`snakemake neuronpedia`).
 
-# Within-layer neighbours (topkCosSim*) and explanations, per layer in LAYERS order: empty
-# lists leave them out. To switch them on, point these at those stages' outputs, e.g.
-# expand(rules.neighbours.output.neighbours, layer=LAYERS).
-NEURONPEDIA_NEIGHBOURS = []
+# Within-layer neighbours (topkCosSim*) and explanations, per layer in LAYERS order: an empty
+# list leaves them out. To switch explanations on, point it at that stage's outputs.
+NEURONPEDIA_NEIGHBOURS = expand(rules.neighbours.output.neighbours, layer=LAYERS)
 NEURONPEDIA_EXPLANATIONS = []
 
 
 rule neuronpedia:
     input:
-        sae=expand(rules.train.output.sae, layer=LAYERS),
+        # ancient: the weights are judged by their digests (see maxact.smk)
+        sae=ancient(expand(rules.train.output.sae, layer=LAYERS)),
+        digest=expand(rules.train.output.digest, layer=LAYERS),
         examples=expand(rules.maxact.output.examples, layer=LAYERS),
         intervals=expand(rules.maxact.output.intervals, layer=LAYERS),
         stats=expand(rules.maxact.output.stats, layer=LAYERS),

@@ -12,14 +12,18 @@ localrules:
 
 rule stage:
     input:
-        sae=expand(rules.train.output.sae, layer=LAYERS),
+        # ancient: judged by content (see maxact.smk): the weights by their digests, the
+        # token manifest by params (the tokens settings are among stage's)
+        sae=ancient(expand(rules.train.output.sae, layer=LAYERS)),
+        digest=expand(rules.train.output.digest, layer=LAYERS),
         cfg=expand(rules.train.output.cfg, layer=LAYERS),
         examples=expand(rules.maxact.output.examples, layer=LAYERS),
         intervals=expand(rules.maxact.output.intervals, layer=LAYERS),
         stats=expand(rules.maxact.output.stats, layer=LAYERS),
         logits=expand(rules.maxact.output.logits, layer=LAYERS),
+        neighbours=expand(rules.neighbours.output.neighbours, layer=LAYERS),
         summary=rules.summary.output,
-        manifest=rules.tokenize.output.manifest,
+        manifest=ancient(str(rules.tokenize.output.manifest)),
     output:
         repo=directory(HUB),
     log:
@@ -32,7 +36,7 @@ rule stage:
     shell:
         "python -m loupe --log {log} stage --threads {threads}"
         " --sae {input.sae:q} --examples {input.examples:q} --intervals {input.intervals:q}"
-        " --stats {input.stats:q} --logits {input.logits:q}"
+        " --stats {input.stats:q} --logits {input.logits:q} --neighbours {input.neighbours:q}"
         " --summary {input.summary:q} --manifest {input.manifest} --repo {output.repo}"
 
 

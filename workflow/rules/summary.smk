@@ -6,6 +6,7 @@ report: "../report/workflow.rst"
 
 localrules:
     summary,
+    tradeoffs,
 
 
 rule summary:
@@ -55,3 +56,52 @@ rule summary:
         " --evals {input.evals} --stats {input.stats} --train-metrics {input.train_metrics}"
         " --metrics {output.metrics} --fvu {output.fvu} --delta-ce {output.delta_ce}"
         " --dead {output.dead} --density {output.density} --curves {output.curves}"
+
+
+# The sparsity ladder and the all-layer splice (logic in workflow/loupe/tradeoffs.py).
+rule tradeoffs:
+    input:
+        evals=expand(rules.evaluate.output.metrics, layer=LAYERS),
+        spliced=rules.spliced.output.spliced,
+    output:
+        ladder_csv=report(
+            f"{SUMMARY}/ladder.csv",
+            caption="../report/ladder_csv.rst",
+            category="Summary",
+        ),
+        ladder_plot=report(
+            f"{SUMMARY}/sparsity_ladder.png",
+            caption="../report/sparsity_ladder.rst",
+            category="Per-layer quality",
+        ),
+        spliced_csv=report(
+            f"{SUMMARY}/spliced.csv",
+            caption="../report/spliced_csv.rst",
+            category="Summary",
+        ),
+        spliced_plot=report(
+            f"{SUMMARY}/spliced_by_depth.png",
+            caption="../report/spliced_by_depth.rst",
+            category="Whole suite",
+        ),
+        transfer_csv=report(
+            f"{SUMMARY}/transfer.csv",
+            caption="../report/transfer_csv.rst",
+            category="Summary",
+        ),
+        transfer_plot=report(
+            f"{SUMMARY}/transfer_by_layer.png",
+            caption="../report/transfer_by_layer.rst",
+            category="Per-layer quality",
+        ),
+    log:
+        f"{SUMMARY}/tradeoffs.log",
+    conda:
+        ENV
+    params:
+        settings=settings_for("summary"),
+    shell:
+        "python -m loupe --log {log} tradeoffs --evals {input.evals} --spliced {input.spliced}"
+        " --ladder-csv {output.ladder_csv} --ladder-plot {output.ladder_plot}"
+        " --spliced-csv {output.spliced_csv} --spliced-plot {output.spliced_plot}"
+        " --transfer-csv {output.transfer_csv} --transfer-plot {output.transfer_plot}"

@@ -35,13 +35,15 @@ for group in [None] + [g for g in TRAIN_GROUPS if len(g) > 1]:
         name:
             name
         input:
-            tokens=rules.tokenize.output.train,
-            manifest=rules.tokenize.output.manifest,
+            # ancient: the token splits' identity is params.tokens (see common.smk, TOKENS_KEY)
+            tokens=ancient(str(rules.tokenize.output.train)),
+            manifest=ancient(str(rules.tokenize.output.manifest)),
             model=model_inputs,
         output:
             sae=member_files(SAE_FILE, group),
             cfg=member_files(f"{LAYER_DIR}/cfg.json", group),
             metrics=member_files(f"{LAYER_DIR}/train_metrics.jsonl", group),
+            digest=member_files(f"{LAYER_DIR}/sae.sha256", group),
         log:
             member_files(f"{LAYER_DIR}/train.log", group),
         conda:
@@ -51,6 +53,7 @@ for group in [None] + [g for g in TRAIN_GROUPS if len(g) > 1]:
             **train_resources(group),
         params:
             settings=settings_for("train"),
+            tokens=TOKENS_KEY,
             layers=lambda wildcards, output: trained_layers(output),
             out_dir=lambda wildcards, output: [
                 os.path.dirname(p) for p in listed(output.sae)
