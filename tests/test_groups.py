@@ -207,6 +207,7 @@ def _train_cmd(settings, layers, tokens, outs, ckpt, log):
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_group_killed_with_sigkill_resumes_every_member_from_one_checkpoint(
     tmp_path, settings, token_dir
 ):

@@ -549,6 +549,7 @@ def _peak_growth_mb(settings, trained_layer, tokens_path: Path) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_peak_memory_stays_flat_when_the_sample_grows_4x(
     settings, trained_layer, token_dir, tmp_path
 ):

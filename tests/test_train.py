@@ -171,6 +171,7 @@ def _train_cmd(settings, layer, tokens, out, ckpt, log):
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_resume_after_kill_continues_and_matches_uninterrupted(tmp_path, settings, token_dir):
     # Batch 1 with 2-step accumulation: 512 batches, a checkpoint every 8 steps.
     s = copy.deepcopy(settings)
@@ -252,6 +253,7 @@ def test_checkpoint_swap_never_leaves_a_torn_checkpoint(tmp_path):
     assert (ckpt / OTHER / "state.pt").read_text() == "2"
 
 
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_ctrl_c_during_training_is_one_line_and_resumes(tmp_path, settings, token_dir):
     """Issue 27 #5: Ctrl-C printed a KeyboardInterrupt traceback through sparsify and torch."""
     s = copy.deepcopy(settings)
