@@ -51,8 +51,23 @@ class RedPajamaConfig:
     shard_start: int
     shard_count: int
     open_files: int
-    base_url: str
-    missing_list_url: str | None
+    base_url: str  # or a local folder holding the same layout
+    missing_list_url: str | None  # None: read no list
+
+    def tags(self) -> list[str]:
+        """The publisher's base tags, '{snapshot}/{shard:04d}/{language}_{part}', in its order."""
+        from .redpajama import PARTITIONS
+
+        shards = range(self.shard_start, self.shard_start + self.shard_count)
+        return [
+            f"{snap}/{n:04d}/{self.language}_{part}"
+            for snap in self.snapshots
+            for n in shards
+            for part in PARTITIONS[self.partition]
+        ]
+
+    def url(self, tag: str) -> str:
+        return f"{self.base_url.rstrip('/')}/documents/{tag}.json.gz"
 
 
 @dataclass(frozen=True)
@@ -485,6 +500,10 @@ def validate(data: dict, schema: dict | None = None) -> dict:
         dataset = data.get("dataset") or {}
         if (dataset.get("path") is None) == (dataset.get("redpajama") is None):
             raise LoupeError("config error at dataset: give exactly one of path and redpajama")
+        if rp := dataset.get("redpajama"):
+            from .redpajama import check_choice
+
+            check_choice(rp["snapshots"], rp["shard_start"], rp["shard_count"])
         for key in ("repo", "space"):
             if name := (data.get("hub") or {}).get(key):
                 _check_repo_id(f"hub/{key}", name)

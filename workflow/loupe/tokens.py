@@ -197,11 +197,9 @@ def iter_texts(spec: DatasetConfig, seed: int, shuffle_buffer: int, stats=None) 
     """Stream document texts; never materialises the dataset. `stats`: a
     redpajama.StreamStats the RedPajama source fills (files read and skipped, current file)."""
     if spec.redpajama is not None:
-        from .redpajama import RedPajamaSource, iter_documents
+        from .redpajama import iter_documents
 
-        rp = spec.redpajama
-        source = RedPajamaSource(**{k: v for k, v in vars(rp).items() if k != "open_files"})
-        yield from iter_documents(source, spec.text_column, seed, rp.open_files, stats)
+        yield from iter_documents(spec.redpajama, spec.text_column, seed, stats)
         return
     from datasets import load_dataset
 
