@@ -321,8 +321,8 @@ def maxact(ctx: dict, layer: int) -> dict:
 SAMPLERS = {
     "all": {},
     "no histogram": {"histogram": False},
-    "no interval examples": {"intervals": False},
-    "neither": {"histogram": False, "intervals": False},
+    "no interval examples": {"interval_examples": False},
+    "neither": {"histogram": False, "interval_examples": False},
 }
 
 

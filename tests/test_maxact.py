@@ -487,9 +487,11 @@ def test_switching_samplers_off_leaves_the_others_unchanged(settings, token_dir,
     tokens = np.load(token_dir / "sample.npy")[:32]
     spec = typed(settings).maxact
     full = stream(model, sae, hookpoint, tokens, spec, SPECIAL)
-    bare = stream(model, sae, hookpoint, tokens, spec, SPECIAL, intervals=False, histogram=False)
-    assert bare.intervals is None and bare.histogram is None
-    assert full.intervals is not None and int(full.histogram.counts.sum()) > 0
+    bare = stream(
+        model, sae, hookpoint, tokens, spec, SPECIAL, interval_examples=False, histogram=False
+    )
+    assert bare.interval_examples is None and bare.histogram is None
+    assert full.interval_examples is not None and int(full.histogram.counts.sum()) > 0
     for name, value in full.top.cpu().items():
         assert np.array_equal(value, bare.top.cpu()[name]), name
     for name in ("count", "total", "peak"):

@@ -57,7 +57,7 @@ class Sampled:
     (maxact.random_windows of them, possibly none)."""
 
     top: TopExamples
-    intervals: IntervalExamples | None
+    interval_examples: IntervalExamples | None
     stats: FiringStats
     histogram: ActivationHistogram | None
     random_windows: RandomWindows | None = None  # set by stream
@@ -72,18 +72,18 @@ def stream(
     spec: MaxactConfig,
     special_ids: list[int],
     desc: str = "maxact",
-    intervals: bool = True,
+    interval_examples: bool = True,
     histogram: bool = True,
 ) -> Sampled:
-    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch. `intervals`
-    and `histogram` switch those samplers off, to measure what each costs (benchmarks/); the
+    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch.
+    `interval_examples` and `histogram` switch those samplers off, to measure what each costs (benchmarks/); the
     others keep the same values either way."""
     device = sae.device
     num = sae.num_latents
     special = torch.tensor(special_ids, dtype=torch.int64, device=device)
     kept = Sampled(
         TopExamples(num, spec, device),
-        IntervalExamples(num, spec, device) if intervals else None,
+        IntervalExamples(num, spec, device) if interval_examples else None,
         FiringStats(num, device),
         ActivationHistogram(num, device) if histogram else None,
     )
@@ -99,8 +99,8 @@ def stream(
             kept.histogram.update(acts, indices)
         batch = Batch(acts, indices, start, num)  # peaks and dense computed once, for both
         kept.top.update(batch)
-        if kept.intervals is not None:
-            kept.intervals.update(batch)
+        if kept.interval_examples is not None:
+            kept.interval_examples.update(batch)
         kept.random_windows.update(batch)
         bar.update(ids.numel())
     bar.close()
@@ -181,7 +181,14 @@ def sample_layer(
     )
     written = write_examples(Path(examples), top, split, tokenizer, maxact, layer, metadata)
     spread = write_examples(
-        Path(intervals), kept.intervals.cpu(), split, tokenizer, maxact, layer, metadata, True
+        Path(intervals),
+        kept.interval_examples.cpu(),
+        split,
+        tokenizer,
+        maxact,
+        layer,
+        metadata,
+        by_interval=True,
     )
     write_feature_logits(Path(logits), promoted, TokenStrings(tokenizer), metadata)
     pool = kept.random_windows
