@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 
 def pytest_collection_modifyitems(items):
-    # The fast loop (`pytest -m "not e2e"`) must never build the demo: a test that needs the
+    # The fast loop (README, Development) must never build the demo: a test that needs the
     # demo run carries the e2e mark, or the session stops here naming it.
     unmarked = [
         i.nodeid for i in items if "demo_run" in i.fixturenames and not i.get_closest_marker("e2e")
