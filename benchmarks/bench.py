@@ -321,8 +321,8 @@ def maxact(ctx: dict, layer: int) -> dict:
 SAMPLERS = {
     "all": {},
     "no histogram": {"histogram": False},
-    "no interval examples": {"intervals": False},
-    "neither": {"histogram": False, "intervals": False},
+    "no interval examples": {"interval_examples": False},
+    "neither": {"histogram": False, "interval_examples": False},
 }
 
 
@@ -339,7 +339,7 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
     from loupe.maxact import encode_batch, stream
     from loupe.model import open_layer
     from loupe.samplers import ActivationHistogram, Batch, IntervalExamples, TopExamples
-    from loupe.tokens import open_split, read_manifest
+    from loupe.tokens import open_split, read_tokens_manifest
 
     config, sizes = config_of(ctx), ctx["batches"]
     manifests = {size: split(ctx, size, "manifest.json") for size in sizes}
@@ -347,7 +347,7 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
         config, layer, ctx["threads"], sae=trained(ctx, layer), manifest=manifests[sizes[0]]
     )
     rows = {
-        size: open_split(split(ctx, size, "sample.npy"), read_manifest(manifests[size]))
+        size: open_split(split(ctx, size, "sample.npy"), read_tokens_manifest(manifests[size]))
         for size in sizes
     }
 
@@ -388,7 +388,7 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
             batches.append(Batch(acts, indices, start, num))
             top.update(batches[-1])  # computes the peaks the interval examples share, as in stream
         t = now(ctx)
-        intervals = IntervalExamples(num, spec, device, spec.intervals, spec.per_interval)
+        intervals = IntervalExamples(num, spec, device)
         allocation = now(ctx) - t
         histogram = ActivationHistogram(num, device)
         for _ in range(repeats):
@@ -499,9 +499,9 @@ def fixtures(shape: Shape, work: Path, device: str, threads: int = 1) -> dict:
     import torch
     import yaml
 
+    from loupe.atomic import atomic_path
     from loupe.config import Config
     from loupe.demo import build_tiny_model, harvest_documents
-    from loupe.io import atomic_path
     from loupe.tokens import tokenize as tokenize_splits
 
     root = work / shape.name
@@ -887,7 +887,7 @@ def cpu_median(fn, repeats: int) -> float:
 
 def write_results(out_dir: Path, name: str, result: dict, lines: list[str]) -> dict:
     """<out_dir>/<name>.json (every number) and .md (the table lines), printed too."""
-    from loupe.io import write_json
+    from loupe.atomic import write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{name}.json", result)
@@ -1244,7 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluation_additions:
         evaluation_additions(args.out_dir, args.threads)
         return 0
-    from loupe.io import write_json
+    from loupe.atomic import write_json
     from loupe.progress import setup_logging
 
     setup_logging()

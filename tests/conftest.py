@@ -8,129 +8,23 @@ import gzip
 import itertools
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "envs")
+from helpers import copy_workflow, demo_config, run_snakemake, train_layer, typed
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # no GPU in CI
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 
-def split_with_manifest(token_dir: Path, dest: Path, rows: int) -> Path:
-    """The first `rows` rows of the training split in `dest`, with a manifest describing them
-    (training checks a split against its manifest); the split's path."""
-    import hashlib
-
-    import numpy as np
-
-    split = np.load(token_dir / "train.npy")[:rows]
-    dest.mkdir(parents=True, exist_ok=True)
-    np.save(dest / "train.npy", split)
-    manifest = json.loads((token_dir / "manifest.json").read_text())
-    manifest["rows"]["train"] = rows
-    manifest["sha256"]["train"] = hashlib.sha256(np.ascontiguousarray(split).tobytes()).hexdigest()
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest / "train.npy"
-
-
-def kill_after_first_checkpoint(cmd: list[str], state: Path, timeout: float = 180) -> None:
-    """Run a training command and kill -9 it once `state` (its checkpoint) exists, a moment
-    later: past the first checkpoint, maybe in the middle of a later one."""
-    import signal
-    import time
-
-    proc = subprocess.Popen(cmd)
-    try:
-        deadline = time.time() + timeout
-        while not state.exists():
-            assert proc.poll() is None, "training ended before its first checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.01)
-        time.sleep(0.3)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-
-
-def load_yaml(path: Path) -> dict:
-    return yaml.safe_load(Path(path).read_text())
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = (
-            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        )
-    return out
-
-
-def demo_config() -> dict:
-    """config.yaml with the demo overrides merged in, and the schema's defaults filled."""
-    from loupe.config import validate
-
-    return validate(
-        deep_merge(
-            load_yaml(REPO / "config.yaml"), load_yaml(REPO / "profiles/demo/demo-config.yaml")
-        )
-    )
-
-
-def demo_tokens() -> str:
-    """Where the demo's token splits are: a folder named for the settings that make them."""
-    from loupe.tokens import store_key
-
-    return f"results/tokens/{store_key(typed(demo_config()))}"
-
-
-def typed(settings: dict):
-    """The typed Config (what every stage function takes) of a raw settings dict."""
-    from loupe.config import Config
-
-    return Config.from_dict(settings)
-
-
-def copy_workflow(dest: Path) -> Path:
-    """A user's checkout of the workflow in `dest`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dest / name)
-    return dest
-
-
-def snakemake_env() -> dict:
-    env = dict(os.environ)
-    # Rules call `python -m loupe`: make that this interpreter.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1500):
-    """Run Snakemake for real in `workdir`; returns the CompletedProcess (text output)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args],
-        cwd=workdir,
-        env=snakemake_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-        )
-    return proc
+def pytest_collection_modifyitems(items):
+    # The fast loop (README, Development) must never build the demo: a test that needs the
+    # demo run carries the e2e mark, or the session stops here naming it.
+    unmarked = [
+        i.nodeid for i in items if "demo_run" in i.fixturenames and not i.get_closest_marker("e2e")
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests use demo_run without @pytest.mark.e2e: {unmarked}")
 
 
 @pytest.fixture(scope="session")
@@ -185,8 +79,6 @@ def token_dir(tmp_path_factory, settings) -> Path:
 @pytest.fixture(scope="session")
 def trained_layer(tmp_path_factory, settings, token_dir) -> Path:
     """Layer 2's SAE trained on the token fixture: a folder with sae.safetensors, cfg.json."""
-    from loupe.train import train_layer
-
     root = tmp_path_factory.mktemp("trained")
     out = root / "layer_2"
     train_layer(typed(settings), 2, token_dir / "train.npy", out, root / "checkpoints" / "layer_2")

@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from loupe.redpajama import RedPajamaSource
+from helpers import demo_config
+
+from loupe.config import Config, RedPajamaConfig
 
 PUBLISHER = "https://data.together.xyz/redpajama-data-v2/v1.0.0"
 SNAPSHOTS = ("2023-06", "2023-14")
@@ -71,14 +73,17 @@ class Mirror:
     def missing_list_url(self) -> str:
         return f"{self.base_url}/urls/missing-documents.txt"
 
-    def source(self, **overrides) -> RedPajamaSource:
+    def source(self, **overrides) -> RedPajamaConfig:
+        """dataset.redpajama reading this mirror, checked and filled as the workflow does."""
         kw = dict(
             snapshots=list(SNAPSHOTS),
             shard_count=SHARDS,
             base_url=self.base_url,
             missing_list_url=self.missing_list_url,
         )
-        return RedPajamaSource(**{**kw, **overrides})
+        raw = demo_config()
+        raw["dataset"] = {"redpajama": {**kw, **overrides}}
+        return Config.from_dict(raw).dataset.redpajama
 
     def url(self, tag: str) -> str:
         return f"{self.base_url}/documents/{tag}.json.gz"

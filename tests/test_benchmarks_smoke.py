@@ -29,6 +29,7 @@ def positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # the quick run: over 30 s, outside the fast loop
 def test_every_measurement_is_finite_and_positive(quick_run):
     result, markdown, _ = quick_run
     labels = [label for label, _, _ in bench.plan(bench.QUICK)]
@@ -69,6 +70,7 @@ def test_every_measurement_is_finite_and_positive(quick_run):
     assert "| no histogram |" in markdown
 
 
+@pytest.mark.slow  # the quick run: over 30 s, outside the fast loop
 def test_projection_is_finite(quick_run):
     p = quick_run[0]["projection"]
     hours = [*p["train_gpu_hours"].values(), p["sample_gpu_hours"], p["eval_gpu_hours"]]
@@ -81,6 +83,7 @@ def test_projection_is_finite(quick_run):
     assert "A quick run" in quick_run[1]
 
 
+@pytest.mark.slow  # the quick run: over 30 s, outside the fast loop
 def test_a_measurement_in_its_own_process(quick_run):
     """The default path: the measurement runs in a child process and its JSON comes back."""
     _, _, root = quick_run

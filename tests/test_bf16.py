@@ -11,12 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import typed
+from helpers import train_layer, typed
 
 from loupe.evaluate import evaluate_layer
 from loupe.maxact import sample_layer
 from loupe.model import load_model, model_dtype
-from loupe.train import train_layer
 
 LAYER = 2
 
@@ -57,6 +56,7 @@ def test_the_model_really_runs_in_bfloat16(settings):
     assert model_dtype(torch.device("cpu"), "auto") == torch.float32
 
 
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_bfloat16_outputs_are_finite_and_consistent(both):
     run = both["bfloat16"]
     from safetensors.torch import load_file
@@ -74,6 +74,7 @@ def test_bfloat16_outputs_are_finite_and_consistent(both):
     assert (stats.loc[top.index, "fire_count"] >= examples.groupby("feature").size()).all()
 
 
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_bfloat16_metrics_are_close_to_float32(both):
     f32, bf16 = both["float32"], both["bfloat16"]
     # bf16 keeps 8 bits of mantissa: activations differ by ~0.4%, the SAEs train on them.

@@ -14,23 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import typed
+from helpers import train_layer, typed
 from safetensors.torch import load_file
 
 from loupe import cli
-from loupe.errors import LoupeError
-from loupe.train import (
+from loupe.checkpoints import (
     OTHER,
     RUN_RECORD,
     STATE,
     UNREADABLE,
-    MetricsRecorder,
-    _prepare_checkpoint_dir,
-    check_train_settings,
     describe_change,
+    prepare_checkpoint_dir,
     swap_in,
-    train_layer,
 )
+from loupe.config import check_train_settings
+from loupe.errors import LoupeError
+from loupe.trainer import MetricsRecorder
 
 LAYER = 1
 BATCHES = 128  # 65,536 training tokens in rows of 128, 4 rows a batch (conftest's settings)
@@ -148,7 +147,7 @@ def test_other_tokens_of_the_same_size_train_anew_and_reverting_resumes(
     # New tokens: the checkpoint is set aside, training starts at batch 0; killed at step 2,
     # before its first checkpoint (save_every 16).
     kill_at_step(monkeypatch, 2)
-    with caplog.at_level(logging.INFO, logger="loupe.train"), pytest.raises(Killed):
+    with caplog.at_level(logging.INFO, logger="loupe"), pytest.raises(Killed):
         train_layer(typed(settings), LAYER, tokens_b, tmp_path / "out_b", ckpt)
     monkeypatch.undo()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
@@ -368,18 +367,18 @@ def test_no_kill_between_renames_loses_a_checkpoint(tmp_path):
     def step_of(folder: Path) -> str:
         return (folder / "state.pt").read_text()
 
-    assert not _prepare_checkpoint_dir(ckpt, mine)
+    assert not prepare_checkpoint_dir(ckpt, mine)
     for step in (1, 2):
         swap_in(checkpoint(ckpt / ".state.tmp", mine, step), ckpt / STATE)
     assert step_of(ckpt / STATE) == "2" and not list(ckpt.glob(".state.*"))
     # Killed inside swap_in, after moving the old checkpoint aside:
     (ckpt / STATE).rename(ckpt / ".state.old")
     checkpoint(ckpt / ".state.tmp", mine, 3)
-    assert _prepare_checkpoint_dir(ckpt, mine)
+    assert prepare_checkpoint_dir(ckpt, mine)
     assert step_of(ckpt / STATE) == "2" and sorted(p.name for p in ckpt.iterdir()) == [STATE]
 
     # Other settings: the checkpoint is set aside, not deleted.
-    assert not _prepare_checkpoint_dir(ckpt, theirs)
+    assert not prepare_checkpoint_dir(ckpt, theirs)
     assert step_of(ckpt / OTHER) == "2" and not (ckpt / STATE).exists()
     assert describe_change(mine, theirs) == "settings changed: sae.k 8 -> null"
     checkpoint(ckpt / STATE, theirs, 7)  # their run's first checkpoint, its save killed
@@ -388,7 +387,7 @@ def test_no_kill_between_renames_loses_a_checkpoint(tmp_path):
         (ckpt / STATE).rename(ckpt / ".swap")
         if renames == 2:
             (ckpt / OTHER).rename(ckpt / STATE)
-        assert _prepare_checkpoint_dir(ckpt, mine)
+        assert prepare_checkpoint_dir(ckpt, mine)
         assert step_of(ckpt / STATE) == "2" and step_of(ckpt / OTHER) == "7"
-        assert _prepare_checkpoint_dir(ckpt, theirs)  # and back
+        assert prepare_checkpoint_dir(ckpt, theirs)  # and back
         assert step_of(ckpt / STATE) == "7" and step_of(ckpt / OTHER) == "2"

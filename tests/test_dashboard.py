@@ -300,7 +300,7 @@ def test_top_logits_break_ties_by_token_id_even_at_the_cut():
 
 def test_top_logits_reject_mismatched_weights():
     with pytest.raises(LoupeError, match="decoder width 8 differs"):
-        top_logits(torch.zeros(4, 8), torch.zeros(10, 6))
+        top_logits(torch.zeros(4, 8), torch.zeros(10, 6), k=1)
     with pytest.raises(LoupeError, match="vocabulary size 10"):
         top_logits(torch.zeros(4, 8), torch.zeros(10, 8), k=11)
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import demo_config, typed
+from helpers import demo_config, typed
 
 import loupe.evaluate as ev
 from loupe.cli import main as cli_main
@@ -37,7 +37,7 @@ from loupe.evaluate import (
 )
 from loupe.metrics import LADDER_COLUMNS, TRANSFER_COLUMNS
 from loupe.model import capture, get_hookpoint, import_sparsify, load_model, load_sae
-from loupe.tokens import read_manifest, special_ids
+from loupe.tokens import read_tokens_manifest, special_ids
 
 sparsify = import_sparsify()
 
@@ -82,7 +82,7 @@ def model(settings):
 
 @pytest.fixture(scope="module")
 def specials(token_dir) -> list[int]:
-    return special_ids(read_manifest(token_dir / "manifest.json"))
+    return special_ids(read_tokens_manifest(token_dir / "manifest.json"))
 
 
 @pytest.fixture(scope="module")
@@ -463,9 +463,8 @@ def test_transfer_equals_a_direct_computation_on_the_second_model(
 def learned(tmp_path_factory, settings, tiny_model, token_dir):
     """The tiny model after 100 AdamW steps on the training split (loss ~7.6 -> ~5.5, ~10s
     on CPU), with layer 2's SAE trained on it: (settings, SAE folder)."""
+    from helpers import train_layer
     from transformers import AutoModelForCausalLM
-
-    from loupe.train import train_layer
 
     root = tmp_path_factory.mktemp("learned")
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import demo_config, typed
+from helpers import demo_config, typed
 
 from loupe import explain
 from loupe.errors import LoupeError

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import demo_config, typed
+from helpers import demo_config, typed
 
 from loupe.cli import main
 from loupe.errors import LoupeError

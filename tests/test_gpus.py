@@ -254,7 +254,7 @@ def test_snakemake_runs_two_gpu_jobs_at_once_on_different_gpus(demo_run, tmp_pat
     simulated GPUs: the job logs show two jobs holding different GPU ids at the same time."""
     import shutil
 
-    from conftest import copy_workflow, run_snakemake
+    from helpers import copy_workflow, run_snakemake
 
     work = copy_workflow(tmp_path / "work")
     shutil.copytree(demo_run / "results", work / "results", symlinks=True)

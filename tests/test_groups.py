@@ -16,19 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import (
+from helpers import (
     copy_workflow,
     demo_tokens,
     kill_after_first_checkpoint,
+    planned,
     run_snakemake,
     split_with_manifest,
+    train_layer,
     typed,
 )
 from safetensors.torch import load_file
 
+from loupe.checkpoints import OTHER, RUN_RECORD, STATE
 from loupe.config import layer_groups
 from loupe.errors import LoupeError
-from loupe.train import OTHER, RUN_RECORD, STATE, MetricsRecorder, train_group, train_layer
+from loupe.train import train_group
+from loupe.trainer import MetricsRecorder
 
 GROUP = [4, 1]  # deliberately out of depth order: each layer keeps its own output folder
 ROWS = 96  # 24 batches of 4 rows: a checkpoint after step 15 and one at the end (save_every 16)
@@ -179,7 +183,7 @@ def test_another_groupings_checkpoint_is_set_aside_not_mixed(
     assert json.loads((ckpt / STATE / RUN_RECORD).read_text())["layers"] == sorted(GROUP)
     assert torch.load(ckpt / STATE / "state.pt")["global_step"] == 15
 
-    with caplog.at_level("INFO", logger="loupe.train"):
+    with caplog.at_level("INFO", logger="loupe"):
         summary = train_layer(typed(settings), 1, split, tmp_path / "layer_1", ckpt)
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"setting checkpoint {ckpt / STATE} aside as {ckpt / OTHER} (settings changed: layers"
@@ -204,6 +208,7 @@ def _train_cmd(settings, layers, tokens, outs, ckpt, log):
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_group_killed_with_sigkill_resumes_every_member_from_one_checkpoint(
     tmp_path, settings, token_dir
 ):
@@ -339,23 +344,6 @@ def test_bad_grouping_or_layer_fails_the_plan_in_one_line(checkout, tmp_path):
     assert "layer 9 is not configured (model.layers: 0..5, 6 layers)" in proc.stdout + proc.stderr
 
 
-def planned(workdir: Path, train: dict, tmp_path: Path) -> dict[str, int]:
-    """Jobs `snakemake -n` plans for the default target with `train` over the demo config:
-    {rule: count}, without the `all` aggregate."""
-    extra = tmp_path / "train.yaml"
-    extra.write_text(yaml.safe_dump({"train": train}))
-    proc = run_snakemake(
-        workdir, "--profile", "profiles/demo", "-n", "--configfile",
-        "profiles/demo/demo-config.yaml", str(extra),
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
-    if "Nothing to be done" in out:
-        return {}
-    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M))
-    return {rule: int(n) for rule, n in jobs.items() if rule not in ("job", "all")}
-
-
 @pytest.mark.e2e
 def test_regrouping_a_finished_run_retrains_only_groups_with_a_missing_member(demo_run, tmp_path):
     """After a full demo run (one job per layer), regrouping plans nothing; with layer 4's
@@ -363,9 +351,9 @@ def test_regrouping_a_finished_run_retrains_only_groups_with_a_missing_member(de
     members, and the steps that read them."""
     run = Path(shutil.copytree(demo_run, tmp_path / "run", symlinks=True))
     for train in ({"layers_per_job": 3}, {"layer_groups": [[0, 5], [1, 2, 3, 4]]}):
-        assert planned(run, train, tmp_path) == {}, train
+        assert planned(run, {"train": train}, tmp_path) == {}, train
     (run / "results/layer_4/sae.safetensors").unlink()
-    assert planned(run, {"layers_per_job": 3}, tmp_path) == {
+    assert planned(run, {"train": {"layers_per_job": 3}}, tmp_path) == {
         "train_layers_3_to_5": 1,
         "maxact": 3,
         "evaluate": 3,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, demo_tokens
+from helpers import REPO, demo_tokens
 
 from loupe.card import code_cells, fill_constants
 from loupe.model import import_sparsify

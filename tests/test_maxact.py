@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import demo_config, typed
+from helpers import demo_config, typed
 
 from loupe.errors import LoupeError
 from loupe.examples import ROW_GROUP_FEATURES
@@ -505,9 +505,11 @@ def test_switching_samplers_off_leaves_the_others_unchanged(settings, token_dir,
     tokens = np.load(token_dir / "sample.npy")[:32]
     spec = typed(settings).maxact
     full = stream(model, sae, hookpoint, tokens, spec, SPECIAL)
-    bare = stream(model, sae, hookpoint, tokens, spec, SPECIAL, intervals=False, histogram=False)
-    assert bare.intervals is None and bare.histogram is None
-    assert full.intervals is not None and int(full.histogram.counts.sum()) > 0
+    bare = stream(
+        model, sae, hookpoint, tokens, spec, SPECIAL, interval_examples=False, histogram=False
+    )
+    assert bare.interval_examples is None and bare.histogram is None
+    assert full.interval_examples is not None and int(full.histogram.counts.sum()) > 0
     for name, value in full.top.cpu().items():
         assert np.array_equal(value, bare.top.cpu()[name]), name
     for name in ("count", "total", "peak"):
@@ -567,6 +569,7 @@ def _peak_growth_mb(settings, trained_layer, tokens_path: Path) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_peak_memory_stays_flat_when_the_sample_grows_4x(
     settings, trained_layer, token_dir, tmp_path
 ):

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import copy_workflow, run_snakemake, typed
+from helpers import copy_workflow, run_snakemake, typed
 from safetensors.torch import save_file
 
 from loupe.cli import main

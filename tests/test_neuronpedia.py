@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import run_snakemake, typed
+from helpers import run_snakemake, typed
 
 from loupe.neuronpedia import (
     TOP_COS_SIM,

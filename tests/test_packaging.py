@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import tomllib
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 # What a site may set: where jobs run and who pays, never how big they are.
 SITE_RESOURCES = {"slurm_partition", "slurm_account", "gpu_model", "constraint", "slurm_extra"}
@@ -31,8 +32,13 @@ def test_cluster_profiles_add_only_site_settings():
 
 
 def test_gpu_rules_declare_their_resources():
+    # The training rules' resources are built in common.smk (train_resources); their values
+    # are checked by a dry run in tests/test_slurm.py.
+    common = (REPO / "workflow/rules/common.smk").read_text()
     for rule in ("train", "maxact", "evaluate"):
-        text = (REPO / f"workflow/rules/{rule}.smk").read_text()
+        text = (REPO / f"workflow/rules/{rule}.smk").read_text() + (
+            common if rule == "train" else ""
+        )
         for resource in ("gpu=1", "cpus_per_gpu=", "mem_mb=", "runtime="):
             assert resource in text, (rule, resource)
 
@@ -47,10 +53,12 @@ def test_ci_runs_exactly_the_readme_test_command():
         "ruff format --check .",
         "snakefmt --check .",
         "snakemake --lint",
+        "@biomejs/biome@2.6.9 lint",  # the browser's JavaScript, biome from npm, pinned
     ):
         assert check in command
 
 
+@pytest.mark.e2e
 def test_jobs_run_the_workflows_own_package(demo_run):
     # demo_run is a copy of the workflow elsewhere; the package is also installed (editable)
     # from this checkout: the jobs must have imported the copy's.

@@ -111,11 +111,11 @@ def test_documents_of_many_shards_are_interleaved(mirror):
         first = [file_of[t] for t in list(iter_documents(mirror.source(), seed=seed))[:20]]
         assert len(set(first)) >= 3, (seed, Counter(first))
         # Within each file, documents keep their order.
-        stream = list(iter_documents(mirror.source(), seed=seed, open_files=4))
+        stream = list(iter_documents(mirror.source(open_files=4), seed=seed))
         for tag, texts in mirror.docs.items():
             assert [t for t in stream if file_of[t] == tag] == texts
     # One file open at a time reads files whole, one after another.
-    serial = [file_of[t] for t in iter_documents(mirror.source(), seed=0, open_files=1)]
+    serial = [file_of[t] for t in iter_documents(mirror.source(open_files=1), seed=0)]
     assert len(set(serial[:DOCS_PER_FILE])) == 1
 
 
@@ -140,13 +140,18 @@ def test_an_unreadable_missing_list_warns_once_and_the_file_fails_on_its_own(mir
 
 
 def test_bad_sources_are_one_clear_error(mirror):
-    with pytest.raises(LoupeError, match="unknown snapshot"):
+    # What the schema checks, and what it cannot (the publisher's snapshots, the shard range's
+    # end): each one line naming the key.
+    where = "config error at dataset/redpajama"
+    with pytest.raises(LoupeError, match=f"{where}/snapshots/0: '2023-6' does not match"):
         mirror.source(snapshots=["2023-6"])
-    with pytest.raises(LoupeError, match="partition 'all'"):
+    with pytest.raises(LoupeError, match=f"{where}/snapshots: unknown snapshot.*'2099-01'"):
+        mirror.source(snapshots=["2023-14", "2099-01"])
+    with pytest.raises(LoupeError, match=f"{where}/partition: 'all' is not one of"):
         mirror.source(partition="all")
-    with pytest.raises(LoupeError, match="language 'xx'"):
+    with pytest.raises(LoupeError, match=f"{where}/language: 'xx' is not one of"):
         mirror.source(language="xx")
-    with pytest.raises(LoupeError, match="outside 0..4999"):
+    with pytest.raises(LoupeError, match=f"{where}: shards 4999..5000 outside 0..4999"):
         mirror.source(shard_start=4999, shard_count=2)
     with pytest.raises(LoupeError, match="'text' not in .*raw_content"):
         next(iter_documents(mirror.source(), text_column="text"))

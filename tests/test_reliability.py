@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_workflow, run_snakemake, snakemake_env
+from helpers import copy_workflow, run_snakemake, snakemake_env
 
 from loupe.config import check_yaml
 from loupe.errors import LoupeError

@@ -4,11 +4,8 @@ each used to rerun every layer's training or sampling."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
-import yaml
-from conftest import run_snakemake
+from helpers import planned
 
 from loupe.config import schema_keys
 
@@ -36,27 +33,6 @@ EXECUTION_ONLY = {
     "explain.timeout": 5,
     "explain.retries": 1,
 }
-
-
-def planned(workdir, override: dict, tmp_path) -> dict[str, int]:
-    """Jobs `snakemake -n` plans for the default target with `override` layered over the
-    demo config: {rule: count}, without the `all` aggregate."""
-    extra = tmp_path / "override.yaml"
-    extra.write_text(yaml.safe_dump(override))
-    proc = run_snakemake(
-        workdir,
-        "--profile",
-        "profiles/demo",
-        "-n",
-        "--configfile",
-        "profiles/demo/demo-config.yaml",
-        str(extra),
-    )
-    if "Nothing to be done" in proc.stdout + proc.stderr:
-        return {}
-    table = (proc.stdout + proc.stderr).split("Job stats:", 1)[1].split("total", 1)[0]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M))
-    return {rule: int(n) for rule, n in jobs.items() if rule not in ("job", "all")}
 
 
 def nested(dotted: str, value) -> dict:

@@ -24,7 +24,9 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import REPO, WORKFLOW_FILES, copy_workflow, run_snakemake, snakemake_env
+from helpers import REPO, WORKFLOW_FILES, copy_workflow, job_counts, run_snakemake, snakemake_env
+
+from loupe.jobs import train_mem_mb
 
 SLURM_DIR = REPO / "tests/slurm"
 CLUSTER = SLURM_DIR / "cluster.sh"
@@ -45,11 +47,6 @@ GROUP_RULE = "train_layers_1_3"
 
 def is_gpu_rule(rule: str) -> bool:
     return rule in GPU_RULES or rule == GROUP_RULE
-
-
-def train_mem_mb(layers) -> int:
-    """The host memory a training job asks for (workflow/rules/train.smk's formula)."""
-    return 47000 + 1000 * len(layers)
 
 
 # --- The profile itself (a dry run: no cluster needed) ---------------------------------------
@@ -145,13 +142,6 @@ def slurm_job(job_id: str) -> dict[str, str]:
 def job_rule(job: dict[str, str]) -> str:
     # The plugin comments each job with rule_<name>[_wildcards_<values>].
     return re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", job["Comment"]).group(1)
-
-
-def job_counts(output: str) -> Counter:
-    """Rule -> jobs, from Snakemake's 'Job stats' table."""
-    table = output.split("Job stats:")[1].split("\n\n")[0]
-    rows = re.findall(r"^(\w+)\s+(\d+)$", table, re.M)
-    return Counter({rule: int(n) for rule, n in rows if rule != "total"})
 
 
 def copy_checkout(src: Path, dest: Path) -> Path:

@@ -9,7 +9,7 @@ import json
 import pytest
 import test_evaluate
 import torch
-from conftest import demo_config, typed
+from helpers import demo_config, typed
 
 import loupe.splice as sp
 from loupe.evaluate import evaluate_sae

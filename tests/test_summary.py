@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import demo_config, run_snakemake
+from helpers import demo_config, run_snakemake
 
 from loupe.cli import main as cli_main
 from loupe.errors import LoupeError

@@ -9,7 +9,7 @@ import csv
 import json
 
 import pytest
-from conftest import demo_config
+from helpers import demo_config
 from test_summary import fake_layer, outputs_in
 
 from loupe.cli import main as cli_main

@@ -13,19 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import typed
+from helpers import typed
 
 from loupe import cli
 from loupe.errors import LoupeError
 from loupe.tokens import (
-    MANIFEST,
     SPLITS,
     STORE,
+    TOKENS_MANIFEST,
     check_hub_ids,
     check_sources,
     is_local,
     open_split,
-    read_manifest,
+    read_tokens_manifest,
     store_key,
     tokenize,
 )
@@ -39,7 +39,9 @@ def small(settings: dict, **dataset) -> dict:
 
 
 def split_bytes(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in (*(f"{s}.npy" for s in SPLITS), MANIFEST)}
+    return {
+        name: (out / name).read_bytes() for name in (*(f"{s}.npy" for s in SPLITS), TOKENS_MANIFEST)
+    }
 
 
 def run_cli(settings: dict, out: Path, capfd) -> tuple[int, str]:
@@ -168,7 +170,7 @@ def splits(tmp_path, settings) -> Path:
 
 
 def test_a_split_is_checked_against_its_manifest(splits):
-    manifest = read_manifest(splits / MANIFEST)
+    manifest = read_tokens_manifest(splits / TOKENS_MANIFEST)
     assert open_split(splits / "train.npy", manifest).shape == (
         manifest["rows"]["train"],
         manifest["ctx_len"],
@@ -192,7 +194,7 @@ def test_a_split_is_checked_against_its_manifest(splits):
     ],
 )
 def test_an_edited_manifest_is_caught(splits, edit, message):
-    manifest = read_manifest(splits / MANIFEST)
+    manifest = read_tokens_manifest(splits / TOKENS_MANIFEST)
     edit(manifest)
     with pytest.raises(LoupeError, match=message):
         open_split(splits / "eval.npy", manifest)
@@ -264,24 +266,24 @@ def test_a_bit_flipped_split_leads_out_of_the_loop(tmp_path, settings, capfd):
         [
             "--log", str(tmp_path / "train.log"),
             "train", "--config", json.dumps(good), "--layers", "1",
-            "--tokens", str(out / "train.npy"), "--manifest", str(out / MANIFEST),
+            "--tokens", str(out / "train.npy"), "--manifest", str(out / TOKENS_MANIFEST),
             "--out-dir", str(tmp_path / "layer_1"), "--checkpoint-dir", str(tmp_path / "ckpt"),
         ]
     )  # fmt: skip
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and err == [
         f"loupe train: error: token split {out / 'train.npy'} does not match its manifest's"
-        f" sha256: delete {out / MANIFEST} and run again (tokenize checks its stored copy and"
+        f" sha256: delete {out / TOKENS_MANIFEST} and run again (tokenize checks its stored copy and"
         " tokenizes again if that is damaged too)"
     ]
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "layer_1").exists()
     # Following the advice: the damaged store is set aside, not relinked; the same splits again.
-    (out / MANIFEST).unlink()
+    (out / TOKENS_MANIFEST).unlink()
     tokenize(typed(good), out)
     assert split_bytes(out) == before
     store = out / STORE / store_key(typed(good))
     assert (store.parent / f"{store.name}.damaged" / "train.npy").is_file()
-    open_split(out / "train.npy", read_manifest(out / MANIFEST))
+    open_split(out / "train.npy", read_tokens_manifest(out / TOKENS_MANIFEST))
 
 
 def test_a_dataset_folder_with_symlink_loops(tmp_path, settings):

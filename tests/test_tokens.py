@@ -9,11 +9,11 @@ import re
 
 import numpy as np
 import pytest
-from conftest import typed
+from helpers import typed
 
 from loupe.config import Config
 from loupe.errors import LoupeError
-from loupe.tokens import SPLITS, open_split, read_manifest, special_ids, tokenize
+from loupe.tokens import SPLITS, open_split, read_tokens_manifest, special_ids, tokenize
 
 
 def test_rows_start_with_bos_and_hold_no_other(token_dir, settings):
@@ -156,14 +156,14 @@ def test_open_split_errors(tmp_path):
 
 
 def test_special_ids_from_the_manifest(token_dir, tmp_path):
-    manifest = read_manifest(token_dir / "manifest.json")
+    manifest = read_tokens_manifest(token_dir / "manifest.json")
     # The demo tokenizer: pad 0, eos 1, bos 2 (Gemma's ids).
     ids = (manifest["pad_token_id"], manifest["eos_token_id"], manifest["bos_token_id"])
     assert ids == (0, 1, 2)
     assert special_ids(manifest) == [0, 1, 2]
     assert special_ids({"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": None}) == [2]
     with pytest.raises(LoupeError, match="cannot read token manifest"):
-        read_manifest(tmp_path / "missing.json")
+        read_tokens_manifest(tmp_path / "missing.json")
 
 
 def test_cli_prints_one_line_for_bad_input(tmp_path, settings):

@@ -7,7 +7,7 @@ import csv
 import json
 
 import pytest
-from conftest import demo_config, typed
+from helpers import demo_config, typed
 
 from loupe.cli import main as cli_main
 from loupe.metrics import LADDER_COLUMNS, TRANSFER_COLUMNS

@@ -13,12 +13,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import kill_after_first_checkpoint, split_with_manifest, typed
+from helpers import kill_after_first_checkpoint, split_with_manifest, train_layer, typed
 
 from loupe.errors import LoupeError
 from loupe.gpus import select_device
 from loupe.model import capture, import_sparsify, load_model, truncate_after
-from loupe.train import train_config, train_layer
+from loupe.train import train_config
 
 sparsify = import_sparsify()
 
@@ -171,6 +171,7 @@ def _train_cmd(settings, layer, tokens, out, ckpt, log):
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_resume_after_kill_continues_and_matches_uninterrupted(tmp_path, settings, token_dir):
     # Batch 1 with 2-step accumulation: 512 batches, a checkpoint every 8 steps.
     s = copy.deepcopy(settings)
@@ -229,11 +230,11 @@ def test_second_architecture_llama(tmp_path, settings, tiny_model, token_dir):
 
 def test_checkpoint_swap_never_leaves_a_torn_checkpoint(tmp_path):
     """A kill between the two renames of a checkpoint swap keeps the previous checkpoint."""
-    from loupe.train import OTHER, RUN_RECORD, STATE, _prepare_checkpoint_dir, swap_in
+    from loupe.checkpoints import OTHER, RUN_RECORD, STATE, prepare_checkpoint_dir, swap_in
 
     ckpt = tmp_path / "ckpt"
     run, other_run = {"layers": [1], "settings": {"sae": {"k": 8}}}, {"layers": [1], "settings": {}}
-    assert not _prepare_checkpoint_dir(ckpt, run)
+    assert not prepare_checkpoint_dir(ckpt, run)
     for step in (1, 2):
         new = ckpt / ".state.tmp"
         new.mkdir()
@@ -244,14 +245,15 @@ def test_checkpoint_swap_never_leaves_a_torn_checkpoint(tmp_path):
     # Killed after moving the old checkpoint aside, before the new one took its place:
     (ckpt / STATE).rename(ckpt / ".state.old")
     (ckpt / ".state.tmp").mkdir()
-    assert _prepare_checkpoint_dir(ckpt, run)
+    assert prepare_checkpoint_dir(ckpt, run)
     assert (ckpt / STATE / "state.pt").read_text() == "2"
     # Other settings never resume it: it is set aside, whole.
-    assert not _prepare_checkpoint_dir(ckpt, other_run)
+    assert not prepare_checkpoint_dir(ckpt, other_run)
     assert not (ckpt / STATE).exists()
     assert (ckpt / OTHER / "state.pt").read_text() == "2"
 
 
+@pytest.mark.slow  # over 30 s: outside the fast loop
 def test_ctrl_c_during_training_is_one_line_and_resumes(tmp_path, settings, token_dir):
     """Issue 27 #5: Ctrl-C printed a KeyboardInterrupt traceback through sparsify and torch."""
     s = copy.deepcopy(settings)

@@ -15,11 +15,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import demo_config
+from helpers import demo_config
 
 from loupe import cli
-from loupe.layout import MANIFEST
-from loupe.publish import build_manifest
+from loupe.layout import REPO_MANIFEST
+from loupe.stage import build_manifest
 
 FAKE_TOKEN = "hf_FAKEtokenNeverWrittenAnywhere0123456789"
 LFS_SUFFIXES = {".safetensors", ".parquet", ".png"}
@@ -172,7 +172,7 @@ def make_staged(root: Path) -> Path:
 
 
 def restage(root: Path) -> None:
-    (root / MANIFEST).write_text(json.dumps(build_manifest(root), indent=2) + "\n")
+    (root / REPO_MANIFEST).write_text(json.dumps(build_manifest(root), indent=2) + "\n")
 
 
 def hub_config(**overrides) -> dict:
@@ -235,7 +235,10 @@ def staged(tmp_path) -> Path:
 
 def all_paths(staged: Path) -> list[str]:
     return sorted(
-        [*(f["path"] for f in json.loads((staged / MANIFEST).read_text())["files"]), MANIFEST]
+        [
+            *(f["path"] for f in json.loads((staged / REPO_MANIFEST).read_text())["files"]),
+            REPO_MANIFEST,
+        ]
     )
 
 
@@ -282,7 +285,7 @@ def test_second_run_sends_nothing_and_a_change_sends_only_it(tmp_path, staged, h
     (staged / "README.md").write_text("# demo, revised\n")
     restage(staged)
     assert run_upload(tmp_path, staged, hub_config(), receipt) == 0
-    assert hub.clients[2].uploads() == [["README.md", MANIFEST]]
+    assert hub.clients[2].uploads() == [["README.md", REPO_MANIFEST]]
     assert json.loads(receipt.read_text())["commit"] != first["commit"]
 
 
@@ -360,7 +363,7 @@ def test_dry_run_lists_files_with_sizes_and_sends_nothing(tmp_path, staged, hub,
     out, err = capfd.readouterr()
     # The plan text is in the rule's log (the terminal gets nothing but errors).
     log = log_path.read_text()
-    manifest = json.loads((staged / MANIFEST).read_text())
+    manifest = json.loads((staged / REPO_MANIFEST).read_text())
     assert "dry run: would upload to https://huggingface.co/someone/demo-sae" in log
     assert f"{len(manifest['files']) + 1} files" in log
     assert "5.0 KB  sfx/language_model.layers.0/sae.safetensors" in log
@@ -404,7 +407,7 @@ def _snakemake_upload(workdir: Path, env: dict, target: str = "upload"):
     import subprocess
     import sys
 
-    from conftest import snakemake_env
+    from helpers import snakemake_env
 
     return subprocess.run(
         [sys.executable, "-m", "snakemake", target, "--profile", "profiles/demo"],

@@ -4,26 +4,15 @@ embedded demo end to end."""
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
-from conftest import copy_workflow, demo_tokens, run_snakemake
+from helpers import copy_workflow, demo_tokens, dry_run, job_counts, run_snakemake
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory):
     return copy_workflow(tmp_path_factory.mktemp("checkout"))
-
-
-def _job_counts(output: str) -> dict[str, int]:
-    """Job name -> count from Snakemake's 'Job stats' table."""
-    table = output.split("Job stats:")[1].split("\n\n")[0]
-    return {
-        m[0]: int(m[1])
-        for m in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M)
-        if m[0] != "total"
-    }
 
 
 @pytest.mark.parametrize(
@@ -61,9 +50,10 @@ def test_unknown_layer_is_one_clear_error(checkout):
 def test_real_config_plans_layer_17_alone_without_network(checkout):
     # HF_HUB_OFFLINE is set for the whole test session: planning must not need the Hub.
     proc = run_snakemake(checkout, "-n", "results/layer_17/sae.safetensors")
-    assert _job_counts(proc.stdout + proc.stderr) == {"tokenize": 1, "train": 1}
-    assert "results/layer_17/sae.safetensors" in proc.stdout + proc.stderr
-    assert "layer_16" not in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert job_counts(output) == {"tokenize": 1, "train": 1}
+    assert "results/layer_17/sae.safetensors" in output
+    assert "layer_16" not in output
 
 
 def test_lint_is_clean(checkout):
@@ -71,6 +61,7 @@ def test_lint_is_clean(checkout):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_demo_produces_every_stage_output(demo_run, config):
     results = demo_run / "results"
     tokens = demo_run / demo_tokens()
@@ -89,21 +80,15 @@ def test_demo_produces_every_stage_output(demo_run, config):
     assert not list(results.rglob(".*.tmp*"))
 
 
+@pytest.mark.e2e
 def test_changed_setting_reruns_exactly_what_it_affects(demo_run, tmp_path):
     """A training setting reaches the train rule through params: changing it replans the
     training (and what depends on it) but not the tokenization."""
     override = tmp_path / "lr.yaml"
     override.write_text("train:\n  lr: 0.005\n")
-    proc = run_snakemake(
-        demo_run,
-        "--profile",
-        "profiles/demo",
-        "-n",
-        "--configfile",
-        "profiles/demo/demo-config.yaml",
-        str(override),
-    )
-    jobs = _job_counts(proc.stdout + proc.stderr)
+    jobs = dry_run(
+        demo_run, "--profile", "profiles/demo", "--configfile",
+        "profiles/demo/demo-config.yaml", str(override),
+    )  # fmt: skip
     assert jobs.get("train") == 6 and "tokenize" not in jobs, jobs
-    proc = run_snakemake(demo_run, "--profile", "profiles/demo", "-n")
-    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert dry_run(demo_run, "--profile", "profiles/demo") == {}

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import LoupeError
-from .layout import BROWSER, PER_LAYER, Layout
+from .layout import BROWSER, PER_LAYER, per_layer_file
 
 ASSETS = Path(__file__).parent / "assets" / "browser"
 SUITE_FILE = "suite.json"
@@ -41,7 +41,7 @@ def suite_manifest(
     for layer in layers:
         found = {}
         for kind in PER_LAYER:
-            rel = Layout(prefix, "").per_layer(kind, layer)
+            rel = per_layer_file(prefix, kind, layer)
             if (root / rel).is_file():
                 found[kind] = rel
                 sizes[rel] = (root / rel).stat().st_size

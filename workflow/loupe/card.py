@@ -417,7 +417,7 @@ def _environment():
 
 def render_card(config: Config, facts: CardFacts) -> str:
     """README.md: YAML front matter the Hub reads, then the card in Markdown."""
-    layout = Layout(config.hub.prefix, config.model.hookpoint)
+    layout = Layout.of(config)
     model = config.model
     name = config.hub.repo.split("/")[-1]
     shown = [m for m in METRICS if m.name in facts.metrics[0]]

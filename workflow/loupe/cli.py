@@ -162,7 +162,7 @@ COMMANDS = {
         path_lists=("explanations", "stats"),
     ),
     "stage": Command(
-        "loupe.publish:stage_repo",
+        "loupe.stage:stage_repo",
         "assemble the hub repo in one folder",
         ("manifest", "repo"),
         path_lists=("sae", "examples", "intervals", "stats", "logits", "neighbours", "summary"),

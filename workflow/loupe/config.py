@@ -51,8 +51,23 @@ class RedPajamaConfig:
     shard_start: int
     shard_count: int
     open_files: int
-    base_url: str
-    missing_list_url: str | None
+    base_url: str  # or a local folder holding the same layout
+    missing_list_url: str | None  # None: read no list
+
+    def tags(self) -> list[str]:
+        """The publisher's base tags, '{snapshot}/{shard:04d}/{language}_{part}', in its order."""
+        from .redpajama import PARTITIONS
+
+        shards = range(self.shard_start, self.shard_start + self.shard_count)
+        return [
+            f"{snap}/{n:04d}/{self.language}_{part}"
+            for snap in self.snapshots
+            for n in shards
+            for part in PARTITIONS[self.partition]
+        ]
+
+    def url(self, tag: str) -> str:
+        return f"{self.base_url.rstrip('/')}/documents/{tag}.json.gz"
 
 
 @dataclass(frozen=True)
@@ -380,7 +395,7 @@ def check_train_settings(
     """One LoupeError line for a value the schema accepts but sparsify cannot train with.
 
     Needs no model and no torch: at workflow start, call it with the config alone (the split's
-    rows follow from `tokens`); train_layer calls it again with the hookpoint's width `d_in`,
+    rows follow from `tokens`); train_group calls it again with the hookpoint's width `d_in`,
     the split's `rows` and the model's `vocab`, before it touches the checkpoint folder."""
     sae, train = config.sae, config.train
     rows = config.tokens.rows()["train"] if rows is None else rows
@@ -513,6 +528,10 @@ def validate(data: dict, schema: dict | None = None) -> dict:
         dataset = data.get("dataset") or {}
         if (dataset.get("path") is None) == (dataset.get("redpajama") is None):
             raise LoupeError("config error at dataset: give exactly one of path and redpajama")
+        if rp := dataset.get("redpajama"):
+            from .redpajama import check_choice
+
+            check_choice(rp["snapshots"], rp["shard_start"], rp["shard_count"])
         for key in ("repo", "space"):
             if name := (data.get("hub") or {}).get(key):
                 _check_repo_id(f"hub/{key}", name)

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_dir, atomic_path
 from .config import Config
-from .io import atomic_dir, atomic_path
 from .progress import progress
 
 log = logging.getLogger(__name__)

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import write_json
 from .config import Config, EvaluateConfig
 from .errors import LoupeError
-from .io import write_json
 from .metrics import EVAL_COLUMNS, LADDER_COLUMNS, TRANSFER_COLUMNS
 from .model import get_hookpoint, hidden_size, load_model, open_layer, text_config
 from .progress import progress
-from .tokens import open_split, read_manifest
+from .tokens import open_split, read_tokens_manifest
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ def evaluate_layer(
     threads: int = 1,
 ) -> dict:
     """Evaluate layer `layer`'s SAE on the eval split; writes `metrics` (eval.json)."""
-    split = open_split(Path(tokens), read_manifest(manifest))  # before the model: fails fast
+    split = open_split(Path(tokens), read_tokens_manifest(manifest))  # before the model: fails fast
     job = open_layer(config, layer, threads, head=True, truncate=False, sae=sae, manifest=manifest)
     fire_count, density = read_feature_stats(Path(stats), job.sae.num_latents)
     log.info("layer %d: evaluating %s on %s (%s)", layer, job.hookpoint, job.device, tokens)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .config import MaxactConfig
-from .io import atomic_path
 
 # Features per parquet row group, and rows per data page. The footer grows with the row groups
 # (at 49,152 features, 768 groups of 64 made 1.3 MB of footer per file, most of a browser's
@@ -221,9 +221,9 @@ def write_examples(
     spec: MaxactConfig,
     layer: int,
     metadata: dict,
-    intervals: bool = False,
+    by_interval: bool = False,
 ) -> int:
-    """max_activations.parquet (or, with `intervals`, interval_examples.parquet from
+    """max_activations.parquet (or, `by_interval`, interval_examples.parquet from
     IntervalExamples.cpu()): sorted by feature, then (interval and) activation desc; zstd;
     one row group per ROW_GROUP_FEATURES features, built and written group by group.
     Returns rows."""
@@ -231,9 +231,9 @@ def write_examples(
     import pyarrow.parquet as pq
 
     strings = TokenStrings(tokenizer)
-    schema = interval_examples_schema() if intervals else examples_schema()
+    schema = interval_examples_schema() if by_interval else examples_schema()
     schema = schema.with_metadata({"loupe": json.dumps(metadata, sort_keys=True)})
-    sort = [pq.SortingColumn(0)] + [pq.SortingColumn(12)] * intervals
+    sort = [pq.SortingColumn(0)] + [pq.SortingColumn(12)] * by_interval
     sort.append(pq.SortingColumn(1, descending=True))
     num_latents = top["values"].shape[0]
     written = 0
@@ -248,7 +248,7 @@ def write_examples(
                     continue
                 features += first
                 table = example_table(top, features, slots, tokens, strings, tokenizer, spec, layer)
-                if intervals:
+                if by_interval:
                     per = top["values"].shape[1] // top["lower"].shape[1]
                     bucket = top["interval"][features, slots]
                     table = table.set_column(

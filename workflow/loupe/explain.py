@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .config import Config, ExplainConfig
 from .errors import LoupeError
-from .io import atomic_path
 from .progress import progress
 
 log = logging.getLogger(__name__)

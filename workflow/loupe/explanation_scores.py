@@ -60,7 +60,7 @@ def scores_by_layer(layers: list[int], explanations: list[Path], stats: list[Pat
 
 
 def write_csv(rows: list[dict], out: Path) -> None:
-    from .io import atomic_path
+    from .atomic import atomic_path
 
     with atomic_path(Path(out)) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
@@ -76,7 +76,7 @@ def plot_scores(layers: list[int], explanations: list[Path], out: Path, title: s
     import matplotlib.pyplot as plt
     import polars as pl
 
-    from .io import atomic_path
+    from .atomic import atomic_path
 
     fig, axes = plt.subplots(1, len(SCORERS), figsize=(6 * len(SCORERS), 3.5), squeeze=False)
     for ax, scorer in zip(axes[0], SCORERS, strict=True):

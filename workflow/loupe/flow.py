@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .config import Config
 from .errors import LoupeError
-from .io import atomic_path
 from .summary import _save
 
 log = logging.getLogger(__name__)

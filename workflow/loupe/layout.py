@@ -14,7 +14,7 @@ SAE_DIGEST = "sae.sha256"  # the weights' sha256: their content key in the DAG (
 # The repo root.
 CARD = "README.md"
 RUN_CONFIG = "config.json"
-MANIFEST = "manifest.json"
+REPO_MANIFEST = "manifest.json"
 NOTEBOOK = "quickstart.ipynb"
 BROWSER = "browser"
 # Under the prefix: each layer once more in SAELens' layout (loupe.saelens), and the suite's
@@ -50,6 +50,11 @@ class Layout:
     prefix: str
     hookpoint_template: str
 
+    @classmethod
+    def of(cls, config) -> Layout:
+        """The layout of the suite a loupe Config describes: hub.prefix, model.hookpoint."""
+        return cls(config.hub.prefix, config.model.hookpoint)
+
     def hookpoint(self, layer: int) -> str:
         return self.hookpoint_template.format(layer=layer)
 
@@ -58,7 +63,7 @@ class Layout:
 
     def per_layer(self, kind: str, layer: int) -> str:
         """Layer `layer`'s parquet file of `kind` (a PER_LAYER key)."""
-        return f"{self.prefix}/{PER_LAYER[kind]}/layer_{layer}.parquet"
+        return per_layer_file(self.prefix, kind, layer)
 
     def examples(self, layer: int) -> str:
         return self.per_layer("examples", layer)
@@ -90,6 +95,12 @@ class Layout:
     def run_config(self) -> str:
         # SAELens' sparsify loader reads config.json from the folder above the SAE folders.
         return f"{self.prefix}/{RUN_CONFIG}"
+
+
+def per_layer_file(prefix: str, kind: str, layer: int) -> str:
+    """Layer `layer`'s parquet file of `kind` (a PER_LAYER key) under `prefix`: all a reader
+    of a staged repo needs, without the config (loupe.browse)."""
+    return f"{prefix}/{PER_LAYER[kind]}/layer_{layer}.parquet"
 
 
 def example_layer(layers: list[int]) -> int:

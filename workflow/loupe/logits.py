@@ -11,9 +11,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import LoupeError
 from .examples import ROW_GROUP_FEATURES, feature_file_writer, schema
-from .io import atomic_path
 from .progress import progress
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def blocked_top_k(
 def top_logits(
     W_dec: torch.Tensor,
     W_U: torch.Tensor,
-    k: int = 10,
+    k: int,
     feature_chunk: int = 1024,
     vocab_chunk: int = 65536,
 ) -> FeatureLogits:

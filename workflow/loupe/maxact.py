@@ -28,7 +28,7 @@ from .samplers import (
     RandomWindows,
     TopExamples,
 )
-from .tokens import load_tokenizer, open_split, read_manifest
+from .tokens import load_tokenizer, open_split, read_tokens_manifest
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Sampled:
     (maxact.random_windows of them, possibly none)."""
 
     top: TopExamples
-    intervals: IntervalExamples | None
+    interval_examples: IntervalExamples | None
     stats: FiringStats
     histogram: ActivationHistogram | None
     random_windows: RandomWindows | None = None  # set by stream
@@ -72,20 +72,18 @@ def stream(
     spec: MaxactConfig,
     special_ids: list[int],
     desc: str = "maxact",
-    intervals: bool = True,
+    interval_examples: bool = True,
     histogram: bool = True,
 ) -> Sampled:
-    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch. `intervals`
-    and `histogram` switch those samplers off, to measure what each costs (benchmarks/); the
+    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch.
+    `interval_examples` and `histogram` switch those samplers off, to measure what each costs (benchmarks/); the
     others keep the same values either way."""
     device = sae.device
     num = sae.num_latents
     special = torch.tensor(special_ids, dtype=torch.int64, device=device)
     kept = Sampled(
         TopExamples(num, spec, device),
-        IntervalExamples(num, spec, device, spec.intervals, spec.per_interval)
-        if intervals
-        else None,
+        IntervalExamples(num, spec, device) if interval_examples else None,
         FiringStats(num, device),
         ActivationHistogram(num, device) if histogram else None,
     )
@@ -101,8 +99,8 @@ def stream(
             kept.histogram.update(acts, indices)
         batch = Batch(acts, indices, start, num)  # peaks and dense computed once, for both
         kept.top.update(batch)
-        if kept.intervals is not None:
-            kept.intervals.update(batch)
+        if kept.interval_examples is not None:
+            kept.interval_examples.update(batch)
         kept.random_windows.update(batch)
         bar.update(ids.numel())
     bar.close()
@@ -129,42 +127,42 @@ def sample_layer(
     """Stream the sample split through layers 0..layer and the SAE; write the four parquet
     files (max_activations, interval_examples, feature_stats, feature_logits), and the pool of
     random windows with their sparse codes where `random_windows` names a file."""
-    spec = config.maxact
-    tokens = open_split(tokens, read_manifest(manifest))
+    maxact = config.maxact
+    split = open_split(tokens, read_tokens_manifest(manifest))
     job = open_layer(config, layer, threads, head=True, sae=sae, manifest=manifest)
-    model, hookpoint, special, sae = job.model, job.hookpoint, job.special_ids, job.sae
+    model, hookpoint, special, coder = job.model, job.hookpoint, job.special_ids, job.sae
     tokenizer = load_tokenizer(config.model.tokenizer_name, config.model.revision)
-    rows, seq = tokens.shape
+    rows, seq = split.shape
     log.info(
         "layer %d: %s rows x %d tokens, %d features, top %d, %d intervals x %d, window -%d/+%d",
         layer,
         f"{rows:,}",
         seq,
-        sae.num_latents,
-        spec.top_n,
-        spec.intervals,
-        spec.per_interval,
-        spec.window_before,
-        spec.window_after,
+        coder.num_latents,
+        maxact.top_n,
+        maxact.intervals,
+        maxact.per_interval,
+        maxact.window_before,
+        maxact.window_after,
     )
     t0 = time.perf_counter()
-    kept = stream(model, sae, hookpoint, tokens, spec, special, desc=f"maxact layer {layer}")
+    kept = stream(model, coder, hookpoint, split, maxact, special, desc=f"maxact layer {layer}")
     elapsed = time.perf_counter() - t0
     t1 = time.perf_counter()
     # The unembedding: Gemma ties it to the input embeddings; untied models have their own.
-    promoted = top_logits(sae.W_dec, model.get_output_embeddings().weight, k=spec.top_logits)
+    promoted = top_logits(coder.W_dec, model.get_output_embeddings().weight, k=maxact.top_logits)
     logit_seconds = time.perf_counter() - t1
 
     metadata = {
         "layer": layer,
         "hookpoint": hookpoint,
-        "num_latents": sae.num_latents,
-        "k": sae.cfg.k,
-        "top_n": spec.top_n,
-        "window_before": spec.window_before,
-        "window_after": spec.window_after,
-        "intervals": spec.intervals,
-        "per_interval": spec.per_interval,
+        "num_latents": coder.num_latents,
+        "k": coder.cfg.k,
+        "top_n": maxact.top_n,
+        "window_before": maxact.window_before,
+        "window_after": maxact.window_after,
+        "intervals": maxact.intervals,
+        "per_interval": maxact.per_interval,
         "sample_rows": rows,
         "ctx_len": seq,
         "tokens": kept.stats.tokens,
@@ -181,14 +179,21 @@ def sample_layer(
         kept.histogram.cpu(),
         metadata,
     )
-    written = write_examples(Path(examples), top, tokens, tokenizer, spec, layer, metadata)
+    written = write_examples(Path(examples), top, split, tokenizer, maxact, layer, metadata)
     spread = write_examples(
-        Path(intervals), kept.intervals.cpu(), tokens, tokenizer, spec, layer, metadata, True
+        Path(intervals),
+        kept.interval_examples.cpu(),
+        split,
+        tokenizer,
+        maxact,
+        layer,
+        metadata,
+        by_interval=True,
     )
     write_feature_logits(Path(logits), promoted, TokenStrings(tokenizer), metadata)
     pool = kept.random_windows
     if random_windows is not None:
-        write_random_windows(Path(random_windows), pool.cpu(), tokens, tokenizer, metadata)
+        write_random_windows(Path(random_windows), pool.cpu(), split, tokenizer, metadata)
     summary = {
         "layer": layer,
         "tokens": rows * seq,
@@ -197,7 +202,7 @@ def sample_layer(
         "logit_seconds": round(logit_seconds, 2),
         "tokens_per_s": rows * seq / max(elapsed, 1e-9),
         "dead_features": counts["dead"],
-        "features": sae.num_latents,
+        "features": coder.num_latents,
         "examples": written,
         "interval_examples": spread,
         "random_windows": len(pool.rows),
@@ -211,7 +216,7 @@ def sample_layer(
         elapsed,
         summary["tokens_per_s"],
         counts["dead"],
-        sae.num_latents,
+        coder.num_latents,
         f"{written:,}",
         f"{spread:,}",
         logit_seconds,

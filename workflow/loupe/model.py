@@ -46,7 +46,7 @@ def import_sparsify():
         installed = version("eai-sparsify")
     except PackageNotFoundError:
         raise LoupeError(
-            "eai-sparsify is not installed (pip install eai-sparsify==1.3.3)"
+            f"eai-sparsify is not installed (pip install eai-sparsify=={SPARSIFY_SUPPORTED[-1]})"
         ) from None
     if installed not in SPARSIFY_SUPPORTED:
         raise LoupeError(
@@ -144,11 +144,11 @@ def open_layer(
     head if `head`; cut after the layer if `truncate`: running the head needs every layer),
     check that the SAE reads this model's activations and that the token splits (their
     `manifest`) fit its vocabulary, and read the special token ids."""
-    from .tokens import read_manifest, special_ids
+    from .tokens import read_tokens_manifest, special_ids
 
     if layer not in config.model.layers:
         raise LoupeError(f"layer {layer} is not in model.layers {config.model.layers}")
-    tokens = read_manifest(manifest) if manifest is not None else {}
+    tokens = read_tokens_manifest(manifest) if manifest is not None else {}
     special = special_ids(tokens)
     # Before the model loads, so a job waiting for a free GPU holds no memory.
     device = select_device(config.device)

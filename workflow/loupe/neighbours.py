@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .config import Config
 from .errors import LoupeError
 from .examples import ROW_GROUP_FEATURES, feature_file_writer, schema
 from .gpus import select_device
-from .io import atomic_path
 from .logits import blocked_top_k
 
 log = logging.getLogger(__name__)

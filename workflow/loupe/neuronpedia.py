@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_dir
 from .config import Config
 from .errors import LoupeError
-from .io import atomic_dir
 from .layout import Layout
 from .progress import progress
 from .saelens import SuiteFacts, model_link, release_name, sae_shape, source_id, suite_facts
@@ -140,7 +140,7 @@ def sourceset_row(config: Config, facts: SuiteFacts, num_latents: int, created: 
 def source_row(config: Config, facts: SuiteFacts, layer: int, created: str) -> dict:
     """source.jsonl (db_models/source.py: Source): the SAE's Hub folder, in SAELens' layout
     when staged (hub.saelens), else sparsify's."""
-    layout = Layout(config.hub.prefix, config.model.hookpoint)
+    layout = Layout.of(config)
     folder = layout.saelens_dir(layer) if config.hub.saelens else layout.sae_dir(layer)
     return {
         "id": source_id(facts, layer),

@@ -16,17 +16,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import LoupeError
 
+if TYPE_CHECKING:
+    from .config import RedPajamaConfig
+
 log = logging.getLogger(__name__)
 
-BASE_URL = "https://data.together.xyz/redpajama-data-v2/v1.0.0"
-MISSING_LIST_URL = (
-    "https://huggingface.co/datasets/togethercomputer/RedPajama-Data-V2/resolve/main/"
-    "urls/missing-documents.txt"
-)
-LANGUAGES = ("en", "de", "fr", "es", "it")
 PARTITIONS = {"head_middle": ("head", "middle"), "head": ("head",), "middle": ("middle",)}
 SHARDS_PER_SNAPSHOT = 5000
 # The 84 CommonCrawl snapshots, oldest first (_CC_SNAPSHOT_IDS of the loading script).
@@ -45,68 +43,21 @@ SNAPSHOTS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class RedPajamaSource:
-    """Shards [shard_start, shard_start + shard_count) of each snapshot, one language and
-    partition; base_url may also be a local folder holding the same layout."""
-
-    snapshots: tuple[str, ...]
-    shard_count: int
-    language: str = "en"
-    partition: str = "head_middle"
-    shard_start: int = 0
-    base_url: str = BASE_URL
-    missing_list_url: str | None = MISSING_LIST_URL  # None: read no list
-
-    def __post_init__(self):
-        # A list from YAML becomes a tuple, so the source stays hashable.
-        object.__setattr__(self, "snapshots", tuple(self.snapshots))
-        if not self.snapshots:
-            raise LoupeError("redpajama: snapshots is empty; name at least one, e.g. 2023-14")
-        unknown = [s for s in self.snapshots if s not in SNAPSHOTS]
-        if unknown:
-            raise LoupeError(
-                f"redpajama: unknown snapshot(s) {unknown}; the publisher's are "
-                f"{SNAPSHOTS[0]} .. {SNAPSHOTS[-1]} (e.g. {', '.join(SNAPSHOTS[-3:])})"
-            )
-        if len(set(self.snapshots)) != len(self.snapshots):
-            raise LoupeError(f"redpajama: snapshots repeat: {list(self.snapshots)}")
-        if self.language not in LANGUAGES:
-            raise LoupeError(
-                f"redpajama: language {self.language!r} is not one of {list(LANGUAGES)}"
-            )
-        if self.partition not in PARTITIONS:
-            raise LoupeError(
-                f"redpajama: partition {self.partition!r} is not one of {list(PARTITIONS)}"
-            )
-        end = self.shard_start + self.shard_count
-        if self.shard_start < 0 or self.shard_count < 1 or end > SHARDS_PER_SNAPSHOT:
-            raise LoupeError(
-                f"redpajama: shards {self.shard_start}..{end - 1} outside 0..{SHARDS_PER_SNAPSHOT - 1}"
-                " (shard_start >= 0, shard_count >= 1)"
-            )
-
-    def tags(self) -> list[str]:
-        """The publisher's base tags, '{snapshot}/{shard:04d}/{language}_{part}', in its order."""
-        parts = PARTITIONS[self.partition]
-        shards = range(self.shard_start, self.shard_start + self.shard_count)
-        return [
-            f"{snap}/{n:04d}/{self.language}_{part}"
-            for snap in self.snapshots
-            for n in shards
-            for part in parts
-        ]
-
-    def url(self, tag: str) -> str:
-        return f"{self.base_url.rstrip('/')}/documents/{tag}.json.gz"
-
-    def more_data_hint(self) -> str:
-        """One line on how to read more documents from this source."""
-        room = SHARDS_PER_SNAPSHOT - self.shard_start
-        others = [s for s in SNAPSHOTS if s not in self.snapshots][-2:]
-        return (
-            f"to read more, raise shard_count (now {self.shard_count} per snapshot, at most "
-            f"{room}) or add snapshots (e.g. {', '.join(others)})"
+def check_choice(snapshots: list[str], shard_start: int, shard_count: int) -> None:
+    """What the config schema cannot say (it checks the rest: languages, partitions, ranges):
+    the snapshots are the publisher's, and the shards end within a snapshot's 5000."""
+    unknown = [s for s in snapshots if s not in SNAPSHOTS]
+    if unknown:
+        raise LoupeError(
+            f"config error at dataset/redpajama/snapshots: unknown snapshot(s) {unknown}; the"
+            f" publisher's are {SNAPSHOTS[0]} .. {SNAPSHOTS[-1]} (e.g."
+            f" {', '.join(SNAPSHOTS[-3:])})"
+        )
+    end = shard_start + shard_count
+    if end > SHARDS_PER_SNAPSHOT:
+        raise LoupeError(
+            f"config error at dataset/redpajama: shards {shard_start}..{end - 1} outside"
+            f" 0..{SHARDS_PER_SNAPSHOT - 1} (shard_start + shard_count <= {SHARDS_PER_SNAPSHOT})"
         )
 
 
@@ -124,7 +75,7 @@ def _read_text(url: str, timeout: float = 60) -> str:
         return response.read().decode("utf-8")
 
 
-def missing_tags(source: RedPajamaSource) -> set[str]:
+def missing_tags(source: RedPajamaConfig) -> set[str]:
     """Tags the publisher lists as missing; empty (with a warning) if the list is unreadable."""
     if source.missing_list_url is None:
         return set()
@@ -142,7 +93,7 @@ def missing_tags(source: RedPajamaSource) -> set[str]:
     return {tag for line in text.splitlines() if (tag := _tag_of(line))}
 
 
-def document_urls(source: RedPajamaSource) -> list[str]:
+def document_urls(source: RedPajamaConfig) -> list[str]:
     """Document file URLs in the publisher's layout and order, minus its missing list."""
     missing = missing_tags(source)
     urls = []
@@ -240,18 +191,16 @@ def _open(url: str, text_column: str) -> Iterator[dict]:
 
 
 def iter_documents(
-    source: RedPajamaSource,
+    source: RedPajamaConfig,
     text_column: str = "raw_content",
     seed: int = 0,
-    open_files: int = 8,
     stats: StreamStats | None = None,
 ) -> Iterator[str]:
-    """Stream document texts from `open_files` files at a time, visited in a seeded order,
-    each document drawn from one of the open files at random (seeded).
+    """Stream document texts from `source.open_files` files at a time, visited in a seeded
+    order, each document drawn from one of the open files at random (seeded).
 
     A file that cannot be opened or read is skipped with one warning naming it and why."""
-    if open_files < 1:
-        raise LoupeError(f"redpajama: open_files must be >= 1, got {open_files}")
+    open_files = source.open_files
     stats = stats if stats is not None else StreamStats()
     urls = document_urls(source)
     if not urls:

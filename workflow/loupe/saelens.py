@@ -211,7 +211,7 @@ def stage_saelens(
     """Write every layer's SAELens folder and the registry entry into the staged repo at
     `root`; `layers`: (layer, sparsify SAE folder, feature_stats parquet) each."""
 
-    layout = Layout(config.hub.prefix, config.model.hookpoint)
+    layout = Layout.of(config)
     facts = suite_facts(config, sae_shape(Path(layers[0][1]) / SAE_WEIGHTS)[1])
     for layer, sae_dir, stats in layers:
         out = root / layout.saelens_dir(layer)

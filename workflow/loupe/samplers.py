@@ -246,9 +246,8 @@ INTERVAL_EDGES = torch.exp2(torch.arange(-60, 61, dtype=torch.float64) / 3).floa
 # SAEDashboard's defaults: 10 intervals of 5 examples. Nine grid bins (the one holding the
 # feature's maximum and the eight below it, a factor 8-10 in all) plus one interval for
 # everything lower: like SAEDashboard's ten linear intervals of [0, max], whose upper nine also
-# reach down to max/10, but at constant relative resolution.
-INTERVALS = 10
-PER_INTERVAL = 5
+# reach down to max/10, but at constant relative resolution (maxact.intervals and
+# maxact.per_interval, whose defaults are the schema's).
 
 # What an empty slot holds, per state tensor.
 _EMPTY = {"keys": float("inf"), "values": 0.0, "sequences": -1, "positions": 0, "windows": 0.0}
@@ -292,11 +291,14 @@ class IntervalExamples:
         num_latents: int,
         spec: MaxactConfig,
         device: torch.device,
-        intervals: int = INTERVALS,
-        per_interval: int = PER_INTERVAL,
+        intervals: int | None = None,
+        per_interval: int | None = None,
         seed: int = 0,
         edges=INTERVAL_EDGES,
     ):
+        # None: the config's (spec.intervals, spec.per_interval); tests vary them.
+        intervals = spec.intervals if intervals is None else intervals
+        per_interval = spec.per_interval if per_interval is None else per_interval
         if intervals < 1:
             raise LoupeError(f"intervals must be at least 1, got {intervals}")
         if per_interval < 1:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_json
 from .config import Config
 from .errors import LoupeError
 from .evaluate import (
@@ -29,10 +30,9 @@ from .evaluate import (
     run_losses,
 )
 from .gpus import select_device
-from .io import write_json
 from .model import get_hookpoint, hidden_size, load_model, load_sae
 from .progress import progress
-from .tokens import open_split, read_manifest, special_ids
+from .tokens import open_split, read_tokens_manifest, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def splice_job(
         raise LoupeError(f"{len(sae)} SAEs given for the {len(layers)} layers of model.layers")
     # Prefixes go by depth, whatever order model.layers lists them in.
     layers, sae = map(list, zip(*sorted(zip(layers, sae, strict=True)), strict=True))
-    info = read_manifest(manifest)
+    info = read_tokens_manifest(manifest)
     split = open_split(Path(tokens), info)  # before the model: fails fast
     device = select_device(config.device)
     if device.type == "cpu":

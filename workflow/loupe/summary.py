@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .config import Config
 from .errors import LoupeError
-from .io import atomic_path
 from .metrics import (
     CSV_COLUMNS,
     EVAL_COLUMNS,

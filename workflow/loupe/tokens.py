@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import remove_stale_tmp, write_json
 from .config import Config, DatasetConfig
 from .errors import LoupeError
-from .io import remove_stale_tmp, write_json
 from .progress import progress
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "sample", "eval")
-MANIFEST = "manifest.json"
+TOKENS_MANIFEST = "manifest.json"
 STORE = ".store"
 _EXTENSION_BUILDERS = {
     ".json": "json",
@@ -199,11 +199,9 @@ def iter_texts(spec: DatasetConfig, seed: int, shuffle_buffer: int, stats=None) 
     """Stream document texts; never materialises the dataset. `stats`: a
     redpajama.StreamStats the RedPajama source fills (files read and skipped, current file)."""
     if spec.redpajama is not None:
-        from .redpajama import RedPajamaSource, iter_documents
+        from .redpajama import iter_documents
 
-        rp = spec.redpajama
-        source = RedPajamaSource(**{k: v for k, v in vars(rp).items() if k != "open_files"})
-        yield from iter_documents(source, spec.text_column, seed, rp.open_files, stats)
+        yield from iter_documents(spec.redpajama, spec.text_column, seed, stats)
         return
     from datasets import load_dataset
 
@@ -311,7 +309,7 @@ def store_key(config: Config) -> str:
 def link_into(store: Path, out_dir: Path) -> None:
     """Hard-link the stored splits and manifest into out_dir (the manifest last: it is what
     marks the set complete). Links keep the files' mtimes: nothing downstream looks changed."""
-    for name in (*(f"{s}.npy" for s in SPLITS), MANIFEST):
+    for name in (*(f"{s}.npy" for s in SPLITS), TOKENS_MANIFEST):
         dst = out_dir / name
         tmp = dst.with_name(f".{name}.tmp{os.getpid()}")
         tmp.unlink(missing_ok=True)
@@ -327,10 +325,10 @@ def _reusable(store: Path) -> bool:
     matching it (open_split: shape, dtype, sha256, token ids). A damaged set (a bit flipped in
     place reaches the store too: the outputs are hard links to it) is moved aside to
     `{key}.damaged`, never relinked, so deleting the manifest really tokenizes again."""
-    if not (store / MANIFEST).is_file():
+    if not (store / TOKENS_MANIFEST).is_file():
         return False
     try:
-        manifest = read_manifest(store / MANIFEST)
+        manifest = read_tokens_manifest(store / TOKENS_MANIFEST)
         for s in SPLITS:
             open_split(store / f"{s}.npy", manifest)
     except LoupeError as e:
@@ -372,10 +370,10 @@ def tokenize(config: Config, out_dir: Path, threads: int = 1, store: Path | None
     if _reusable(store):
         link_into(store, out_dir)
         log.info("reused the token splits tokenized before with these settings (%s)", store)
-        return read_manifest(out_dir / MANIFEST)
+        return read_tokens_manifest(out_dir / TOKENS_MANIFEST)
     _check_disk(store, sum(rows.values()) * spec.ctx_len * 4)
     manifest = _tokenize_into(config, store, threads)
-    write_json(store / MANIFEST, manifest)
+    write_json(store / TOKENS_MANIFEST, manifest)
     link_into(store, out_dir)
     return manifest
 
@@ -493,15 +491,17 @@ def _tokens(n: int) -> str:
 
 
 def _hint(dataset: DatasetConfig) -> str:
+    from .redpajama import SHARDS_PER_SNAPSHOT
+
     rp = dataset.redpajama
-    room = 5000 - rp.shard_start
+    room = SHARDS_PER_SNAPSHOT - rp.shard_start
     return (
         f"to read more, raise dataset.redpajama.shard_count (now {rp.shard_count} per snapshot,"
         f" at most {room}) or add snapshots"
     )
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_tokens_manifest(path: str | Path) -> dict:
     """The token manifest (tokenize's manifest.json)."""
     try:
         return json.loads(Path(path).read_text())
@@ -523,8 +523,8 @@ def open_split(path: str | Path, manifest: dict | None = None) -> np.ndarray:
     if not path.exists():
         raise LoupeError(f"token split not found: {path} (run the tokenize rule first)")
     rerun = (
-        f"delete {path.parent / MANIFEST} and run again (tokenize checks its stored copy and"
-        " tokenizes again if that is damaged too)"
+        f"delete {path.parent / TOKENS_MANIFEST} and run again (tokenize checks its stored copy"
+        " and tokenizes again if that is damaged too)"
     )
     try:
         arr = np.load(path, mmap_mode="r")

@@ -9,8 +9,8 @@ import csv
 import logging
 from pathlib import Path
 
+from .atomic import atomic_path
 from .config import Config
-from .io import atomic_path
 from .metrics import LADDER_COLUMNS, SPLICED_COLUMNS, TRANSFER_COLUMNS
 from .summary import _read_json as _read  # one reader and PNG writer for the summary
 from .summary import _save

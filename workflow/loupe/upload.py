@@ -17,12 +17,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_json
 from .browse import space_folder
 from .config import Config, HubConfig
 from .errors import LoupeError
-from .io import write_json
-from .layout import MANIFEST
-from .publish import build_manifest, read_manifest, sha256_file
+from .layout import REPO_MANIFEST
+from .stage import build_manifest, read_repo_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,12 @@ class Target:
     space_sdk: str | None = None
 
     @classmethod
-    def model(cls, s: HubConfig) -> Target:
-        return cls(s.repo, s.revision, s.private)
+    def model(cls, hub: HubConfig) -> Target:
+        return cls(hub.repo, hub.revision, hub.private)
 
     @classmethod
-    def space(cls, s: HubConfig) -> Target:
-        return cls(s.space, "main", s.private, "space", "static")  # a Space serves main
+    def space(cls, hub: HubConfig) -> Target:
+        return cls(hub.space, "main", hub.private, "space", "static")  # a Space serves main
 
     @property
     def url(self) -> str:
@@ -79,15 +79,15 @@ def token_source() -> str | None:
 def local_files(staged: Path) -> list[dict]:
     """The manifest's files plus the manifest itself, each checked present with its size."""
     staged = Path(staged)
-    files = list(read_manifest(staged)["files"])
-    manifest = staged / MANIFEST
+    files = list(read_repo_manifest(staged)["files"])
+    manifest = staged / REPO_MANIFEST
     files.append(
-        {"path": MANIFEST, "size": manifest.stat().st_size, "sha256": sha256_file(manifest)}
+        {"path": REPO_MANIFEST, "size": manifest.stat().st_size, "sha256": sha256_file(manifest)}
     )
     for f in files:
         path = staged / f["path"]
         if not path.is_file() or path.stat().st_size != f["size"]:
-            raise LoupeError(f"{path} does not match {MANIFEST}: stage the repo again")
+            raise LoupeError(f"{path} does not match {REPO_MANIFEST}: stage the repo again")
     return files
 
 
@@ -146,15 +146,15 @@ def _size(n: int) -> str:
 def dry_run(config: Config, repo: Path, plan: Path) -> dict:
     """Write to `plan` (and log) what `upload` would send from the staged `repo` (and to the
     Space, with hub.space set); send nothing."""
-    s, staged, token = config.hub, Path(repo), token_source()
-    result, lines = dry_run_plan(Target.model(s), local_files(staged))
+    hub, staged, token = config.hub, Path(repo), token_source()
+    result, lines = dry_run_plan(Target.model(hub), local_files(staged))
     result = {"dry_run": True, **result, "token_source": token}
-    if s.space:
+    if hub.space:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = space_folder(staged, Path(tmp), s.repo, s.revision)
+            folder = space_folder(staged, Path(tmp), hub.repo, hub.revision)
             # The Space has no manifest of its own: its files are listed as staging lists them.
             files = build_manifest(folder)["files"]
-            result["space"], more = dry_run_plan(Target.space(s), files)
+            result["space"], more = dry_run_plan(Target.space(hub), files)
         lines += more
     lines += [
         f"token: from {token}"
@@ -273,21 +273,21 @@ def send_and_verify(api, t: Target, folder: Path, files: list[dict], token: str)
 def upload(config: Config, repo: Path, receipt: Path) -> dict:
     """Publish the staged `repo` to config.hub.repo, and the browser to config.hub.space if
     set; returns the receipt written to `receipt` once both are verified."""
-    s = config.hub
+    hub = config.hub
     staged, receipt = Path(repo), Path(receipt)
     receipt.unlink(missing_ok=True)  # a receipt only ever describes a verified upload
     files = local_files(staged)
     token = find_token()
     if not token:
         raise LoupeError(
-            f"no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was sent to {s.repo})"
+            f"no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was sent to {hub.repo})"
         )
     api = hub_client(token)
-    result = send_and_verify(api, Target.model(s), staged, files, token)
-    if s.space:
-        space = Target.space(s)
+    result = send_and_verify(api, Target.model(hub), staged, files, token)
+    if hub.space:
+        space = Target.space(hub)
         with tempfile.TemporaryDirectory() as tmp:
-            folder = space_folder(staged, Path(tmp), s.repo, s.revision)
+            folder = space_folder(staged, Path(tmp), hub.repo, hub.revision)
             files = build_manifest(folder)["files"]
             result["space"] = {
                 **send_and_verify(api, space, folder, files, token),

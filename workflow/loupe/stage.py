@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+from .atomic import atomic_dir
 from .browse import install_browser
 from .card import collect_facts, fill_constants, metrics_rows, render_card
 from .config import Config, TrainConfig
 from .errors import LoupeError
-from .io import atomic_dir
 from .layout import (
     CARD,
-    MANIFEST,
     NOTEBOOK,
+    REPO_MANIFEST,
     RUN_CONFIG,
     SAE_CFG,
     SAE_WEIGHTS,
@@ -44,10 +44,6 @@ _PLACED = {"link": "hard-linked", "copy": "copied"}
 _TRAIN_FIELDS = tuple(
     f for f in TrainConfig.SPARSIFY_FIELDS if f not in ("save_every", "log_to_wandb")
 )
-
-
-def layout_of(config: Config) -> Layout:
-    return Layout(config.hub.prefix, config.model.hookpoint)
 
 
 @dataclass(frozen=True)
@@ -107,7 +103,7 @@ def repo_files(root: Path) -> list[str]:
             raise LoupeError(f"staged repo holds a symlink ({path}); the hub client skips them")
         if path.is_file():
             rel = path.relative_to(root).as_posix()
-            if rel != MANIFEST and not _tool_file(rel):
+            if rel != REPO_MANIFEST and not _tool_file(rel):
                 out.append(rel)
     return sorted(out)
 
@@ -136,8 +132,8 @@ def build_manifest(root: Path, threads: int = 1) -> dict:
     }
 
 
-def read_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST
+def read_repo_manifest(root: Path) -> dict:
+    path = Path(root) / REPO_MANIFEST
     if not path.is_file():
         raise LoupeError(f"{path} not found: stage the repo first (snakemake results/hub)")
     try:
@@ -289,7 +285,7 @@ def stage_repo(
 def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) -> dict:
     """Assemble the repo in a temporary folder beside `out_dir`, then rename it into place."""
     _check_inputs(inputs, config)
-    layout = layout_of(config)
+    layout = Layout.of(config)
     out_dir = Path(out_dir)
     modes: dict[str, int] = {}
     with atomic_dir(out_dir) as tmp:
@@ -324,7 +320,7 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
         )
 
         manifest = build_manifest(tmp, threads)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / REPO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info(
         "staged %d files (%.1f MB) for %s in %s; SAE files: %s",
         len(manifest["files"]),

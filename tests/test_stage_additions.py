@@ -11,21 +11,21 @@ import json
 import re
 
 import pytest
-import test_publish
-from conftest import typed
-from test_publish import METRIC_ROWS, _inputs, _stage_args, run_cli
+import test_stage
+from helpers import typed
+from test_stage import METRIC_ROWS, _inputs, _stage_args, run_cli
 
-from loupe.layout import MANIFEST
+from loupe.layout import REPO_MANIFEST
 from loupe.metrics import TRANSFER_COLUMNS
-from loupe.publish import stage
+from loupe.stage import stage
 from loupe.tradeoffs import summarize_tradeoffs
 
 LAYERS = [1, 2]
 KS = [4, 8, 32]
 IT = "google/gemma-4-E2B-it"
-# test_publish's fixtures: the staged inputs of layers 1 and 2 (as the upstream rules leave them).
-pub_settings = test_publish.pub_settings
-results = test_publish.results
+# test_stage's fixtures: the staged inputs of layers 1 and 2 (as the upstream rules leave them).
+pub_settings = test_stage.pub_settings
+results = test_stage.results
 
 OUTPUTS = {
     "ladder_csv": "ladder.csv",
@@ -98,7 +98,7 @@ def embedded(card: str) -> list[str]:
 def test_the_tables_and_plots_are_staged_and_listed(staged_additions, pub_settings):
     hub, made = staged_additions
     prefix = pub_settings["hub"]["prefix"]
-    listed = {f["path"] for f in json.loads((hub / MANIFEST).read_text())["files"]}
+    listed = {f["path"] for f in json.loads((hub / REPO_MANIFEST).read_text())["files"]}
     for key, name in OUTPUTS.items():
         path = f"{prefix}/{name}" if name.endswith(".csv") else f"{prefix}/plots/{name}"
         assert (hub / path).read_bytes() == made[key].read_bytes(), path
@@ -202,7 +202,7 @@ def check_demo_additions(workdir, config: dict) -> None:
             assert float(rows[layer][f"delta_ce@{t['model']}"]) == pytest.approx(t["delta_ce"])
         assert float(rows[layer]["kl_prefix"]) == pytest.approx(prefixes[layer]["kl"])
     hub, prefix = results / "hub", config["hub"]["prefix"]
-    listed = {f["path"] for f in json.loads((hub / MANIFEST).read_text())["files"]}
+    listed = {f["path"] for f in json.loads((hub / REPO_MANIFEST).read_text())["files"]}
     for name in ("ladder.csv", "transfer.csv", "spliced.csv"):
         assert f"{prefix}/{name}" in listed
     for name in ("sparsity_ladder.png", "transfer_by_layer.png", "spliced_by_depth.png"):
@@ -216,6 +216,6 @@ def check_demo_additions(workdir, config: dict) -> None:
 
 @pytest.mark.e2e
 def test_demo_stages_and_cards_the_additions(demo_run):
-    from conftest import demo_config
+    from helpers import demo_config
 
     check_demo_additions(demo_run, demo_config())

@@ -21,21 +21,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, demo_config, load_yaml, typed
+from helpers import REPO, demo_config, load_yaml, typed
 
 from loupe import cli
 from loupe.browse import ASSETS as BROWSER_ASSETS
 from loupe.card import CardFacts, render_card
 from loupe.examples import examples_schema, interval_examples_schema, write_stats
 from loupe.flow import write_flow_csv
-from loupe.layout import BROWSER, MANIFEST, NOTEBOOK
+from loupe.layout import BROWSER, NOTEBOOK, REPO_MANIFEST, Layout
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
 from loupe.neighbours import decoder_neighbours, neighbours_table, read_decoder, write_neighbours
-from loupe.publish import (
+from loupe.stage import (
     LayerInputs,
     StageInputs,
-    layout_of,
     place,
     repo_files,
     set_notebook_parameters,
@@ -266,7 +265,7 @@ def test_staged_layout(staged, pub_settings, results):
         "README.md",
         "config.json",
         NOTEBOOK,
-        MANIFEST,
+        REPO_MANIFEST,
         f"{prefix}/config.json",
         f"{prefix}/metrics.csv",
         f"{prefix}/plots/fvu_by_layer.png",
@@ -398,7 +397,7 @@ def test_run_config_has_what_saelens_reads(staged, pub_settings):
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(staged):
-    manifest = json.loads((staged / MANIFEST).read_text())
+    manifest = json.loads((staged / REPO_MANIFEST).read_text())
     listed = {f["path"]: f for f in manifest["files"]}
     assert sorted(listed) == repo_files(staged)
     for path, entry in listed.items():
@@ -412,16 +411,16 @@ def test_restaging_replaces_the_repo_atomically(tmp_path, pub_settings, results,
     out = tmp_path / "hub"
     config = typed(pub_settings)
     stage(config, _inputs(pub_settings, results), out)
-    before = (out / MANIFEST).read_text()
+    before = (out / REPO_MANIFEST).read_text()
 
     def broken(*args, **kwargs):
         raise RuntimeError("card failed")
 
-    monkeypatch.setattr("loupe.publish.render_card", broken)
+    monkeypatch.setattr("loupe.stage.render_card", broken)
     with pytest.raises(RuntimeError):
         stage(config, _inputs(pub_settings, results), out)
     # The failed run left the previous repo whole and no half-built folder behind.
-    assert (out / MANIFEST).read_text() == before
+    assert (out / REPO_MANIFEST).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
 
 
@@ -700,15 +699,17 @@ def check_notebook(staged: Path, settings: dict, model: Path, workdir: Path) -> 
     nb = execute_notebook(staged / NOTEBOOK, {"REPO": str(staged), "MODEL": str(model)}, workdir)
     layer = sorted(settings["model"]["layers"])[len(settings["model"]["layers"]) // 2]
     text = "\n".join(_outputs(nb, "text/plain"))
-    assert f"layer {layer}: d_in 64," in text
+    latents = int(
+        re.search(rf"layer {layer}: d_in 64, ([\d,]+) latents", text).group(1).replace(",", "")
+    )
     html = "\n".join(_outputs(nb, "text/html"))
     # The per-token table (one row per token after BOS) and the highlighted examples.
     assert "top features (activation)" in html
     shown = re.search(r"feature (\d+): its (\d+) max-activating examples", text)
     assert shown, text[-2000:]
     feature = int(shown.group(1))
+    assert feature < latents  # a feature of this SAE
     assert int(shown.group(2)) > 0
-    assert feature >= 0
     assert html.count("rgba(255, 140, 0, 1.00)") >= 1  # each example's peak, fully shaded
     # The trace follows the best matches through every layer of the suite.
     layers = settings["model"]["layers"]
@@ -736,9 +737,9 @@ def test_demo_stages_the_repo(demo_run, tmp_path, local_hub):
     config = demo_config()
     hub = demo_run / "results/hub"
     prefix = config["hub"]["prefix"]
-    manifest = json.loads((hub / MANIFEST).read_text())
+    manifest = json.loads((hub / REPO_MANIFEST).read_text())
     assert sorted(f["path"] for f in manifest["files"]) == repo_files(hub)
-    layout = layout_of(typed(config))
+    layout = Layout.of(typed(config))
     for n in config["model"]["layers"]:
         sae = sparsify.SparseCoder.load_from_disk(hub / layout.sae_dir(n))
         assert sae.d_in == 64
@@ -809,7 +810,7 @@ def test_explanations_are_staged_listed_and_described(pub_settings, results, tin
     ]  # fmt: skip
     assert run_cli(args) == 0
     prefix = pub_settings["hub"]["prefix"]
-    manifest = {f["path"] for f in json.loads((out / MANIFEST).read_text())["files"]}
+    manifest = {f["path"] for f in json.loads((out / REPO_MANIFEST).read_text())["files"]}
     suite = json.loads((out / BROWSER / "suite.json").read_text())
     for n in LAYERS:
         rel = f"{prefix}/explanations/layer_{n}.parquet"
