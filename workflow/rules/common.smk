@@ -40,11 +40,13 @@ configfile: "config.yaml"
 # Validated once (one line naming the key on error); the schema's defaults filled in. The local
 # inputs are checked here, before any job: Snakemake deletes a job's old outputs before it
 # starts, so a typo found inside the tokenize job would already have cost the token files.
+# CONFIG is the typed config (what the package's functions take), built once.
 try:
-    config.update(Config.from_dict(config).to_dict())
+    CONFIG = Config.from_dict(config)
+    config.update(CONFIG.to_dict())
     BUILT = [p for p in (config.get("demo") or {}).values() if isinstance(p, str)]
-    check_sources(Config.from_dict(config), built=set(BUILT))
-    check_train_settings(Config.from_dict(config))
+    check_sources(CONFIG, built=set(BUILT))
+    check_train_settings(CONFIG)
 except LoupeError as e:
     raise WorkflowError(str(e)) from None
 
@@ -52,7 +54,7 @@ except LoupeError as e:
 onstart:
     # Hub ids offline only when jobs are about to run: a dry run plans without the cache.
     try:
-        check_hub_ids(Config.from_dict(config), built=set(BUILT))
+        check_hub_ids(CONFIG, built=set(BUILT))
     except LoupeError as e:
         raise WorkflowError(str(e)) from None
 
@@ -64,7 +66,7 @@ onstart:
 # tokenize's are its own key's) and plans nothing. Readers take the splits as ancient(): they
 # are hard links into the store (results/tokens/.store/<key>/), whose mtime moves whenever
 # Snakemake touches a link after a job, so mtimes say nothing about the tokens.
-TOKENS_KEY = store_key(Config.from_dict(config))
+TOKENS_KEY = store_key(CONFIG)
 LAYERS = config["model"]["layers"]
 TOKENS_ROOT = "results/tokens"
 TOKENS = f"{TOKENS_ROOT}/{TOKENS_KEY}"

@@ -22,7 +22,7 @@ from loupe.jobs import group_rule_name
 
 CHECKPOINTS = "results/checkpoints"
 try:
-    TRAIN_GROUPS = layer_groups(Config.from_dict(config))
+    TRAIN_GROUPS = layer_groups(CONFIG)
 except LoupeError as e:
     raise WorkflowError(str(e)) from None
 
