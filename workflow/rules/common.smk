@@ -174,17 +174,18 @@ def model_inputs(wildcards=None):
     return sorted({p for n in names for p in built_by_workflow(n)})
 
 
-def adjacent_layer(template, offset):
+def adjacent_layer(template, offset, judged_by_digest=False):
     """An input function: `template` (e.g. rule train's SAE or digest) for layer
     {layer}+offset, or nothing where that layer is not in model.layers (feature neighbours
-    across layers). Weights are ancient(): judged by their digest, as in maxact.smk."""
+    across layers). judged_by_digest: ancient(), its digest (another input) reruns the job,
+    as for the SAE in maxact.smk."""
 
     def inputs(wildcards):
         other = int(wildcards.layer) + offset
         if other not in LAYERS:
             return []
         path = template.format(layer=other)
-        return [ancient(path) if path.endswith(".safetensors") else path]
+        return [ancient(path) if judged_by_digest else path]
 
     return inputs
 

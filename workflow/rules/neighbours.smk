@@ -8,8 +8,8 @@ rule neighbours:
         # ancient: the weights are judged by their digests (see maxact.smk)
         sae=ancient(str(rules.train.output.sae)),
         digest=rules.train.output.digest,
-        prev_sae=adjacent_layer(rules.train.output.sae, -1),
-        next_sae=adjacent_layer(rules.train.output.sae, +1),
+        prev_sae=adjacent_layer(rules.train.output.sae, -1, judged_by_digest=True),
+        next_sae=adjacent_layer(rules.train.output.sae, +1, judged_by_digest=True),
         prev_digest=adjacent_layer(rules.train.output.digest, -1),
         next_digest=adjacent_layer(rules.train.output.digest, +1),
     output:
