@@ -670,7 +670,8 @@ def test_the_staged_demo_repo_in_the_browser(page, demo_run, tmp_path):
     hub = demo_run / "results/hub"
     suite = json.loads((hub / "browser/suite.json").read_text())
     files = suite["files"]["3"]
-    assert set(files) == {"examples", "intervals", "stats", "logits", "neighbours"}
+    kinds = {"examples", "intervals", "stats", "logits", "neighbours", "explanations"}
+    assert set(files) == kinds
     stats = pq.read_table(hub / files["stats"]).to_pylist()
     feature = max(stats, key=lambda r: r["fire_count"] if r["examples"] > 1 else -1)["feature"]
     examples = rows_of(hub, files["examples"], feature)
