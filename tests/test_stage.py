@@ -18,14 +18,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import yaml
 from helpers import REPO, demo_config, load_yaml, typed
+from hub_server import assert_one_row_group, serve_hub
+from polars.testing import assert_frame_equal
 
 from loupe import cli
 from loupe.browse import ASSETS as BROWSER_ASSETS
-from loupe.card import CardFacts, render_card
+from loupe.card import CardFacts, render_card, size
 from loupe.examples import examples_schema, interval_examples_schema, write_stats
 from loupe.flow import write_flow_csv
 from loupe.layout import BROWSER, NOTEBOOK, REPO_MANIFEST, Layout
@@ -47,14 +50,42 @@ sparsify = import_sparsify()
 LAYERS = [1, 2]
 
 
+# The staged features: some dead (no examples, never fired), most of the live ones dense
+# (firing on half the sampled tokens), the rest sparse: what the notebook's showcase must skip.
+def _dead(feature: int) -> bool:
+    return feature % 16 == 1
+
+
+def _dense(feature: int) -> bool:
+    return feature % 4 != 0 and not _dead(feature)
+
+
+SAMPLED_TOKENS = 16384
+FEATURES_PER_GROUP = 64  # the per-feature files' row groups: several, as at the real width
+
+
+def _write_per_feature(table, path: Path) -> None:
+    """A per-feature parquet file as loupe writes them (examples.feature_file_writer: page
+    index, statistics), one row group per FEATURES_PER_GROUP features."""
+    import pyarrow.compute as pc
+
+    from loupe.examples import feature_file_writer
+
+    group = pc.divide(table["feature"], FEATURES_PER_GROUP)
+    with feature_file_writer(path, table.schema, sorted_by=1) as writer:
+        for g in range(pc.max(group).as_py() + 1):
+            writer.write_table(table.filter(pc.equal(group, g)))
+
+
 def _examples_table(layer: int, num_latents: int, per_feature: int = 2):
-    """Max-activation rows in the published schema: every feature, `per_feature` examples."""
+    """Max-activation rows in the published schema: `per_feature` examples of every live
+    feature."""
     import pyarrow as pa
 
     rng = np.random.default_rng(layer)
     words = ["the", " cat", " sat", " on", " a", " mat", ".", " and", " ran"]
     rows = []
-    for feature in range(num_latents):
+    for feature in (f for f in range(num_latents) if not _dead(f)):
         for rank in range(per_feature):
             tokens = [words[i] for i in rng.integers(0, len(words), 12)]
             values = np.maximum(rng.normal(0, 1, 12), 0).round(3)
@@ -114,16 +145,21 @@ def _logits_table(num_latents: int, per_sign: int = 3):
 
 def _write_stats(path: Path, num_latents: int) -> None:
     """feature_stats.parquet by the sampler's own writer (histogram edges in its metadata)."""
-    count = np.arange(num_latents, dtype=np.int64)
+    features = np.arange(num_latents)
+    dead = np.array([_dead(f) for f in features])
+    dense = np.array([_dense(f) for f in features])
+    count = np.where(dense, SAMPLED_TOKENS // 2 + features, features).astype(np.int64)
+    count[dead] = 0
     edges = np.logspace(-2, 1, 9)
     counts = np.random.default_rng(0).integers(0, 5, (num_latents, len(edges) + 1))
+    counts[dead] = 0
     write_stats(
         path,
-        kept=np.full(num_latents, 2),
+        kept=np.where(dead, 0, 2),
         count=count,
         total=count * 0.5,
-        peak=np.linspace(0, 4, num_latents, dtype=np.float32),
-        tokens=16384,
+        peak=np.where(dead, 0, np.linspace(0, 4, num_latents)).astype(np.float32),
+        tokens=SAMPLED_TOKENS,
         histogram={"counts": counts, "edges": edges},
         metadata={},
     )
@@ -170,7 +206,6 @@ def results(tmp_path_factory, trained_layer) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pyarrow.parquet as pq
 
     root = tmp_path_factory.mktemp("results")
     num_latents = json.loads((trained_layer / "cfg.json").read_text())["d_in"] * 8
@@ -179,10 +214,10 @@ def results(tmp_path_factory, trained_layer) -> Path:
         d.mkdir()
         for name in ("cfg.json", "sae.safetensors"):
             (d / name).write_bytes((trained_layer / name).read_bytes())
-        pq.write_table(_examples_table(layer, num_latents), d / PARQUET["examples"])
-        pq.write_table(_intervals_table(layer, num_latents), d / PARQUET["intervals"])
+        _write_per_feature(_examples_table(layer, num_latents), d / PARQUET["examples"])
+        _write_per_feature(_intervals_table(layer, num_latents), d / PARQUET["intervals"])
         _write_stats(d / PARQUET["stats"], num_latents)
-        pq.write_table(_logits_table(num_latents), d / PARQUET["logits"])
+        _write_per_feature(_logits_table(num_latents), d / PARQUET["logits"])
         # Every layer holds the same SAE: each feature's best match next door is itself.
         W = read_decoder(d / "sae.safetensors", "cpu")
         adjacent = {r: (n, W) for r, n in (("prev", layer - 1), ("next", layer + 1)) if n in LAYERS}
@@ -200,9 +235,15 @@ def results(tmp_path_factory, trained_layer) -> Path:
     plt.close(fig)
     tokens = root / "tokens"
     tokens.mkdir()
-    (tokens / "manifest.json").write_text(
-        json.dumps({"tokens": {"train": 65536, "sample": 16384, "eval": 8192}})
-    )
+    ctx_len = 128  # pub_settings' tokens.ctx_len
+    split_tokens = {"train": 65536, "sample": SAMPLED_TOKENS, "eval": 8192}
+    manifest = {
+        "ctx_len": ctx_len,
+        "rows": {split: n // ctx_len for split, n in split_tokens.items()},
+        "tokens": split_tokens,
+        "sha256": {split: hashlib.sha256(split.encode()).hexdigest() for split in split_tokens},
+    }
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 
@@ -506,6 +547,63 @@ def test_card_metadata_and_tables(staged, pub_settings):
     assert "feature_flow" not in card  # no flow table given: the card says nothing of it
 
 
+def test_card_states_sizes_coverage_and_the_sample_split(staged, pub_settings, results):
+    """The card's sizes are the staged files' (per layer: its SAE folder, SAELens copy and
+    parquet files; the repo in all but the card and manifest, written after it); per layer, the
+    features without examples and with fewer than top_n, counted here from feature_stats; and
+    how to regenerate the unpublished sample split `sequence` and `position` point into."""
+    card = (staged / "README.md").read_text()
+    prefix = pub_settings["hub"]["prefix"]
+    files = {
+        p.relative_to(staged).as_posix(): p.stat().st_size for p in staged.rglob("*") if p.is_file()
+    }
+
+    def bytes_of(pattern: str) -> int:
+        return sum(n for path, n in files.items() if re.fullmatch(pattern, path))
+
+    total = sum(n for path, n in files.items() if path not in ("README.md", REPO_MANIFEST))
+    assert f"The repo holds {size(total)} ({total:,} bytes, this card and" in card
+    for n in LAYERS:
+        sae = bytes_of(rf"{re.escape(prefix)}/language_model\.layers\.{n}/.+")
+        lens = bytes_of(rf"{re.escape(prefix)}/saelens/language_model\.layers\.{n}/.+")
+        data = bytes_of(rf"{re.escape(prefix)}/\w+/layer_{n}\.parquet")
+        assert sae and lens and data
+        row = f"| {n} | {size(sae)} | {size(lens)} | {size(data)} | {size(sae + lens + data)} |"
+        assert row in card, row
+    # One layer's download: layer 2's SAE folder, all that loading it fetches.
+    sae2 = bytes_of(rf"{re.escape(prefix)}/language_model\.layers\.2/.+")
+    assert f"Load one layer's SAE (downloads only that layer's folder, {size(sae2)})" in card
+    # Examples: not every feature has them.
+    assert "for every feature of every layer" not in card
+    top_n = typed(pub_settings).maxact.top_n
+    assert top_n > 2  # each live feature of the fixture has 2
+    for n in LAYERS:
+        kept = pl.read_parquet(results / f"layer_{n}" / PARQUET["stats"])["examples"]
+        none, fewer = int((kept == 0).sum()), int(((kept > 0) & (kept < top_n)).sum())
+        assert none == sum(map(_dead, range(len(kept)))) > 0
+        share = f"{none:,} ({none / len(kept):.1%}) | {fewer:,} ({fewer / len(kept):.1%})"
+        assert f"| {n} | {len(kept):,} | {share} |" in card
+    # The sample split: not published, and how to make it again.
+    assert not [p for p in files if p.endswith(".npy")]
+    manifest = json.loads((results / "tokens/manifest.json").read_text())
+    assert "which this repo does not publish" in card
+    assert f"(sha256 `{manifest['sha256']['sample']}`)" in card
+    assert f"({manifest['rows']['sample']:,} rows of {manifest['ctx_len']} token ids" in card
+    assert "snakemake --cores 4 tokenize" in card
+    block = re.search(r"<summary>tokenization settings</summary>\n\n```yaml\n(.*?)```", card, re.S)
+    assert yaml.safe_load(block.group(1)) == typed(pub_settings).settings_for("tokenize")
+
+
+def test_sizes_read_as_people_say_them():
+    assert [size(n) for n in (512, 1536, 85_200, 604 * 2**20, int(29.4 * 2**30))] == [
+        "512 B",
+        "1.50 KiB",
+        "83.2 KiB",
+        "604 MiB",
+        "29.4 GiB",
+    ]
+
+
 def test_card_states_the_reference_settings(monkeypatch):
     """The gemma-loupe card, from config.yaml as shipped, states the reference values."""
     cfg = typed(load_yaml(REPO / "config.yaml"))  # the schema's defaults filled in
@@ -577,16 +675,26 @@ def test_card_states_the_reference_settings(monkeypatch):
     assert linked.count("(https://huggingface.co/spaces/rhizomatous/gemma-loupe-browser)") == 2
 
 
+class Downloads(list):
+    """What each download call delivered: (kind, pattern, files); `folders`: the local folder
+    of each repo id served."""
+
+    def __init__(self):
+        super().__init__()
+        self.folders: dict[str, Path] = {}
+
+
 @pytest.fixture()
 def local_hub(monkeypatch, tmp_path):
-    """The hub client's download functions, replaced at their boundary by ones that serve a
-    local folder given in place of the repo id, honouring allow_patterns like the Hub does."""
+    """The hub client's snapshot download (what sparsify's loaders call), replaced at its
+    boundary by one that serves the local folder of each repo id in `folders` (a repo id that
+    is a folder serves itself), honouring allow_patterns like the Hub does."""
     from huggingface_hub.utils import filter_repo_objects
 
-    requests = []
+    requests = Downloads()
 
     def snapshot_download(repo_id, allow_patterns=None, **kwargs):
-        root = Path(repo_id)
+        root = Path(requests.folders.get(repo_id, repo_id))
         assert root.is_dir(), repo_id
         snap = tmp_path / f"snapshot{len(requests)}"
         wanted = list(filter_repo_objects(repo_files(root), allow_patterns=allow_patterns))
@@ -596,64 +704,73 @@ def local_hub(monkeypatch, tmp_path):
         requests.append(("snapshot", allow_patterns, wanted))
         return str(snap)
 
-    def hf_hub_download(repo_id, filename, **kwargs):
-        path = Path(repo_id) / filename
-        assert path.is_file(), path
-        requests.append(("file", filename, [filename]))
-        return str(path)
-
     import huggingface_hub
     import sparsify.sparse_coder
 
     monkeypatch.setattr(sparsify.sparse_coder, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     return requests
 
 
-def run_card_code(
-    card: str, repo_id: str, staged: Path, model: str, tiny_model: Path
-) -> tuple[dict, list[str]]:
-    """Run the quick start's python blocks of the card in one namespace, the staged folder
-    standing in for the repo id and the tiny model for the model id; returns the namespace and
+@contextlib.contextmanager
+def hub_of(staged: Path, repo_id: str, local_hub: Downloads, monkeypatch, home: Path):
+    """The staged repo as the Hub under `repo_id`: its files over HTTP (hub_server, for
+    hf_hub_url, hf_hub_download and polars), its snapshots through `local_hub`."""
+    local_hub.folders[repo_id] = staged
+    with serve_hub(staged, repo_id, monkeypatch, home) as hub:
+        yield hub
+
+
+def run_card_code(card: str, model: str, tiny_model: Path) -> tuple[dict, list[str]]:
+    """Run the quick start's python blocks of the card in one namespace (against the Hub the
+    caller serves), the tiny model standing in for the model id; returns the namespace and
     each block's printed output."""
     namespace: dict = {}
     printed = []
     for block in _python_blocks(card)[:QUICK_START_BLOCKS]:
-        code = block.replace(f'"{repo_id}"', json.dumps(str(staged)))
-        code = code.replace(f'"{model}"', json.dumps(str(tiny_model)))
+        code = block.replace(f'"{model}"', json.dumps(str(tiny_model)))
         with contextlib.redirect_stdout(io.StringIO()) as out:
             exec(compile(code, "README.md", "exec"), namespace)
         printed.append(out.getvalue())
     return namespace, printed
 
 
-def test_card_quick_start_runs_against_the_staged_repo(staged, pub_settings, tiny_model, local_hub):
+def test_card_quick_start_runs_against_the_staged_repo(
+    staged, pub_settings, tiny_model, local_hub, monkeypatch, tmp_path
+):
+    """The card's code, run as a reader runs it against the Hub: it downloads one SAE folder,
+    then the SAE folders only, and reads the feature's examples without downloading their
+    file: its footer, then only the row group holding the feature."""
     card = (staged / "README.md").read_text()
     assert len(_python_blocks(card)) == QUICK_START_BLOCKS + RECIPE_BLOCKS
-    ns, printed = run_card_code(
-        card, pub_settings["hub"]["repo"], staged, pub_settings["model"]["name"], tiny_model
-    )
+    repo_id = pub_settings["hub"]["repo"]
+    with hub_of(staged, repo_id, local_hub, monkeypatch, tmp_path / "hf") as hub:
+        ns, printed = run_card_code(card, pub_settings["model"]["name"], tiny_model)
     prefix = pub_settings["hub"]["prefix"]
     assert ns["sae"].num_latents == 512 and ns["sae"].cfg.k == pub_settings["sae"]["k"]
     assert sorted(ns["saes"]) == [f"{prefix}/language_model.layers.{n}" for n in LAYERS]
     assert ns["out"].top_indices.shape[1] == pub_settings["sae"]["k"]
-    assert ns["feature"] in set(ns["examples"]["feature"].to_list())
-    # Downloads: one layer's folder, then only SAE folders, then one parquet file.
-    (kind1, pattern1, got1), (kind2, _, got2), (kind3, _, got3) = local_hub
-    assert kind1 == kind2 == "snapshot" and kind3 == "file"
+    # Downloads: one layer's folder, then only SAE folders.
+    (kind1, pattern1, got1), (kind2, _, got2) = local_hub
+    assert kind1 == kind2 == "snapshot"
     assert pattern1 == f"{prefix}/language_model.layers.2/*"
     assert sorted(got1) == [
         f"{prefix}/language_model.layers.2/{n}" for n in ("cfg.json", "sae.safetensors")
     ]
     assert len(got2) == 4 and all("/language_model.layers." in p for p in got2)
-    assert got3 == [f"{prefix}/max_activations/layer_2.parquet"]
+    # The examples: the strongest live feature on the text, one row group of its file read.
+    feature = ns["feature"]
+    assert not _dead(feature)
+    examples = pl.read_parquet(staged / prefix / "max_activations/layer_2.parquet")
+    assert_frame_equal(ns["examples"], examples.filter(pl.col("feature") == feature).sort("rank"))
+    assert_one_row_group(hub, staged, f"{prefix}/max_activations/layer_2.parquet", feature)
+    assert {r.path for r in hub.reads} == {
+        f"{prefix}/{kind}/layer_2.parquet" for kind in ("max_activations", "feature_stats")
+    }
     # One line per token after BOS with its top features, then the feature's examples.
     assert len(ns["tokens"]) >= 5
     assert printed[2].count("[(") == len(ns["tokens"])
-    assert printed[3].count("\n") == min(
-        5, ns["examples"]["feature"].to_list().count(ns["feature"])
-    )
+    assert printed[3].count("\n") == min(5, len(ns["examples"]))
 
 
 def test_load_many_with_only_a_pattern_is_empty_in_sparsify_1_3_3(staged, pub_settings):
@@ -695,27 +812,53 @@ def _outputs(notebook, kind: str) -> list[str]:
     return texts
 
 
-def check_notebook(staged: Path, settings: dict, model: Path, workdir: Path) -> None:
-    nb = execute_notebook(staged / NOTEBOOK, {"REPO": str(staged), "MODEL": str(model)}, workdir)
+def check_notebook(
+    staged: Path, settings: dict, model: Path, workdir: Path, repo: str = ""
+) -> tuple[int, set[int]]:
+    """Run the notebook against `repo` (a repo id the caller serves; default: the staged
+    folder itself) and check what it shows; returns the feature it shows and the features in
+    its per-token table."""
+    nb = execute_notebook(
+        staged / NOTEBOOK, {"REPO": repo or str(staged), "MODEL": str(model)}, workdir
+    )
+    # Nothing on stderr: no warning (tqdm's, without ipywidgets), no traceback.
+    stderr = [
+        o["text"] for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stderr"
+    ]
+    assert not stderr, stderr
     layer = sorted(settings["model"]["layers"])[len(settings["model"]["layers"]) // 2]
     text = "\n".join(_outputs(nb, "text/plain"))
     latents = int(
         re.search(rf"layer {layer}: d_in 64, ([\d,]+) latents", text).group(1).replace(",", "")
     )
     html = "\n".join(_outputs(nb, "text/html"))
-    # The per-token table (one row per token after BOS) and the highlighted examples.
-    assert "top features (activation)" in html
+    # The per-token table: one row per token after BOS, every row shown, no cell cut.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = tokenizer(nb.cells[1].source.split('TEXT = "')[1].split('"')[0]).input_ids
+    tokens = len(ids) - (ids[0] == tokenizer.bos_token_id)
+    (table,) = [h for h in _outputs(nb, "text/html") if "top features (activation)" in h]
+    assert table.count("<tr>") == 2 + tokens  # the names and types rows, then the tokens
+    assert "…" not in table
     shown = re.search(r"feature (\d+): its (\d+) max-activating examples", text)
     assert shown, text[-2000:]
     feature = int(shown.group(1))
     assert feature < latents  # a feature of this SAE
     assert int(shown.group(2)) > 0
     assert html.count("rgba(255, 140, 0, 1.00)") >= 1  # each example's peak, fully shaded
+    # The feature shown has examples and is not dense, where dense features fire on the text.
+    prefix = settings["hub"]["prefix"]
+    stats = pl.read_parquet(staged / prefix / f"feature_stats/layer_{layer}.parquet")
+    row = stats.filter(pl.col("feature") == feature).row(0, named=True)
+    dense = typed(settings).evaluate.dense_threshold
+    assert row["examples"] > 0 and row["density"] <= dense
     # The trace follows the best matches through every layer of the suite.
     layers = settings["model"]["layers"]
     assert f"trace of feature {feature} of layer {layer} ({len(layers)} of {len(layers)}" in text
     steps = re.findall(r"^  layer (\d+): feature (\d+) \(cosine", text, re.M)
     assert [int(n) for n, _ in steps] == sorted(layers)
+    return feature, {int(f) for f in re.findall(r"(\d+) \(-?[\d.]+\)", table)}
 
 
 def test_notebook_is_filled_in_for_the_run(staged, pub_settings):
@@ -726,14 +869,42 @@ def test_notebook_is_filled_in_for_the_run(staged, pub_settings):
     assert 'HOOKPOINT = "language_model.layers.2"' in params and "LAYER = 2" in params
 
 
-def test_notebook_runs_headless(staged, pub_settings, tiny_model, tmp_path):
-    check_notebook(staged, pub_settings, tiny_model, tmp_path)
+def check_notebook_reads(hub, staged: Path, prefix: str, layer: int, feature: int) -> None:
+    """The notebook read the feature's rows of each per-feature file, not the files: only
+    range requests, and of the feature's own files only the row group holding it."""
+    parquet = {r.path for r in hub.reads if r.path.endswith(".parquet")}
+    assert f"{prefix}/max_activations/layer_{layer}.parquet" in parquet
+    assert all(r.ranged for r in hub.reads if r.path in parquet)
+    for folder in ("max_activations", "interval_examples", "feature_logits"):
+        assert_one_row_group(hub, staged, f"{prefix}/{folder}/layer_{layer}.parquet", feature)
+    # Downloaded whole: the layer's SAE folder and the small JSON files, nothing else.
+    whole = {r.path for r in hub.reads if r.path not in parquet}
+    assert whole == {
+        f"{prefix}/language_model.layers.{layer}/cfg.json",
+        f"{prefix}/language_model.layers.{layer}/sae.safetensors",
+        f"{prefix}/config.json",
+        "manifest.json",
+    }
+
+
+def test_notebook_runs_headless_against_the_hub(
+    staged, pub_settings, tiny_model, tmp_path, monkeypatch
+):
+    """The notebook, run as a reader runs it on the Hub's repo id (the staged repo served as
+    the Hub serves it): what it shows, and that it reads one row group per feature file."""
+    repo_id = pub_settings["hub"]["repo"]
+    with serve_hub(staged, repo_id, monkeypatch, tmp_path / "hf") as hub:
+        feature, on_text = check_notebook(staged, pub_settings, tiny_model, tmp_path, repo_id)
+    # Shown: the strongest non-dense feature on the text, where dense ones fire on it too.
+    assert feature in on_text and not _dense(feature)
+    assert [f for f in on_text if _dense(f)]
+    check_notebook_reads(hub, staged, pub_settings["hub"]["prefix"], 2, feature)
 
 
 @pytest.mark.e2e
-def test_demo_stages_the_repo(demo_run, tmp_path, local_hub):
+def test_demo_stages_the_repo(demo_run, tmp_path, local_hub, monkeypatch):
     """The demo's default target stages the repo: every layer loads, the card's quick start and
-    the notebook run against it."""
+    the notebook run against it, served as the Hub serves it."""
     config = demo_config()
     hub = demo_run / "results/hub"
     prefix = config["hub"]["prefix"]
@@ -747,9 +918,11 @@ def test_demo_stages_the_repo(demo_run, tmp_path, local_hub):
     assert (hub / prefix / "metrics.csv").is_file() and list((hub / prefix / "plots").glob("*.png"))
     card = (hub / "README.md").read_text()
     model = demo_run / config["model"]["name"]
-    ns, _ = run_card_code(card, config["hub"]["repo"], hub, config["model"]["name"], model)
+    repo_id = config["hub"]["repo"]
+    with hub_of(hub, repo_id, local_hub, monkeypatch, tmp_path / "hf"):
+        ns, _ = run_card_code(card, config["model"]["name"], model)
+        check_notebook(hub, config, model, tmp_path, repo=repo_id)
     assert len(ns["saes"]) == len(config["model"]["layers"])
-    check_notebook(hub, config, model, tmp_path)
 
 
 # --- explanations -------------------------------------------------------------------------

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import __version__
 from . import layout as file_names
 from .config import Config
 from .errors import LoupeError
+from .examples import ROW_GROUP_FEATURES
 from .layout import (
     FLOW_TABLE,
     LADDER_CSV,
@@ -102,6 +104,12 @@ class CardFacts:
     # The staged tables of the ladder, transfer and splice (file name -> rows), those staged.
     tables: dict[str, list[dict]] = field(default_factory=dict)
     explanations: list[dict] = field(default_factory=list)  # loupe.explanation_scores rows
+    # Per layer (feature_stats' `examples`): its features, those without examples (dead on the
+    # sampled tokens) and those with fewer than maxact.top_n.
+    coverage: list[dict] = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)  # repo_sizes of the staged files
+    # The tokens manifest (tokenize's) where given: the sample split's rows, width and sha256.
+    sample_split: dict = field(default_factory=dict)
 
 
 def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
@@ -141,6 +149,7 @@ def collect_facts(
     if tokens_manifest is not None and Path(tokens_manifest).is_file():
         manifest = json.loads(Path(tokens_manifest).read_text())
     tokens = manifest.get("tokens", {})
+    top_n = config.maxact.top_n
     return CardFacts(
         layers=layers,
         sae=sae,
@@ -164,7 +173,58 @@ def collect_facts(
             if (root / layout.table(name)).is_file()
         },
         explanations=_explanation_scores(root, layout, layers),
+        coverage=[_coverage(root / layout.stats(n), n, top_n) for n in layers],
+        sizes=repo_sizes(root, layout, layers),
+        sample_split=(
+            {
+                "rows": manifest["rows"]["sample"],
+                "ctx_len": manifest["ctx_len"],
+                "sha256": manifest["sha256"]["sample"],
+            }
+            if "sha256" in manifest
+            else {}
+        ),
     )
+
+
+def _coverage(stats: Path, layer: int, top_n: int) -> dict:
+    """A layer's features: all, those without examples, those with fewer than `top_n`."""
+    import pyarrow.parquet as pq
+
+    kept = pq.read_table(stats, columns=["examples"])["examples"].to_numpy()
+    return {
+        "layer": layer,
+        "features": len(kept),
+        "none": int((kept == 0).sum()),
+        "fewer": int(((kept > 0) & (kept < top_n)).sum()),
+    }
+
+
+def repo_sizes(root: Path, layout: Layout, layers: list[int]) -> dict:
+    """Bytes of the files under `root`: per layer, its SAE folder (`sae`: what loading one
+    layer downloads), its SAELens copy (`saelens`) and its parquet files (`data`), with their
+    `total`; `shared`: every other file; `total`: all of them."""
+    files = {
+        p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()
+    }
+
+    def under(folder: str) -> int:
+        return sum(size for path, size in files.items() if path.startswith(folder + "/"))
+
+    per_layer = {}
+    for n in layers:
+        parts = {
+            "sae": under(layout.sae_dir(n)),
+            "saelens": under(layout.saelens_dir(n)),
+            "data": sum(files.get(layout.per_layer(kind, n), 0) for kind in file_names.PER_LAYER),
+        }
+        per_layer[n] = {**parts, "total": sum(parts.values())}
+    total = sum(files.values())
+    return {
+        "layers": per_layer,
+        "shared": total - sum(p["total"] for p in per_layer.values()),
+        "total": total,
+    }
 
 
 def _csv_rows(path: Path) -> list[dict]:
@@ -310,8 +370,16 @@ def _fmt(value) -> str:
     return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.4g}"
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+def size(n: int) -> str:
+    """Bytes as the card gives them, three figures in binary units: 604 MiB, 1.43 GiB, 85.2 KiB."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1000:
+            break
+        value, unit = value / 1024, bigger
+    if unit == "B":
+        return f"{n} B"
+    return f"{value:.{0 if value >= 100 else 1 if value >= 10 else 2}f} {unit}"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -410,7 +478,7 @@ def _environment():
         lstrip_blocks=True,
         autoescape=False,  # Markdown, not HTML
     )
-    env.filters.update(tokens=_n, thousands="{:,}".format, size=_mb)
+    env.filters.update(tokens=_n, thousands="{:,}".format, size=size)
     env.globals["table"] = _table
     return env
 
@@ -468,9 +536,59 @@ def render_card(config: Config, facts: CardFacts) -> str:
             language=LANGUAGES.get(language, f"`{language}`"),
             citation=_citation(config, name),
             explanation_rows=_explanation_rows(facts),
+            coverage=_coverage_summary(facts, config.maxact.top_n),
+            size_rows=_size_rows(config, facts),
+            tokenize_settings=_yaml(config.settings_for("tokenize")),
+            loupe_version=__version__,
+            row_group_features=ROW_GROUP_FEATURES,
             explainers=sorted({r["explainer"] for r in facts.explanations} - {""}),
         )
     )
+
+
+def _share(n: int, of: int) -> str:
+    return f"{n:,} ({n / of:.1%})" if of else f"{n:,}"
+
+
+def _coverage_summary(facts: CardFacts, top_n: int) -> dict:
+    """The examples' coverage: per layer, features without examples and with fewer than
+    `top_n`, and the totals over the suite."""
+    rows = [
+        [
+            c["layer"],
+            f"{c['features']:,}",
+            _share(c["none"], c["features"]),
+            _share(c["fewer"], c["features"]),
+        ]
+        for c in facts.coverage
+    ]
+    features = sum(c["features"] for c in facts.coverage)
+    return {
+        "rows": rows,
+        "features": features,
+        "none": _share(sum(c["none"] for c in facts.coverage), features),
+        "fewer": _share(sum(c["fewer"] for c in facts.coverage), features),
+    }
+
+
+def _size_rows(config: Config, facts: CardFacts) -> list[list]:
+    """Per layer: its SAE folder, its SAELens copy (where staged), its parquet files, in all."""
+    return [
+        [
+            layer,
+            size(s["sae"]),
+            *([size(s["saelens"])] if config.hub.saelens else []),
+            size(s["data"]),
+            size(s["total"]),
+        ]
+        for layer, s in facts.sizes.get("layers", {}).items()
+    ]
+
+
+def _yaml(settings: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(settings, sort_keys=False, allow_unicode=True)
 
 
 # --- the evaluations suites are compared by: the ladder, transfer, the whole suite spliced ---

@@ -312,12 +312,12 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
 
         layer = example_layer(config.model.layers)
         (tmp / NOTEBOOK).write_text(_notebook(config, layout, layer))
+        num_latents = json.loads((tmp / layout.sae_dir(layer) / SAE_CFG).read_text())["num_latents"]
+        install_browser(tmp, layout.prefix, config.model.layers, num_latents, config.model.name)
+        # The card after every other file but the manifest: it states their sizes.
         plots = [Path(p).name for p in inputs.plots]
         facts = collect_facts(config, layout, tmp, inputs.tokens_manifest, plots)
         (tmp / CARD).write_text(render_card(config, facts))
-        install_browser(
-            tmp, layout.prefix, config.model.layers, facts.num_latents, config.model.name
-        )
 
         manifest = build_manifest(tmp, threads)
         (tmp / REPO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -60,16 +60,24 @@ for token, values, features in zip(tokens, out.top_acts, out.top_indices, strict
 import json
 
 import polars as pl
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_url
 
-path = hf_hub_download(REPO, f"{PREFIX}/max_activations/layer_{LAYER}.parquet")
-examples = pl.read_parquet(path)
-known = set(examples["feature"].unique().to_list())
+
+def scan(folder: str) -> pl.LazyFrame:
+    """LAYER's file in `folder`, read in place: polars fetches the footer, then only the row
+    groups a filter on `feature` can match (HTTP range requests, no download of the file)."""
+    return pl.scan_parquet(hf_hub_url(REPO, f"{PREFIX}/{folder}/layer_{LAYER}.parquet"))
+
+
+# The strongest feature on the text among those with examples (dead features have none).
+live = scan("feature_stats").filter(pl.col("examples") > 0).select("feature").collect()
+live = set(live["feature"].to_list())
 ranked = out.top_indices.flatten()[out.top_acts.flatten().argsort(descending=True)].tolist()
-feature = next(f for f in ranked if f in known)
+feature = next(f for f in ranked if f in live)
+examples = scan("max_activations").filter(pl.col("feature") == feature).sort("rank").collect()
 
 # [[peak]], [other active tokens]
-for row in examples.filter(pl.col("feature") == feature).sort("rank").head(5).iter_rows(named=True):
+for row in examples.head(5).iter_rows(named=True):
     window, values = json.loads(row["context_tokens"]), json.loads(row["token_activations"])
     text = "".join(
         f"[[{t}]]" if i == row["peak_index"] else f"[{t}]" if v > 0 else t
