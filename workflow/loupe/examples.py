@@ -60,7 +60,7 @@ def writer_options(schema) -> dict:
 def feature_file_writer(path: Path, schema, metadata: dict | None = None, sorted_by: int = 3):
     """A ParquetWriter for a per-feature file sorted by its first `sorted_by` columns, with
     writer_options and the run's metadata as JSON under "loupe". Callers write one row group
-    per ROW_GROUP_FEATURES features, into a temporary path (io.atomic_path)."""
+    per ROW_GROUP_FEATURES features, into a temporary path (atomic.atomic_path)."""
     import pyarrow.parquet as pq
 
     if metadata is not None:
