@@ -19,7 +19,15 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from browser_repo import PREFIX, build_synthetic_repo, build_wide_repo, write_groups
+from browser_repo import (
+    MODEL,
+    PREFIX,
+    build_synthetic_repo,
+    build_wide_repo,
+    explanation_rows,
+    write_explanations,
+    write_groups,
+)
 
 from loupe.browse import ASSETS, install_browser, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
@@ -181,6 +189,10 @@ def test_feature_page_shows_what_the_parquet_files_hold(page, page_url, repo, su
     )
     assert sorted(shown_bins) == sorted({r["interval"] for r in intervals})
     assert page.locator("#intervals .example").count() == len(intervals)
+
+    # A repo without explanations: no explanation block, no search by explanation.
+    assert page.is_hidden("#explanation")
+    assert page.is_hidden("#search-by option[value='explanation']")
 
     shot = tmp_path / "browser.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -595,6 +607,101 @@ def test_a_repo_without_neighbours_says_so(page, tmp_path):
         server.server_close()
     assert page.inner_text("#neighbours-same") == "no feature_neighbours file for this layer"
     assert page.is_disabled("#trace-button")
+
+
+EXPLAINED, UNEXPLAINED, EXPLAINED_LATENTS = 3, 2, 192
+
+
+@pytest.fixture(scope="module")
+def explained_repo(tmp_path_factory):
+    """Layers 2 and 3, layer 3 with an explanations file as the explain stage writes it."""
+    root = tmp_path_factory.mktemp("explained")
+    layers = (UNEXPLAINED, EXPLAINED)
+    build_synthetic_repo(root, layers=layers, num_latents=EXPLAINED_LATENTS, examples=4)
+    path = write_explanations(root, EXPLAINED, explanation_rows(EXPLAINED, EXPLAINED_LATENTS))
+    suite = install_browser(root, PREFIX, layers, EXPLAINED_LATENTS, MODEL)
+    assert "explanations" in suite["files"][str(EXPLAINED)]
+    assert "explanations" not in suite["files"][str(UNEXPLAINED)]
+    server, url = serve(root)
+    yield pq.read_table(path).to_pylist(), url
+    server.shutdown()
+    server.server_close()
+
+
+def explanation_hits(rows: list[dict], query: str) -> list[int]:
+    """The features whose explanation holds every word of the query, best mean score first."""
+
+    def mean(r):
+        scores = [r[k] for k in ("detection", "fuzzing") if r[k] is not None]
+        return sum(scores) / len(scores) if scores else -1
+
+    words = query.lower().split()
+    hits = [
+        r for r in rows if r["explanation"] and all(w in r["explanation"].lower() for w in words)
+    ]
+    return [r["feature"] for r in sorted(hits, key=lambda r: (-mean(r), r["feature"]))]
+
+
+def search_page(page, by: str, query: str) -> dict:
+    page.select_option("#search-by", by)
+    page.fill("#query", query)
+    page.press("#query", "Enter")
+    page.wait_for_function(
+        f"window.loupeState.search?.query === {json.dumps(query)}"
+        " && window.loupeState.status !== 'loading'",
+        timeout=20_000,
+    )
+    state = page.evaluate("window.loupeState")
+    assert state["status"] == "ready", state.get("error")
+    return state
+
+
+def test_explanations_are_searched_and_shown_with_their_scores(page, explained_repo):
+    """Issue 21: the feature page shows the explanation and its detection and fuzzing scores
+    where the layer has explanations; the layer's features are searched by explanation text
+    and listed as links."""
+    rows, url = explained_repo
+    by_feature = {r["feature"]: r for r in rows}
+    open_feature(page, url, EXPLAINED, 1)  # odd features were not explained
+    assert page.inner_text("#explanation").startswith("no explanation for this feature")
+    assert page.evaluate("window.loupeState.explanation") is None
+
+    for query in ("Rivers", "rivers cities"):
+        want = explanation_hits(rows, query)
+        assert len(want) > 2
+        state = search_page(page, "explanation", query)
+        assert state["search"]["features"] == want
+        shown = page.eval_on_selector_all(
+            "#result-list a", "links => links.map(a => Number(a.dataset.feature))"
+        )
+        assert shown == want
+    scored = [f for f in want if by_feature[f]["detection"] is not None]
+    unscored = [f for f in explanation_hits(rows, "") if by_feature[f]["detection"] is None]
+    assert scored and unscored
+
+    page.click(f"#result-list a[data-feature='{scored[-1]}']")
+    for f in (scored[-1], unscored[0]):
+        if f != scored[-1]:
+            open_feature(page, url, EXPLAINED, f)
+        page.wait_for_function(
+            f"window.loupeState.status === 'ready' && window.loupeState.feature === {f}"
+        )
+        want = by_feature[f]
+        assert page.evaluate("window.loupeState.explanation") == {
+            "text": want["explanation"],
+            "detection": want["detection"],
+            "fuzzing": want["fuzzing"],
+            "explainer": want["explainer"],
+        }
+        assert page.inner_text("#explanation-text") == want["explanation"]
+        for score in ("detection", "fuzzing"):
+            value = want[score]
+            text = "not scored" if value is None else f"{value:.3f}"
+            assert page.inner_text(f"#{score}-score") == text
+    # The layer without explanations keeps its page as before.
+    open_feature(page, url, UNEXPLAINED, 4)
+    assert page.is_hidden("#explanation")
+    assert page.errors == []
 
 
 def _get(url: str, headers: dict | None = None, method: str = "GET"):

@@ -21,7 +21,8 @@ const INTERVAL_COLUMNS = [...EXAMPLE_COLUMNS, 'interval', 'interval_low', 'inter
 const NEIGHBOUR_COLUMNS = ['feature', 'relation', 'rank', 'other_layer', 'other_feature', 'cosine']
 const TRACE_COLUMNS = { examples: ['feature', 'token', 'rank'], logits: ['feature', 'sign', 'rank', 'token'] }
 const TRACE_TOKENS = 5 // top tokens and top logits shown per step of a trace
-const EXPLANATION_COLUMNS = ['feature', 'explanation']
+// The explain stage's columns the page shows (loupe.explain.explanations_schema).
+const EXPLANATION_COLUMNS = ['feature', 'explanation', 'detection', 'fuzzing', 'explainer', 'status']
 const SEARCH_LIMIT = 200
 // Range requests in flight at once, whatever the page asks for: Chromium refuses thousands
 // (net::ERR_INSUFFICIENT_RESOURCES) and a host serves a few at a time anyway.
@@ -331,18 +332,20 @@ async function showFeature(layer, f) {
   setStatus(`loading layer ${layer} feature ${f}…`, 'loading')
   Object.assign(state, { layer, feature: f, error: null, trace: null })
   const files = layerFiles(layer)
-  const [stats, examples, intervals, logits, statsMeta, neighbours] = await Promise.all([
+  const [stats, examples, intervals, logits, statsMeta, neighbours, explained] = await Promise.all([
     featureRows(files.stats, f),
     featureRows(files.examples, f, EXAMPLE_COLUMNS),
     featureRows(files.intervals, f, INTERVAL_COLUMNS),
     featureRows(files.logits, f),
     files.stats ? fileMetadataJson(files.stats) : {},
     featureRows(files.neighbours, f, NEIGHBOUR_COLUMNS),
+    layerExplanations(layer),
   ])
-  const explained = await explanations((neighbours || []).map(r => [r.other_layer, r.other_feature]))
+  const neighbourTexts = await explanations((neighbours || []).map(r => [r.other_layer, r.other_feature]))
   if (mine !== ticket) return
   render(layer, f, stats?.[0] ?? null, examples, intervals, logits, statsMeta)
-  renderNeighbours(layer, neighbours, explained)
+  renderExplanation(f, explained)
+  renderNeighbours(layer, neighbours, neighbourTexts)
   setStatus(`layer ${layer} feature ${f} · ${base}`, 'ready')
 }
 
@@ -446,14 +449,63 @@ function featureLink(layer, f, text) {
   return link
 }
 
-/** {"layer:feature": text} of the given features that have an explanation, read where a layer
- * has an explanations file (a row group per feature; none fetched where no layer has one). */
+const explanationsRead = new Map()
+
+/** Map feature -> {explanation, detection, fuzzing, explainer, status} of a layer's features
+ * that have an explanation; null where the layer has no explanations file. A layer's file is
+ * small (a line of text and two scores per feature), so it is read whole, once. */
+function layerExplanations(layer) {
+  const path = layerFiles(layer).explanations
+  if (!path) return Promise.resolve(null)
+  if (!explanationsRead.has(layer)) {
+    const promise = (async () => {
+      const { file, metadata } = await openParquet(path)
+      const names = new Set(metadata.schema.map(s => s.name))
+      const columns = EXPLANATION_COLUMNS.filter(c => names.has(c))
+      const rows = await parquetReadObjects({ file, metadata, columns, compressors })
+      // Failed and unparsed requests are rows without an explanation: nothing to show.
+      return new Map(rows.filter(r => r.explanation).map(r => [Number(r.feature), plain(r)]))
+    })()
+    promise.catch(() => explanationsRead.delete(layer))
+    explanationsRead.set(layer, promise)
+  }
+  return explanationsRead.get(layer)
+}
+
+/** {"layer:feature": text} of the given features that have an explanation (nothing fetched
+ * for layers without an explanations file). */
 async function explanations(features) {
-  const found = await Promise.all(features.map(async ([layer, f]) => {
-    const rows = await featureRows(layerFiles(layer).explanations, f, EXPLANATION_COLUMNS)
-    return [`${layer}:${f}`, rows?.find(r => r.explanation)?.explanation]
-  }))
-  return Object.fromEntries(found.filter(([, text]) => text))
+  const layers = [...new Set(features.map(([layer]) => layer))]
+  const byLayer = new Map(await Promise.all(layers.map(async layer => [layer, await layerExplanations(layer)])))
+  const found = {}
+  for (const [layer, f] of features) {
+    const text = byLayer.get(layer)?.get(f)?.explanation
+    if (text) found[`${layer}:${f}`] = text
+  }
+  return found
+}
+
+const fmtScore = x => (x === null || x === undefined ? 'not scored' : fmt(x))
+
+/** The feature's explanation and its detection and fuzzing scores; the block stays hidden where
+ * the layer has no explanations file. */
+function renderExplanation(f, explained) {
+  const row = explained?.get(f) ?? null
+  const box = $('explanation')
+  box.hidden = explained === null
+  state.explanation = row && { text: row.explanation, detection: row.detection ?? null, fuzzing: row.fuzzing ?? null, explainer: row.explainer ?? null }
+  if (!explained) return
+  if (!row) {
+    box.replaceChildren(el('p', { class: 'muted' }, 'no explanation for this feature (not chosen for explaining, or its request failed)'))
+    return
+  }
+  const score = (label, id, value, title) => el('span', { class: 'score', title }, `${label} `, el('span', { id, class: 'val' }, fmtScore(value)))
+  box.replaceChildren(
+    el('p', { id: 'explanation-text', class: 'explanation' }, row.explanation),
+    el('p', { class: 'scores' },
+      score('detection', 'detection-score', row.detection, 'accuracy of the explainer model telling held-out activating examples from inactive windows by the explanation (delphi)'),
+      score('fuzzing', 'fuzzing-score', row.fuzzing, 'accuracy of the explainer model telling rightly highlighted examples from wrongly highlighted ones by the explanation (delphi)'),
+      row.explainer ? el('span', { class: 'muted' }, `explained by ${row.explainer}`) : null))
 }
 
 /** Rows of one relation, best first. */
@@ -527,7 +579,7 @@ async function trace() {
     explanations(steps.map(s => [s.layer, s.feature])),
   ])
   if (mine !== ticket) return
-  steps.forEach((s, i) => Object.assign(s, tokens[i], { explanation: explained[`${s.layer}:${s.feature}`] ?? null }))
+  for (const [i, s] of steps.entries()) Object.assign(s, tokens[i], { explanation: explained[`${s.layer}:${s.feature}`] ?? null })
   const hasExplanations = steps.some(s => s.explanation)
   const chips = list => el('span', { class: 'chips' }, ...list.map(t => chip(t)))
   $('trace').replaceChildren(el('table', {},
@@ -621,21 +673,53 @@ async function search(query) {
   const exact = hits.length > 0
   if (!exact) hits = tally(false)
   hits.sort((a, b) => b.examples - a.examples || b.positive - a.positive || b.negative - a.negative || a.feature - b.feature)
-  state.search = { query, layer, exact, features: hits.map(h => h.feature) }
+  state.search = { query, layer, by: 'token', exact, features: hits.map(h => h.feature) }
+  showResults(`${hits.length} features ${exact ? 'with' : 'containing'} ${JSON.stringify(query)} · layer ${layer}`,
+    hits.slice(0, SEARCH_LIMIT).map(h => {
+      const parts = []
+      if (h.examples) parts.push(`${h.examples} top example${h.examples === 1 ? '' : 's'}`)
+      if (h.positive) parts.push(`${h.positive} promoted`)
+      if (h.negative) parts.push(`${h.negative} suppressed`)
+      return el('li', {}, featureLink(layer, h.feature, `feature ${h.feature}`), el('span', { class: 'muted' }, ` ${parts.join(', ')}`))
+    }))
+  setStatus(`search done: ${hits.length} features`, 'ready')
+}
+
+/** The side panel with a heading note and a list of items (each led by a feature link). */
+function showResults(note, items) {
   $('results').hidden = false
-  $('results-note').textContent = `${hits.length} features ${exact ? 'with' : 'containing'} ${JSON.stringify(query)} · layer ${layer}`
-  $('result-list').replaceChildren(...hits.slice(0, SEARCH_LIMIT).map(h => {
-    const parts = []
-    if (h.examples) parts.push(`${h.examples} top example${h.examples === 1 ? '' : 's'}`)
-    if (h.positive) parts.push(`${h.positive} promoted`)
-    if (h.negative) parts.push(`${h.negative} suppressed`)
-    const link = el('a', { href: `#${h.feature}`, 'data-feature': h.feature }, `feature ${h.feature}`)
-    link.addEventListener('click', e => {
-      e.preventDefault()
-      showFeature(layer, h.feature).catch(fail)
-    })
-    return el('li', {}, link, el('span', { class: 'muted' }, ` ${parts.join(', ')}`))
-  }))
+  $('results-note').textContent = note
+  $('result-list').replaceChildren(...items)
+}
+
+/** The mean of a row's detection and fuzzing scores (those it has), or null. */
+function meanScore(row) {
+  const scores = [row.detection, row.fuzzing].filter(x => x !== null && x !== undefined)
+  return scores.length ? scores.reduce((a, b) => a + b) / scores.length : null
+}
+
+/** Features of the layer whose explanation holds every word of the query (ignoring case),
+ * best scored first, each a link with its explanation and scores. */
+async function searchExplanations(query) {
+  const words = norm(query).split(/\s+/).filter(Boolean)
+  if (!words.length) return
+  const layer = Number($('layer').value)
+  const mine = ++ticket
+  setStatus(`searching the explanations of layer ${layer} for ${JSON.stringify(query)}…`, 'loading')
+  const explained = await layerExplanations(layer)
+  if (mine !== ticket) return
+  const hits = [...(explained?.values() ?? [])]
+    .filter(r => words.every(w => r.explanation.toLowerCase().includes(w)))
+    .map(r => ({ row: r, feature: Number(r.feature), score: meanScore(r) }))
+    .sort((a, b) => (b.score ?? -1) - (a.score ?? -1) || a.feature - b.feature)
+  state.search = { query, layer, by: 'explanation', features: hits.map(h => h.feature) }
+  const note = explained
+    ? `${hits.length} features explained with ${JSON.stringify(query)} · layer ${layer}`
+    : `layer ${layer} has no explanations`
+  showResults(note, hits.slice(0, SEARCH_LIMIT).map(({ row, feature }) => el('li', {},
+    featureLink(layer, feature, `feature ${feature}`),
+    el('span', { class: 'val muted', title: 'detection / fuzzing score' }, ` ${fmtScore(row.detection)} / ${fmtScore(row.fuzzing)}`),
+    el('span', { class: 'explanation' }, row.explanation))))
   setStatus(`search done: ${hits.length} features`, 'ready')
 }
 
@@ -667,9 +751,16 @@ async function start() {
     if (e.key === 'ArrowLeft') go(current()[0], current()[1] - 1)
     if (e.key === 'ArrowRight') go(current()[0], current()[1] + 1)
   })
+  // Explanations are searched where some layer has them.
+  const searchBy = $('search-by')
+  searchBy.querySelector('option[value="explanation"]').hidden = !suite.layers.some(l => layerFiles(l).explanations)
+  searchBy.addEventListener('change', () => {
+    $('query').placeholder = searchBy.value === 'explanation' ? 'find features by explanation, e.g. code' : 'find features by token, e.g. the'
+  })
+  const find = query => (searchBy.value === 'explanation' ? searchExplanations(query) : search(query))
   $('search').addEventListener('submit', e => {
     e.preventDefault()
-    search($('query').value).catch(fail)
+    find($('query').value).catch(fail)
   })
   $('trace-button').addEventListener('click', () => {
     const url = new URL(location.href)
@@ -685,7 +776,8 @@ async function start() {
   if (params.get('trace') && !$('trace-button').disabled) await trace()
   if (params.get('q')) {
     $('query').value = params.get('q')
-    await search(params.get('q'))
+    if (params.get('by') === 'explanation') searchBy.value = 'explanation'
+    await find(params.get('q'))
   }
 }
 
