@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from math import inf
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -132,6 +133,36 @@ def nonzero_span(counts: list[int]) -> list[int]:
     return counts[nonzero[0] : nonzero[-1] + 1]
 
 
+def histogram_edges(path: Path) -> list[float]:
+    return json.loads(pq.read_schema(path).metadata[b"loupe"])["histogram_edges"]
+
+
+def check_histogram_axes(page, counts: list[int], edges: list[float]) -> None:
+    """Issue 26 #5: the histogram's axes carry values: the activation at the edges of the
+    columns drawn (the first's low edge, the last's high edge) and the counts 0 and the most."""
+    n = len(counts)
+    if len(edges) == n + 1:
+        bounds = [(edges[i], edges[i + 1]) for i in range(n)]
+    else:  # edges between columns: an underflow column from 0, an overflow one to infinity
+        assert len(edges) == n - 1
+        bounds = [(edges[i - 1] if i else 0.0, edges[i] if i < n - 1 else inf) for i in range(n)]
+    nonzero = [i for i, c in enumerate(counts) if c]
+    x = page.eval_on_selector_all(
+        "#histogram .x-tick", "ts => ts.map(t => [Number(t.dataset.value), t.textContent])"
+    )
+    assert len(x) >= 2 and all(text for _, text in x)
+    assert x[0][0] == pytest.approx(bounds[nonzero[0]][0])
+    assert x[-1][0] == pytest.approx(bounds[nonzero[-1]][1])
+    assert [v for v, _ in x] == sorted(v for v, _ in x)
+    y = page.eval_on_selector_all(
+        "#histogram .y-tick", "ts => ts.map(t => [Number(t.dataset.value), t.textContent])"
+    )
+    most = max(counts)
+    assert y[0] == [0, "0"] and y[-1] == [most, f"{most:,}"]
+    titles = page.eval_on_selector_all("#histogram .axis-title", "ts => ts.map(t => t.textContent)")
+    assert titles == ["activation", "count (log)"]
+
+
 def tokens_in(page, selector: str) -> list[str]:
     return page.eval_on_selector_all(selector, "els => els.map(e => e.dataset.token)")
 
@@ -183,6 +214,7 @@ def test_feature_page_shows_what_the_parquet_files_hold(page, page_url, repo, su
     assert page.locator("#examples .partial").count() == partial
 
     assert shown_histogram(page) == nonzero_span(stats["histogram"])
+    check_histogram_axes(page, stats["histogram"], histogram_edges(repo / files["stats"]))
 
     shown_bins = page.eval_on_selector_all(
         "#intervals details", "els => els.map(e => Number(e.dataset.interval))"
@@ -198,6 +230,113 @@ def test_feature_page_shows_what_the_parquet_files_hold(page, page_url, repo, su
     page.screenshot(path=str(shot), full_page=True)
     SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shot, SCREENSHOT_COPY)
+
+
+def wait_invalid(page) -> str:
+    page.wait_for_function("window.loupeState?.status === 'invalid'", timeout=20_000)
+    assert page.is_hidden("#feature-view") and page.evaluate("window.loupeState.feature") is None
+    return page.inner_text("#notice")
+
+
+def test_a_feature_id_out_of_range_or_not_a_number_names_the_valid_range(page, page_url, suite):
+    """Issue 26 #5: an out-of-range feature id silently showed the last feature."""
+    last = suite["num_latents"] - 1
+    page.goto(f"{page_url}?layer={LAYER}&feature={last + 1}")
+    assert wait_invalid(page) == f"no feature {last + 1}: layer {LAYER} has features 0 to {last}"
+    page.goto(f"{page_url}?layer={LAYER}&feature=abc")
+    assert (
+        wait_invalid(page) == f'"abc" is not a feature id: layer {LAYER} has features 0 to {last}'
+    )
+    open_feature(page, page_url, LAYER, 7)
+    for typed, message in [
+        ("99999", f"no feature 99999: layer {LAYER} has features 0 to {last}"),
+        ("-3", f'"-3" is not a feature id: layer {LAYER} has features 0 to {last}'),
+        ("2.5", f'"2.5" is not a feature id: layer {LAYER} has features 0 to {last}'),
+    ]:
+        page.fill("#feature", typed)
+        page.press("#feature", "Enter")
+        assert wait_invalid(page) == message
+        assert page.inner_text("#status") == message
+    page.fill("#feature", str(last))
+    page.press("#feature", "Enter")
+    page.wait_for_function(
+        f"window.loupeState.status === 'ready' && window.loupeState.feature === {last}"
+    )
+    assert page.is_hidden("#notice") and page.is_visible("#feature-view")
+    page.click("#next")  # the last feature's ▶ stays there
+    page.wait_for_function("window.loupeState.status === 'ready'")
+    assert page.evaluate("window.loupeState.feature") == last
+    assert page.errors == []
+
+
+def listed(page, by: str, order: str) -> dict:
+    """List the shown layer's features from the form; the page's listing state."""
+    page.select_option("#list-by", by)
+    page.select_option("#list-order", order)
+    page.click("#list button[type=submit]")
+    return wait_listed(page, by, 1)
+
+
+def wait_listed(page, by: str, number: int) -> dict:
+    page.wait_for_function(
+        f"window.loupeState.list?.by === {json.dumps(by)} && window.loupeState.list.page === {number}"
+        " && window.loupeState.status === 'ready'",
+        timeout=20_000,
+    )
+    state = page.evaluate("window.loupeState.list")
+    links = page.eval_on_selector_all(
+        "#result-list a", "links => links.map(a => Number(a.dataset.feature))"
+    )
+    assert links == state["features"]
+    return state
+
+
+def sorted_features(rows: list[dict], key: str, descending: bool) -> list[int]:
+    """Features by `key` (those without a value last), ties by feature id: the page's order."""
+    sign = -1 if descending else 1
+
+    def order(r):
+        missing = r[key] is None
+        return (missing, 0 if missing else sign * r[key], r["feature"])
+
+    return [r["feature"] for r in sorted(rows, key=order)]
+
+
+def test_a_layers_features_are_listed_sorted_and_paged_from_feature_stats(
+    page, page_url, repo, suite
+):
+    """Issue 26 #5: a layer's features listed by density and by maximum activation, in pages,
+    each a link; read from feature_stats alone, never the per-feature example files."""
+    files = suite["files"][str(LAYER)]
+    stats = pq.read_table(repo / files["stats"]).to_pylist()
+    open_feature(page, page_url, LAYER, 0)
+    before = page.evaluate("window.loupeRequests")
+
+    by_density = sorted_features(stats, "density", descending=True)
+    state = listed(page, "density", "desc")
+    assert (state["pages"], state["features"]) == (5, by_density[:100])
+    density = {r["feature"]: r["density"] for r in stats}
+    assert state["values"] == [density[f] for f in state["features"]]
+    page.click("#page-next")
+    assert wait_listed(page, "density", 2)["features"] == by_density[100:200]
+
+    by_max = sorted_features(stats, "max_activation", descending=False)
+    state = listed(page, "max_activation", "asc")
+    assert state["features"] == by_max[:100]
+    assert state["features"][0] % 23 == 5  # dead features (max 0) first, lowest id first
+
+    after = page.evaluate("window.loupeRequests")
+    read = {url.rsplit("/", 2)[1] for url, n in after.items() if n != before.get(url, 0)}
+    assert read <= {PER_LAYER["stats"]}, read  # (this small file came whole with its footer)
+
+    # The listing is in the URL: a link to page 3 of a listing opens it.
+    page.goto(f"{page_url}?layer={LAYER}&feature=1&list=max_activation&order=asc&page=3")
+    assert wait_listed(page, "max_activation", 3)["features"] == by_max[200:300]
+    page.click(f"#result-list a[data-feature='{by_max[201]}']")
+    page.wait_for_function(
+        f"window.loupeState.status === 'ready' && window.loupeState.feature === {by_max[201]}"
+    )
+    assert page.errors == []
 
 
 def test_page_fetches_only_the_pages_of_the_feature(page, page_url, repo, suite):
@@ -385,6 +524,24 @@ def test_search_of_a_wide_layer_keeps_its_requests_bounded(page, wide_repo):
     assert page.errors == []
 
 
+def test_listing_a_wide_layer_reads_feature_stats_only(page, wide_repo):
+    """At 49,152 features the listing reads three columns of feature_stats and nothing else."""
+    repo, suite, url = wide_repo
+    stats = pq.read_table(repo / suite["files"]["3"]["stats"], columns=["feature", "density"])
+    open_feature(page, url, 3, 0)
+    before = page.evaluate("[window.loupeRequests, window.loupeFetched]")
+    state = listed(page, "density", "desc")
+    assert state["pages"] == 492
+    assert state["features"] == sorted_features(stats.to_pylist(), "density", True)[:100]
+    requests, fetched = page.evaluate("[window.loupeRequests, window.loupeFetched]")
+    read = {u.rsplit("/", 2)[1] for u, n in requests.items() if n != before[0].get(u, 0)}
+    assert read == {PER_LAYER["stats"]}, read
+    spent = sum(fetched.values()) - sum(before[1].values())
+    made = sum(requests.values()) - sum(before[0].values())
+    print(f"\nwide layer listing by density: {spent} B in {made} requests")
+    assert page.errors == []
+
+
 def route_hub(page, repo: Path) -> list[str]:
     """Answer https://huggingface.co/{HUB_REPO}/resolve/main/... from the local repo, with the
     CORS and Range headers the Hub sends; returns the URLs asked for (filled as they come)."""
@@ -424,6 +581,7 @@ def test_page_reads_a_hub_repo_named_in_the_url(page, page_url, repo, suite):
     assert state["base"] == HUB_BASE
     assert state["topToken"] == top["token"]
     assert shown_histogram(page) == nonzero_span(stats["histogram"])
+    check_histogram_axes(page, stats["histogram"], histogram_edges(repo / files["stats"]))
     assert f"{HUB_BASE}browser/suite.json" in asked
     fetched = page.evaluate("window.loupeFetched")
     assert fetched and all(url.startswith(HUB_BASE) for url in fetched)
@@ -698,6 +856,13 @@ def test_explanations_are_searched_and_shown_with_their_scores(page, explained_r
             value = want[score]
             text = "not scored" if value is None else f"{value:.3f}"
             assert page.inner_text(f"#{score}-score") == text
+    # The explained features listed by their scores.
+    for score, order in (("detection", "desc"), ("fuzzing", "asc")):
+        state = listed(page, score, order)
+        explained = [r for r in rows if r["explanation"]]
+        assert state["features"] == sorted_features(explained, score, order == "desc")
+        assert state["values"] == [by_feature[f][score] for f in state["features"]]
+
     # The layer without explanations keeps its page as before.
     open_feature(page, url, UNEXPLAINED, 4)
     assert page.is_hidden("#explanation")

@@ -259,6 +259,13 @@ const fmtEdge = x => {
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? x.toExponential(2) : String(Number(x.toPrecision(3)))
 }
 
+/** Up to `most` values of 0..n, evenly spread, both ends included. */
+function spread(n, most) {
+  return [...new Set(Array.from({ length: most }, (_, i) => Math.round((i * n) / (most - 1))))]
+}
+
+/** The activation histogram of a feature: a column per bin on a log count scale, with tick
+ * values on both axes (activation at bin edges, counts at 0, powers of ten and the maximum). */
 function histogramSvg(counts, edges) {
   // Only the columns from the first to the last nonzero one: a fixed grid spans decades
   // that one feature never reaches.
@@ -268,34 +275,45 @@ function histogramSvg(counts, edges) {
   counts = counts.slice(first, last + 1)
   const ns = 'http://www.w3.org/2000/svg'
   const w = 420, h = 110, n = counts.length
+  const left = 46, right = 14, top = 6, bottom = 30 // room for the tick values and axis titles
   const svg = document.createElementNS(ns, 'svg')
-  svg.setAttribute('viewBox', `0 0 ${w} ${h + 16}`)
-  svg.setAttribute('width', w)
+  svg.setAttribute('viewBox', `0 0 ${left + w + right} ${top + h + bottom}`)
+  svg.setAttribute('width', left + w + right)
   svg.setAttribute('role', 'img')
-  const top = Math.log1p(Math.max(...counts, 1))
-  counts.forEach((c, i) => {
-    const bh = c ? Math.max(1, (h * Math.log1p(c)) / top) : 0
-    const r = document.createElementNS(ns, 'rect')
-    r.setAttribute('x', (i * w) / n)
-    r.setAttribute('width', Math.max(1, w / n - 1))
-    r.setAttribute('y', h - bh)
-    r.setAttribute('height', bh)
-    const t = document.createElementNS(ns, 'title')
-    const range = bounds ? `[${fmtEdge(bounds[i][0])}, ${fmtEdge(bounds[i][1])})` : `bin ${first + i}`
-    t.textContent = `${range}: ${c}`
-    r.append(t)
-    svg.append(r)
-  })
-  if (bounds) {
-    for (const [x, anchor, v] of [[0, 'start', bounds[0][0]], [w, 'end', bounds[n - 1][1]]]) {
-      const t = document.createElementNS(ns, 'text')
-      t.setAttribute('x', x)
-      t.setAttribute('y', h + 13)
-      t.setAttribute('text-anchor', anchor)
-      t.textContent = fmtEdge(v)
-      svg.append(t)
-    }
+  const node = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag)
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v)
+    if (text !== undefined) e.textContent = text
+    svg.append(e)
+    return e
   }
+  const most = Math.max(...counts, 1)
+  const scale = Math.log1p(most)
+  const y = c => top + h - (h * Math.log1p(c)) / scale
+  counts.forEach((c, i) => {
+    const bh = c ? Math.max(1, (h * Math.log1p(c)) / scale) : 0
+    const r = node('rect', { x: left + (i * w) / n, width: Math.max(1, w / n - 1), y: top + h - bh, height: bh })
+    const range = bounds ? `[${fmtEdge(bounds[i][0])}, ${fmtEdge(bounds[i][1])})` : `bin ${first + i}`
+    r.append(document.createElementNS(ns, 'title'))
+    r.lastChild.textContent = `${range}: ${c}`
+  })
+  node('line', { class: 'axis', x1: left, x2: left + w, y1: top + h, y2: top + h })
+  node('line', { class: 'axis', x1: left, x2: left, y1: top, y2: top + h })
+  // Activation at the column edges (bin numbers where the file has no edges).
+  for (const k of spread(n, 5)) {
+    const value = bounds ? (k < n ? bounds[k][0] : bounds[n - 1][1]) : first + k
+    const anchor = k === 0 ? 'start' : k === n ? 'end' : 'middle'
+    node('text', { class: 'x-tick', x: left + (k * w) / n, y: top + h + 11, 'text-anchor': anchor, 'data-value': value }, bounds ? fmtEdge(value) : String(value))
+  }
+  node('text', { class: 'axis-title', x: left + w / 2, y: top + h + 25, 'text-anchor': 'middle' }, bounds ? 'activation' : 'histogram bin')
+  // Counts: 0, the powers of ten clear of the maximum, the maximum.
+  const ticks = [0]
+  for (let p = 1; Math.log1p(p) / scale < 0.85; p *= 10) ticks.push(p)
+  ticks.push(most)
+  for (const c of ticks) {
+    node('text', { class: 'y-tick', x: left - 4, y: y(c) + 3, 'text-anchor': 'end', 'data-value': c }, c.toLocaleString('en-US'))
+  }
+  node('text', { class: 'axis-title', x: 10, y: top + h / 2, 'text-anchor': 'middle', transform: `rotate(-90 10 ${top + h / 2})` }, 'count (log)')
   return svg
 }
 
@@ -319,11 +337,34 @@ function layerFiles(layer) {
   return suite.files[String(layer)] || {}
 }
 
-async function showFeature(layer, f) {
-  const mine = ++ticket
-  f = Math.max(0, Math.min(suite.num_latents - 1, f))
+/** A feature id from what was typed or linked: a whole number, else NaN. */
+const featureId = text => (/^\s*\d+\s*$/.test(String(text)) ? Number(text) : Number.NaN)
+
+/** Say that `typed` names no feature, and which ids do, instead of showing one. */
+function showNoFeature(layer, typed) {
+  ticket += 1 // drops a view still loading
+  const range = `layer ${layer} has features 0 to ${suite.num_latents - 1}`
+  const message = Number.isNaN(featureId(typed))
+    ? `${JSON.stringify(String(typed).trim())} is not a feature id: ${range}`
+    : `no feature ${featureId(typed)}: ${range}`
+  $('title').textContent = `Layer ${layer} · no such feature`
+  $('notice').textContent = message
+  $('notice').hidden = false
+  $('feature-view').hidden = true
+  Object.assign(state, { layer, feature: null, error: null, invalid: message, trace: null })
+  setStatus(message, 'invalid')
+}
+
+/** Show feature f of the layer; `typed` (what the user gave, for the message) where f is no
+ * feature of the suite. */
+async function showFeature(layer, f, typed = String(f)) {
   $('layer').value = String(layer)
+  if (!(Number.isInteger(f) && f >= 0 && f < suite.num_latents)) return showNoFeature(layer, typed)
+  const mine = ++ticket
   $('feature').value = String(f)
+  $('notice').hidden = true
+  $('feature-view').hidden = false
+  state.invalid = null
   const url = new URL(location.href)
   url.searchParams.set('layer', layer)
   url.searchParams.set('feature', f)
@@ -372,7 +413,7 @@ function render(layer, f, stats, examples, intervals, logits, statsMeta) {
   hist.replaceChildren()
   const counts = Array.from(stats?.histogram || [], Number)
   if (counts.some(c => c > 0)) {
-    hist.append(histogramSvg(counts, statsMeta.histogram_edges), el('figcaption', {}, 'activation histogram (log count)'))
+    hist.append(histogramSvg(counts, statsMeta.histogram_edges), el('figcaption', {}, 'activation histogram: tokens per activation bin, log count scale'))
   } else {
     hist.append(el('figcaption', { class: 'muted' }, stats?.histogram ? 'histogram: no activations' : 'no histogram published'))
   }
@@ -674,6 +715,7 @@ async function search(query) {
   if (!exact) hits = tally(false)
   hits.sort((a, b) => b.examples - a.examples || b.positive - a.positive || b.negative - a.negative || a.feature - b.feature)
   state.search = { query, layer, by: 'token', exact, features: hits.map(h => h.feature) }
+  state.list = null
   showResults(`${hits.length} features ${exact ? 'with' : 'containing'} ${JSON.stringify(query)} · layer ${layer}`,
     hits.slice(0, SEARCH_LIMIT).map(h => {
       const parts = []
@@ -688,6 +730,7 @@ async function search(query) {
 /** The side panel with a heading note and a list of items (each led by a feature link). */
 function showResults(note, items) {
   $('results').hidden = false
+  $('pager').hidden = true
   $('results-note').textContent = note
   $('result-list').replaceChildren(...items)
 }
@@ -713,6 +756,7 @@ async function searchExplanations(query) {
     .map(r => ({ row: r, feature: Number(r.feature), score: meanScore(r) }))
     .sort((a, b) => (b.score ?? -1) - (a.score ?? -1) || a.feature - b.feature)
   state.search = { query, layer, by: 'explanation', features: hits.map(h => h.feature) }
+  state.list = null
   const note = explained
     ? `${hits.length} features explained with ${JSON.stringify(query)} · layer ${layer}`
     : `layer ${layer} has no explanations`
@@ -721,6 +765,72 @@ async function searchExplanations(query) {
     el('span', { class: 'val muted', title: 'detection / fuzzing score' }, ` ${fmtScore(row.detection)} / ${fmtScore(row.fuzzing)}`),
     el('span', { class: 'explanation' }, row.explanation))))
   setStatus(`search done: ${hits.length} features`, 'ready')
+}
+
+// ---------- a layer's features, listed and sorted ----------
+
+// What a layer's features can be sorted by: feature_stats' columns, and the explanations'
+// scores where the layer has them; each with how its values are shown.
+const LISTS = {
+  density: { label: 'density', show: fmtDensity },
+  max_activation: { label: 'max activation', show: fmt },
+  detection: { label: 'detection score', show: fmtScore, explained: true },
+  fuzzing: { label: 'fuzzing score', show: fmtScore, explained: true },
+}
+const STATS_COLUMNS = ['feature', 'density', 'max_activation']
+const LIST_PAGE = 100 // features per page of a listing
+const statsRead = new Map()
+
+/** feature_stats' STATS_COLUMNS of every feature of a layer (those columns only, read once);
+ * null where the layer has no stats file. */
+function layerStats(layer) {
+  const path = layerFiles(layer).stats
+  if (!path) return Promise.resolve(null)
+  if (!statsRead.has(layer)) {
+    const promise = (async () => {
+      const { file, metadata } = await openParquet(path)
+      return (await parquetReadObjects({ file, metadata, columns: STATS_COLUMNS, compressors })).map(plain)
+    })()
+    promise.catch(() => statsRead.delete(layer))
+    statsRead.set(layer, promise)
+  }
+  return statsRead.get(layer)
+}
+
+/** The layer's features sorted by `by` (a key of LISTS), `order` 'desc' or 'asc', features
+ * without a value last and ties by feature id; page `page` (from 1) of LIST_PAGE, each a link.
+ * Reads feature_stats and explanations only, never the per-feature example files. Score lists
+ * hold the explained features. */
+async function listFeatures(layer, by, order, page) {
+  const list = LISTS[by] ? by : 'density'
+  const mine = ++ticket
+  setStatus(`listing layer ${layer}'s features by ${LISTS[list].label}…`, 'loading')
+  const [stats, explained] = await Promise.all([layerStats(layer), layerExplanations(layer)])
+  if (mine !== ticket) return
+  const rows = LISTS[list].explained ? [...(explained?.values() ?? [])] : (stats ?? [])
+  const sign = order === 'asc' ? -1 : 1
+  const sorted = rows
+    .map(r => ({ feature: Number(r.feature), value: r[list] ?? null }))
+    .sort((a, b) => (a.value === null) - (b.value === null) || (a.value === null ? 0 : sign * (b.value - a.value)) || a.feature - b.feature)
+  const pages = Math.max(1, Math.ceil(sorted.length / LIST_PAGE))
+  page = Math.max(1, Math.min(pages, Math.floor(page) || 1))
+  const shown = sorted.slice((page - 1) * LIST_PAGE, page * LIST_PAGE)
+  state.list = { layer, by: list, order: sign > 0 ? 'desc' : 'asc', page, pages, features: shown.map(r => r.feature), values: shown.map(r => r.value) }
+  state.search = null
+  const url = new URL(location.href)
+  for (const [k, v] of Object.entries({ list, order: state.list.order, page })) url.searchParams.set(k, v)
+  history.replaceState(null, '', url)
+  const why = rows.length ? '' : LISTS[list].explained ? ': the layer has no explanations' : ': the layer has no feature_stats file'
+  showResults(`layer ${layer} by ${LISTS[list].label}, ${sign > 0 ? 'highest' : 'lowest'} first · ${sorted.length.toLocaleString('en-US')} features${why}`,
+    shown.map(({ feature, value }, i) => el('li', { value: (page - 1) * LIST_PAGE + i + 1 },
+      featureLink(layer, feature, `feature ${feature}`),
+      el('span', { class: 'val muted' }, ` ${value === null && !LISTS[list].explained ? '–' : LISTS[list].show(value)}`),
+      explained?.get(feature) ? el('span', { class: 'explanation' }, explained.get(feature).explanation) : null)))
+  $('pager').hidden = false
+  $('page-note').textContent = `page ${page} of ${pages}`
+  $('page-prev').disabled = page <= 1
+  $('page-next').disabled = page >= pages
+  setStatus(`layer ${layer}: ${sorted.length} features by ${LISTS[list].label}, page ${page} of ${pages}`, 'ready')
 }
 
 // ---------- start ----------
@@ -737,19 +847,25 @@ async function start() {
   $('feature').max = suite.num_latents - 1
   $('range').textContent = `0–${suite.num_latents - 1}`
 
-  const current = () => [Number($('layer').value), Number($('feature').value)]
-  const go = (layer, f) => showFeature(layer, f).catch(fail)
+  const layerShown = () => Number($('layer').value)
+  const typed = () => $('feature').value
+  const go = (layer, f, text) => showFeature(layer, f, text).catch(fail)
+  // ◀ ▶ and the arrow keys stop at the ends; a typed id out of range gets its message.
+  const step = by => {
+    const f = featureId(typed())
+    go(layerShown(), Number.isNaN(f) ? 0 : Math.max(0, Math.min(suite.num_latents - 1, f + by)))
+  }
   $('pick').addEventListener('submit', e => {
     e.preventDefault()
-    go(...current())
+    go(layerShown(), featureId(typed()), typed())
   })
-  $('layer').addEventListener('change', () => go(...current()))
-  $('prev').addEventListener('click', () => go(current()[0], current()[1] - 1))
-  $('next').addEventListener('click', () => go(current()[0], current()[1] + 1))
+  $('layer').addEventListener('change', () => go(layerShown(), featureId(typed()), typed()))
+  $('prev').addEventListener('click', () => step(-1))
+  $('next').addEventListener('click', () => step(1))
   document.addEventListener('keydown', e => {
     if (e.target.closest('input, select, textarea')) return
-    if (e.key === 'ArrowLeft') go(current()[0], current()[1] - 1)
-    if (e.key === 'ArrowRight') go(current()[0], current()[1] + 1)
+    if (e.key === 'ArrowLeft') step(-1)
+    if (e.key === 'ArrowRight') step(1)
   })
   // Explanations are searched where some layer has them.
   const searchBy = $('search-by')
@@ -757,6 +873,18 @@ async function start() {
   searchBy.addEventListener('change', () => {
     $('query').placeholder = searchBy.value === 'explanation' ? 'find features by explanation, e.g. code' : 'find features by token, e.g. the'
   })
+  // A listing: by what, in which order; ◀ ▶ page through it.
+  const explainedLayers = suite.layers.some(l => layerFiles(l).explanations)
+  for (const [key, { explained }] of Object.entries(LISTS)) {
+    if (explained) $('list-by').querySelector(`option[value="${key}"]`).hidden = !explainedLayers
+  }
+  const listing = page => listFeatures(layerShown(), $('list-by').value, $('list-order').value, page).catch(fail)
+  $('list').addEventListener('submit', e => {
+    e.preventDefault()
+    listing(1)
+  })
+  $('page-prev').addEventListener('click', () => listing((state.list?.page ?? 1) - 1))
+  $('page-next').addEventListener('click', () => listing((state.list?.page ?? 1) + 1))
   const find = query => (searchBy.value === 'explanation' ? searchExplanations(query) : search(query))
   $('search').addEventListener('submit', e => {
     e.preventDefault()
@@ -772,12 +900,18 @@ async function start() {
   const layer = suite.layers.includes(Number(params.get('layer'))) && params.get('layer') !== null
     ? Number(params.get('layer'))
     : suite.layers[0]
-  await showFeature(layer, Number(params.get('feature')) || 0)
+  const asked = params.get('feature') ?? '0'
+  $('feature').value = asked
+  await showFeature(layer, featureId(asked), asked)
   if (params.get('trace') && !$('trace-button').disabled) await trace()
   if (params.get('q')) {
     $('query').value = params.get('q')
     if (params.get('by') === 'explanation') searchBy.value = 'explanation'
     await find(params.get('q'))
+  } else if (params.get('list')) {
+    if (LISTS[params.get('list')]) $('list-by').value = params.get('list')
+    if (params.get('order') === 'asc') $('list-order').value = 'asc'
+    await listing(Number(params.get('page')) || 1)
   }
 }
 
