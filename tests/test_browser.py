@@ -524,6 +524,38 @@ def test_search_of_a_wide_layer_keeps_its_requests_bounded(page, wide_repo):
     assert page.errors == []
 
 
+def test_search_and_feature_view_do_not_cancel_each_other(page, wide_repo):
+    """Issue 25: a search and the feature view hold separate request tickets: showing other
+    features while a search of a wide layer is still reading leaves the search to finish, and
+    the search leaves the features shown."""
+    repo, suite, url = wide_repo
+    files = suite["files"]["3"]
+    query = " London"
+    want = {
+        r["feature"]
+        for kind in ("examples", "logits")
+        for r in pq.read_table(repo / files[kind], columns=["feature", "token"]).to_pylist()
+        if r["token"] == query
+    }
+    open_feature(page, url, 3, 0)
+    page.fill("#query", query)
+    page.press("#query", "Enter")
+    page.wait_for_function("window.loupeState.searchProgress?.done >= 1")
+    for f in (1, 2):
+        page.click("#next")
+        page.wait_for_function(
+            f"document.getElementById('title').textContent === 'Layer 3 · feature {f}'"
+        )
+    assert page.evaluate("window.loupeState.search") is None  # still reading
+    page.wait_for_function(
+        "window.loupeState.search && window.loupeState.status !== 'loading'", timeout=60_000
+    )
+    state = page.evaluate("window.loupeState")
+    assert set(state["search"]["features"]) == want and state["feature"] == 2
+    assert page.inner_text("#title") == "Layer 3 · feature 2"
+    assert page.errors == []
+
+
 def test_listing_a_wide_layer_reads_feature_stats_only(page, wide_repo):
     """At 49,152 features the listing reads three columns of feature_stats and nothing else."""
     repo, suite, url = wide_repo

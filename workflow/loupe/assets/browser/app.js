@@ -2,7 +2,7 @@
 // server or the Hugging Face Hub) with HTTP Range requests, fetching only the pages of the
 // feature shown (the files are sorted by feature, one row group per 1,024 features, with a
 // page index that locates each feature's pages of 64 rows).
-import { byteLengthFromUrl, parquetMetadataAsync, parquetReadObjects } from 'hyparquet'
+import { asyncBufferFromUrl, parquetMetadataAsync, parquetReadObjects } from 'hyparquet'
 import { compressors } from 'hyparquet-compressors'
 
 // Bytes and requests per URL and what the page shows: for tests and for the curious (devtools).
@@ -32,7 +32,10 @@ const $ = id => document.getElementById(id)
 const params = new URLSearchParams(location.search)
 const base = baseUrl(params)
 let suite = null
-let ticket = 0 // the latest request wins; older ones drop their results
+// The latest request of each kind wins, older ones drop their results: the feature view
+// (and its trace) and the side panel (searches, listings) each have their own, so a search
+// still reading goes on while features are shown, and the other way round.
+const tickets = { view: 0, panel: 0 }
 
 /** The repo root: ?base=URL, ?repo=owner/name[&revision=main] on the Hub, else the repo the
  * page names in <meta name="loupe-repo"> (a Space's copy does), else ../ of this page. */
@@ -58,43 +61,39 @@ const waiting = []
 let inFlight = 0
 state.maxInFlight = 0
 
-/** fetch(), at most MAX_IN_FLIGHT at a time. */
+/** fetch() for hyparquet's asyncBufferFromUrl: at most MAX_IN_FLIGHT at a time (hyparquet
+ * has no such bound), each body read whole inside its slot and counted. */
 async function limitedFetch(url, init) {
   if (inFlight >= MAX_IN_FLIGHT) await new Promise(resolve => waiting.push(resolve))
   inFlight += 1
   state.maxInFlight = Math.max(state.maxInFlight, inFlight)
   try {
     const res = await fetch(url, init)
-    return { status: res.status, ok: res.ok, buf: res.ok ? await res.arrayBuffer() : null }
+    // A failed range read names its file (hyparquet's own message does not).
+    if (!res.ok && init?.method !== 'HEAD') throw new Error(`${url}: HTTP ${res.status}`)
+    const body = res.ok ? await res.arrayBuffer() : null
+    if (body) count(url, body.byteLength)
+    return new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers })
   } finally {
     inFlight -= 1
     waiting.shift()?.()
   }
 }
 
-/** An hyparquet AsyncBuffer over HTTP Range requests that counts what it downloads and
- * answers a slice inside an earlier one (the footer guess often holds a small file whole). */
-function remoteBuffer(url, byteLength) {
+/** An AsyncBuffer that keeps every range it fetched and answers any slice inside one of them
+ * (the footer guess often holds the page indexes, or a small file whole).
+ * Not hyparquet's cachedAsyncBuffer: it answers only a range asked for before, byte for byte,
+ * so each page index inside the footer's first read costs a request of its own (9 requests to
+ * one file in the trace test, which allows 5), and under its minSize it fetches a file whole. */
+function keptRanges(file) {
   const segments = [] // [start, end, Promise<ArrayBuffer>]: ranges fetched or in flight
-  const fetchRange = async (start, end) => {
-    const res = await limitedFetch(url, { headers: { Range: `bytes=${start}-${end - 1}` } })
-    if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`)
-    const { buf } = res
-    count(url, buf.byteLength)
-    if (res.status === 200) {
-      // The server ignored Range and sent the whole file: keep it for every later slice.
-      segments.unshift([0, buf.byteLength, Promise.resolve(buf)])
-      return buf.slice(start, end)
-    }
-    return buf
-  }
   return {
-    byteLength,
-    slice(start, end = byteLength) {
+    byteLength: file.byteLength,
+    slice(start, end = file.byteLength) {
       for (const [s, e, p] of segments) {
         if (s <= start && end <= e) return p.then(buf => buf.slice(start - s, end - s))
       }
-      const segment = [start, end, fetchRange(start, end)]
+      const segment = [start, end, Promise.resolve(file.slice(start, end))]
       segments.push(segment)
       segment[2].catch(() => segments.splice(segments.indexOf(segment), 1))
       return segment[2]
@@ -104,20 +103,23 @@ function remoteBuffer(url, byteLength) {
 
 const opened = new Map()
 
-/** {url, file, metadata} of a repo path, the footer read once per file. */
+/** {url, file, metadata} of a repo path, the footer read once per file. The file is hyparquet's
+ * asyncBufferFromUrl over limitedFetch (suite.json's size spares its HEAD request; a host that
+ * ignores Range sends the file once, which it keeps) under keptRanges. */
 function openParquet(path) {
   if (!opened.has(path)) {
     const url = new URL(path, base).href
     const load = async byteLength => {
-      const file = remoteBuffer(url, byteLength)
-      const metadata = await parquetMetadataAsync(file, { initialFetchSize: Math.min(FOOTER_GUESS, byteLength) })
+      const remote = await asyncBufferFromUrl({ url, byteLength, fetch: limitedFetch })
+      const file = keptRanges(remote)
+      const metadata = await parquetMetadataAsync(file, { initialFetchSize: Math.min(FOOTER_GUESS, remote.byteLength) })
       return { url, file, metadata }
     }
     const promise = (async () => {
       const listed = suite.bytes?.[path]
-      if (listed === undefined) return load(await byteLengthFromUrl(url))
-      // suite.json's size spares a HEAD request; a file replaced since staging has another.
-      return load(listed).catch(async () => load(await byteLengthFromUrl(url)))
+      if (listed === undefined) return load()
+      // A file replaced since staging has another size: ask the host (a HEAD request).
+      return load(listed).catch(() => load())
     })()
     promise.catch(() => opened.delete(path)) // let a retry fetch again
     opened.set(path, promise)
@@ -342,7 +344,7 @@ const featureId = text => (/^\s*\d+\s*$/.test(String(text)) ? Number(text) : Num
 
 /** Say that `typed` names no feature, and which ids do, instead of showing one. */
 function showNoFeature(layer, typed) {
-  ticket += 1 // drops a view still loading
+  tickets.view += 1 // drops a view still loading
   const range = `layer ${layer} has features 0 to ${suite.num_latents - 1}`
   const message = Number.isNaN(featureId(typed))
     ? `${JSON.stringify(String(typed).trim())} is not a feature id: ${range}`
@@ -360,7 +362,7 @@ function showNoFeature(layer, typed) {
 async function showFeature(layer, f, typed = String(f)) {
   $('layer').value = String(layer)
   if (!(Number.isInteger(f) && f >= 0 && f < suite.num_latents)) return showNoFeature(layer, typed)
-  const mine = ++ticket
+  const mine = ++tickets.view
   $('feature').value = String(f)
   $('notice').hidden = true
   $('feature-view').hidden = false
@@ -383,7 +385,7 @@ async function showFeature(layer, f, typed = String(f)) {
     layerExplanations(layer),
   ])
   const neighbourTexts = await explanations((neighbours || []).map(r => [r.other_layer, r.other_feature]))
-  if (mine !== ticket) return
+  if (mine !== tickets.view) return
   render(layer, f, stats?.[0] ?? null, examples, intervals, logits, statsMeta)
   renderExplanation(f, explained)
   renderNeighbours(layer, neighbours, neighbourTexts)
@@ -609,7 +611,7 @@ async function traceTokens(layer, f) {
 /** Follow the best match of the shown feature through every layer, down and up, and show
  * each step's top tokens and top logits: a few row groups per layer. */
 async function trace() {
-  const mine = ticket // showing another feature drops this trace
+  const mine = tickets.view // showing another feature drops this trace
   const { layer, feature } = state
   setStatus(`tracing layer ${layer} feature ${feature} through the stack…`, 'loading')
   const [down, up] = await Promise.all([followMatches(layer, feature, 'prev'), followMatches(layer, feature, 'next')])
@@ -619,7 +621,7 @@ async function trace() {
     Promise.all(steps.map(s => traceTokens(s.layer, s.feature))),
     explanations(steps.map(s => [s.layer, s.feature])),
   ])
-  if (mine !== ticket) return
+  if (mine !== tickets.view) return
   for (const [i, s] of steps.entries()) Object.assign(s, tokens[i], { explanation: explained[`${s.layer}:${s.feature}`] ?? null })
   const hasExplanations = steps.some(s => s.explanation)
   const chips = list => el('span', { class: 'chips' }, ...list.map(t => chip(t)))
@@ -687,15 +689,15 @@ async function search(query) {
   const q = norm(query)
   if (!q) return
   const layer = Number($('layer').value)
-  const mine = ++ticket
+  const mine = ++tickets.panel
   const before = totalFetched()
-  const saying = text => mine === ticket && setStatus(text, 'loading')
+  const saying = text => mine === tickets.panel && setStatus(text, 'loading')
   saying(`searching layer ${layer} for ${JSON.stringify(query)}: reading the token columns…`)
   const [examples, logits] = await layerIndex(layer, (done, total) => {
     state.searchProgress = { done, total }
     saying(`searching layer ${layer} for ${JSON.stringify(query)}: read ${done} of ${total} row groups of the token columns (${mb(totalFetched() - before)})`)
   })
-  if (mine !== ticket) return
+  if (mine !== tickets.panel) return
   // Exact matches (ignoring case and surrounding whitespace) if any, else substrings.
   const tally = exact => {
     const hits = new Map()
@@ -747,10 +749,10 @@ async function searchExplanations(query) {
   const words = norm(query).split(/\s+/).filter(Boolean)
   if (!words.length) return
   const layer = Number($('layer').value)
-  const mine = ++ticket
+  const mine = ++tickets.panel
   setStatus(`searching the explanations of layer ${layer} for ${JSON.stringify(query)}…`, 'loading')
   const explained = await layerExplanations(layer)
-  if (mine !== ticket) return
+  if (mine !== tickets.panel) return
   const hits = [...(explained?.values() ?? [])]
     .filter(r => words.every(w => r.explanation.toLowerCase().includes(w)))
     .map(r => ({ row: r, feature: Number(r.feature), score: meanScore(r) }))
@@ -803,10 +805,10 @@ function layerStats(layer) {
  * hold the explained features. */
 async function listFeatures(layer, by, order, page) {
   const list = LISTS[by] ? by : 'density'
-  const mine = ++ticket
+  const mine = ++tickets.panel
   setStatus(`listing layer ${layer}'s features by ${LISTS[list].label}…`, 'loading')
   const [stats, explained] = await Promise.all([layerStats(layer), layerExplanations(layer)])
-  if (mine !== ticket) return
+  if (mine !== tickets.panel) return
   const rows = LISTS[list].explained ? [...(explained?.values() ?? [])] : (stats ?? [])
   const sign = order === 'asc' ? -1 : 1
   const sorted = rows
