@@ -414,6 +414,16 @@ def parquet_loads(page) -> dict:
     return {"requests": len(entries), "bytes": sum(e[2] for e in entries), "max": most}
 
 
+def features_with_token(repo: Path, files: dict, token: str) -> set[int]:
+    """Every feature with `token` among its example peaks or its logits: what a search finds."""
+    return {
+        r["feature"]
+        for kind in ("examples", "logits")
+        for r in pq.read_table(repo / files[kind], columns=["feature", "token"]).to_pylist()
+        if r["token"] == token
+    }
+
+
 def watch_requests(page) -> dict:
     """Count the page's parquet requests in flight as Chromium issues and finishes them."""
     seen = {"now": 0, "max": 0}
@@ -481,12 +491,7 @@ def test_search_of_a_wide_layer_keeps_its_requests_bounded(page, wide_repo):
     seen = watch_requests(page)
     before = parquet_loads(page)
     query = " Paris"
-    want = {
-        r["feature"]
-        for kind in ("examples", "logits")
-        for r in pq.read_table(repo / files[kind], columns=["feature", "token"]).to_pylist()
-        if r["token"] == query
-    }
+    want = features_with_token(repo, files, query)
     # What the token columns weigh: a search reads those and nothing else.
     columns = {"examples": {"feature", "token"}, "logits": {"feature", "sign", "token"}}
     budget = 0
@@ -531,12 +536,7 @@ def test_search_and_feature_view_do_not_cancel_each_other(page, wide_repo):
     repo, suite, url = wide_repo
     files = suite["files"]["3"]
     query = " London"
-    want = {
-        r["feature"]
-        for kind in ("examples", "logits")
-        for r in pq.read_table(repo / files[kind], columns=["feature", "token"]).to_pylist()
-        if r["token"] == query
-    }
+    want = features_with_token(repo, files, query)
     open_feature(page, url, 3, 0)
     page.fill("#query", query)
     page.press("#query", "Enter")

@@ -492,27 +492,33 @@ function featureLink(layer, f, text) {
   return link
 }
 
-const explanationsRead = new Map()
+const layerReads = new Map()
+
+/** The promise of `read({file, metadata})` over the layer's file of `kind`, made once per layer
+ * and kind (again after a failure); null where the layer has no such file. */
+function readLayerOnce(layer, kind, read) {
+  const path = layerFiles(layer)[kind]
+  if (!path) return Promise.resolve(null)
+  const key = `${kind}:${layer}`
+  if (!layerReads.has(key)) {
+    const promise = openParquet(path).then(read)
+    promise.catch(() => layerReads.delete(key))
+    layerReads.set(key, promise)
+  }
+  return layerReads.get(key)
+}
 
 /** Map feature -> {explanation, detection, fuzzing, explainer, status} of a layer's features
  * that have an explanation; null where the layer has no explanations file. A layer's file is
  * small (a line of text and two scores per feature), so it is read whole, once. */
 function layerExplanations(layer) {
-  const path = layerFiles(layer).explanations
-  if (!path) return Promise.resolve(null)
-  if (!explanationsRead.has(layer)) {
-    const promise = (async () => {
-      const { file, metadata } = await openParquet(path)
-      const names = new Set(metadata.schema.map(s => s.name))
-      const columns = EXPLANATION_COLUMNS.filter(c => names.has(c))
-      const rows = await parquetReadObjects({ file, metadata, columns, compressors })
-      // Failed and unparsed requests are rows without an explanation: nothing to show.
-      return new Map(rows.filter(r => r.explanation).map(r => [Number(r.feature), plain(r)]))
-    })()
-    promise.catch(() => explanationsRead.delete(layer))
-    explanationsRead.set(layer, promise)
-  }
-  return explanationsRead.get(layer)
+  return readLayerOnce(layer, 'explanations', async ({ file, metadata }) => {
+    const names = new Set(metadata.schema.map(s => s.name))
+    const columns = EXPLANATION_COLUMNS.filter(c => names.has(c))
+    const rows = await parquetReadObjects({ file, metadata, columns, compressors })
+    // Failed and unparsed requests are rows without an explanation: nothing to show.
+    return new Map(rows.filter(r => r.explanation).map(r => [Number(r.feature), plain(r)]))
+  })
 }
 
 /** {"layer:feature": text} of the given features that have an explanation (nothing fetched
@@ -781,22 +787,12 @@ const LISTS = {
 }
 const STATS_COLUMNS = ['feature', 'density', 'max_activation']
 const LIST_PAGE = 100 // features per page of a listing
-const statsRead = new Map()
 
 /** feature_stats' STATS_COLUMNS of every feature of a layer (those columns only, read once);
  * null where the layer has no stats file. */
 function layerStats(layer) {
-  const path = layerFiles(layer).stats
-  if (!path) return Promise.resolve(null)
-  if (!statsRead.has(layer)) {
-    const promise = (async () => {
-      const { file, metadata } = await openParquet(path)
-      return (await parquetReadObjects({ file, metadata, columns: STATS_COLUMNS, compressors })).map(plain)
-    })()
-    promise.catch(() => statsRead.delete(layer))
-    statsRead.set(layer, promise)
-  }
-  return statsRead.get(layer)
+  return readLayerOnce(layer, 'stats', async ({ file, metadata }) =>
+    (await parquetReadObjects({ file, metadata, columns: STATS_COLUMNS, compressors })).map(plain))
 }
 
 /** The layer's features sorted by `by` (a key of LISTS), `order` 'desc' or 'asc', features
