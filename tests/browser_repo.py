@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from loupe.browse import install_browser
 from loupe.examples import ROW_GROUP_FEATURES, writer_options
+from loupe.explain import PROMPT_VERSION, explanations_schema
 from loupe.layout import PER_LAYER
 from loupe.neighbours import decoder_neighbours, neighbours_table, write_neighbours
 
@@ -371,3 +372,46 @@ def build_wide_repo(
     meta = {"loupe": json.dumps({"layer": layer})}
     write_table_groups(paths["logits"], pa.table(logits, pa.schema(LOGIT_FIELDS, meta)))
     return install_browser(root, PREFIX, [layer], num_latents, MODEL)
+
+
+# Words the synthetic explanations are made of: each feature's names two of them.
+TOPICS = ["code", "rivers", "cities", "music", "punctuation", "numbers", "emotion", "animals"]
+
+
+def explanation_rows(layer: int, num_latents: int, seed: int = 0) -> list[dict]:
+    """The explain stage's rows for every other feature of a layer: an explanation naming two
+    TOPICS; detection and fuzzing scores on most (None: not scored); every 11th request
+    failed (no explanation, no scores), as loupe.explain writes them."""
+    rng = np.random.default_rng([seed, layer, 21])
+    rows = []
+    for f in range(0, num_latents, 2):
+        a, b = rng.choice(len(TOPICS), 2, replace=False)
+        failed = f % 11 == 4
+        scored = not failed and f % 7 != 2
+        rows.append(
+            {
+                "feature": f,
+                "explanation": None if failed else f"Mentions of {TOPICS[a]} next to {TOPICS[b]}",
+                "detection": float(rng.random()) if scored else None,
+                "fuzzing": float(rng.random()) if scored else None,
+                "explainer": "tiny-explainer",
+                "n_examples": 0 if failed else 4,
+                "prompt_tokens": 0 if failed else 812,
+                "completion_tokens": 0 if failed else 14,
+                "status": "failed" if failed else "ok",
+                "layer": layer,
+                "prompt_version": PROMPT_VERSION,
+                "delphi": "0.1.3",
+            }
+        )
+    return rows
+
+
+def write_explanations(root: Path, layer: int, rows: list[dict]) -> Path:
+    """explanations/layer_N.parquet as the explain stage writes it (its schema, one zstd
+    table: loupe.explain._explain_layer); returns its path."""
+    path = root / PREFIX / PER_LAYER["explanations"] / f"layer_{layer}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=explanations_schema())
+    pq.write_table(table, path, compression="zstd")
+    return path

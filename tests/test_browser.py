@@ -13,13 +13,22 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from math import inf
 from pathlib import Path
 from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from browser_repo import PREFIX, build_synthetic_repo, build_wide_repo, write_groups
+from browser_repo import (
+    MODEL,
+    PREFIX,
+    build_synthetic_repo,
+    build_wide_repo,
+    explanation_rows,
+    write_explanations,
+    write_groups,
+)
 
 from loupe.browse import ASSETS, install_browser, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
@@ -124,6 +133,36 @@ def nonzero_span(counts: list[int]) -> list[int]:
     return counts[nonzero[0] : nonzero[-1] + 1]
 
 
+def histogram_edges(path: Path) -> list[float]:
+    return json.loads(pq.read_schema(path).metadata[b"loupe"])["histogram_edges"]
+
+
+def check_histogram_axes(page, counts: list[int], edges: list[float]) -> None:
+    """Issue 26 #5: the histogram's axes carry values: the activation at the edges of the
+    columns drawn (the first's low edge, the last's high edge) and the counts 0 and the most."""
+    n = len(counts)
+    if len(edges) == n + 1:
+        bounds = [(edges[i], edges[i + 1]) for i in range(n)]
+    else:  # edges between columns: an underflow column from 0, an overflow one to infinity
+        assert len(edges) == n - 1
+        bounds = [(edges[i - 1] if i else 0.0, edges[i] if i < n - 1 else inf) for i in range(n)]
+    nonzero = [i for i, c in enumerate(counts) if c]
+    x = page.eval_on_selector_all(
+        "#histogram .x-tick", "ts => ts.map(t => [Number(t.dataset.value), t.textContent])"
+    )
+    assert len(x) >= 2 and all(text for _, text in x)
+    assert x[0][0] == pytest.approx(bounds[nonzero[0]][0])
+    assert x[-1][0] == pytest.approx(bounds[nonzero[-1]][1])
+    assert [v for v, _ in x] == sorted(v for v, _ in x)
+    y = page.eval_on_selector_all(
+        "#histogram .y-tick", "ts => ts.map(t => [Number(t.dataset.value), t.textContent])"
+    )
+    most = max(counts)
+    assert y[0] == [0, "0"] and y[-1] == [most, f"{most:,}"]
+    titles = page.eval_on_selector_all("#histogram .axis-title", "ts => ts.map(t => t.textContent)")
+    assert titles == ["activation", "count (log)"]
+
+
 def tokens_in(page, selector: str) -> list[str]:
     return page.eval_on_selector_all(selector, "els => els.map(e => e.dataset.token)")
 
@@ -175,6 +214,7 @@ def test_feature_page_shows_what_the_parquet_files_hold(page, page_url, repo, su
     assert page.locator("#examples .partial").count() == partial
 
     assert shown_histogram(page) == nonzero_span(stats["histogram"])
+    check_histogram_axes(page, stats["histogram"], histogram_edges(repo / files["stats"]))
 
     shown_bins = page.eval_on_selector_all(
         "#intervals details", "els => els.map(e => Number(e.dataset.interval))"
@@ -182,10 +222,121 @@ def test_feature_page_shows_what_the_parquet_files_hold(page, page_url, repo, su
     assert sorted(shown_bins) == sorted({r["interval"] for r in intervals})
     assert page.locator("#intervals .example").count() == len(intervals)
 
+    # A repo without explanations: no explanation block, no search by explanation.
+    assert page.is_hidden("#explanation")
+    assert page.is_hidden("#search-by option[value='explanation']")
+
     shot = tmp_path / "browser.png"
     page.screenshot(path=str(shot), full_page=True)
     SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shot, SCREENSHOT_COPY)
+
+
+def wait_invalid(page) -> str:
+    page.wait_for_function("window.loupeState?.status === 'invalid'", timeout=20_000)
+    assert page.is_hidden("#feature-view") and page.evaluate("window.loupeState.feature") is None
+    return page.inner_text("#notice")
+
+
+def test_a_feature_id_out_of_range_or_not_a_number_names_the_valid_range(page, page_url, suite):
+    """Issue 26 #5: an out-of-range feature id silently showed the last feature."""
+    last = suite["num_latents"] - 1
+    page.goto(f"{page_url}?layer={LAYER}&feature={last + 1}")
+    assert wait_invalid(page) == f"no feature {last + 1}: layer {LAYER} has features 0 to {last}"
+    page.goto(f"{page_url}?layer={LAYER}&feature=abc")
+    assert (
+        wait_invalid(page) == f'"abc" is not a feature id: layer {LAYER} has features 0 to {last}'
+    )
+    open_feature(page, page_url, LAYER, 7)
+    for typed, message in [
+        ("99999", f"no feature 99999: layer {LAYER} has features 0 to {last}"),
+        ("-3", f'"-3" is not a feature id: layer {LAYER} has features 0 to {last}'),
+        ("2.5", f'"2.5" is not a feature id: layer {LAYER} has features 0 to {last}'),
+    ]:
+        page.fill("#feature", typed)
+        page.press("#feature", "Enter")
+        assert wait_invalid(page) == message
+        assert page.inner_text("#status") == message
+    page.fill("#feature", str(last))
+    page.press("#feature", "Enter")
+    page.wait_for_function(
+        f"window.loupeState.status === 'ready' && window.loupeState.feature === {last}"
+    )
+    assert page.is_hidden("#notice") and page.is_visible("#feature-view")
+    page.click("#next")  # the last feature's ▶ stays there
+    page.wait_for_function("window.loupeState.status === 'ready'")
+    assert page.evaluate("window.loupeState.feature") == last
+    assert page.errors == []
+
+
+def listed(page, by: str, order: str) -> dict:
+    """List the shown layer's features from the form; the page's listing state."""
+    page.select_option("#list-by", by)
+    page.select_option("#list-order", order)
+    page.click("#list button[type=submit]")
+    return wait_listed(page, by, 1)
+
+
+def wait_listed(page, by: str, number: int) -> dict:
+    page.wait_for_function(
+        f"window.loupeState.list?.by === {json.dumps(by)} && window.loupeState.list.page === {number}"
+        " && window.loupeState.status === 'ready'",
+        timeout=20_000,
+    )
+    state = page.evaluate("window.loupeState.list")
+    links = page.eval_on_selector_all(
+        "#result-list a", "links => links.map(a => Number(a.dataset.feature))"
+    )
+    assert links == state["features"]
+    return state
+
+
+def sorted_features(rows: list[dict], key: str, descending: bool) -> list[int]:
+    """Features by `key` (those without a value last), ties by feature id: the page's order."""
+    sign = -1 if descending else 1
+
+    def order(r):
+        missing = r[key] is None
+        return (missing, 0 if missing else sign * r[key], r["feature"])
+
+    return [r["feature"] for r in sorted(rows, key=order)]
+
+
+def test_a_layers_features_are_listed_sorted_and_paged_from_feature_stats(
+    page, page_url, repo, suite
+):
+    """Issue 26 #5: a layer's features listed by density and by maximum activation, in pages,
+    each a link; read from feature_stats alone, never the per-feature example files."""
+    files = suite["files"][str(LAYER)]
+    stats = pq.read_table(repo / files["stats"]).to_pylist()
+    open_feature(page, page_url, LAYER, 0)
+    before = page.evaluate("window.loupeRequests")
+
+    by_density = sorted_features(stats, "density", descending=True)
+    state = listed(page, "density", "desc")
+    assert (state["pages"], state["features"]) == (5, by_density[:100])
+    density = {r["feature"]: r["density"] for r in stats}
+    assert state["values"] == [density[f] for f in state["features"]]
+    page.click("#page-next")
+    assert wait_listed(page, "density", 2)["features"] == by_density[100:200]
+
+    by_max = sorted_features(stats, "max_activation", descending=False)
+    state = listed(page, "max_activation", "asc")
+    assert state["features"] == by_max[:100]
+    assert state["features"][0] % 23 == 5  # dead features (max 0) first, lowest id first
+
+    after = page.evaluate("window.loupeRequests")
+    read = {url.rsplit("/", 2)[1] for url, n in after.items() if n != before.get(url, 0)}
+    assert read <= {PER_LAYER["stats"]}, read  # (this small file came whole with its footer)
+
+    # The listing is in the URL: a link to page 3 of a listing opens it.
+    page.goto(f"{page_url}?layer={LAYER}&feature=1&list=max_activation&order=asc&page=3")
+    assert wait_listed(page, "max_activation", 3)["features"] == by_max[200:300]
+    page.click(f"#result-list a[data-feature='{by_max[201]}']")
+    page.wait_for_function(
+        f"window.loupeState.status === 'ready' && window.loupeState.feature === {by_max[201]}"
+    )
+    assert page.errors == []
 
 
 def test_page_fetches_only_the_pages_of_the_feature(page, page_url, repo, suite):
@@ -263,6 +414,16 @@ def parquet_loads(page) -> dict:
     return {"requests": len(entries), "bytes": sum(e[2] for e in entries), "max": most}
 
 
+def features_with_token(repo: Path, files: dict, token: str) -> set[int]:
+    """Every feature with `token` among its example peaks or its logits: what a search finds."""
+    return {
+        r["feature"]
+        for kind in ("examples", "logits")
+        for r in pq.read_table(repo / files[kind], columns=["feature", "token"]).to_pylist()
+        if r["token"] == token
+    }
+
+
 def watch_requests(page) -> dict:
     """Count the page's parquet requests in flight as Chromium issues and finishes them."""
     seen = {"now": 0, "max": 0}
@@ -330,12 +491,7 @@ def test_search_of_a_wide_layer_keeps_its_requests_bounded(page, wide_repo):
     seen = watch_requests(page)
     before = parquet_loads(page)
     query = " Paris"
-    want = {
-        r["feature"]
-        for kind in ("examples", "logits")
-        for r in pq.read_table(repo / files[kind], columns=["feature", "token"]).to_pylist()
-        if r["token"] == query
-    }
+    want = features_with_token(repo, files, query)
     # What the token columns weigh: a search reads those and nothing else.
     columns = {"examples": {"feature", "token"}, "logits": {"feature", "sign", "token"}}
     budget = 0
@@ -370,6 +526,51 @@ def test_search_of_a_wide_layer_keeps_its_requests_bounded(page, wide_repo):
     assert spent <= 1.1 * budget + 100_000
     progress = [t for t in statuses if re.search(r"read \d+ of 96 row groups", t)]
     assert progress, statuses[:5]
+    assert page.errors == []
+
+
+def test_search_and_feature_view_do_not_cancel_each_other(page, wide_repo):
+    """Issue 25: a search and the feature view hold separate request tickets: showing other
+    features while a search of a wide layer is still reading leaves the search to finish, and
+    the search leaves the features shown."""
+    repo, suite, url = wide_repo
+    files = suite["files"]["3"]
+    query = " London"
+    want = features_with_token(repo, files, query)
+    open_feature(page, url, 3, 0)
+    page.fill("#query", query)
+    page.press("#query", "Enter")
+    page.wait_for_function("window.loupeState.searchProgress?.done >= 1")
+    for f in (1, 2):
+        page.click("#next")
+        page.wait_for_function(
+            f"document.getElementById('title').textContent === 'Layer 3 · feature {f}'"
+        )
+    assert page.evaluate("window.loupeState.search") is None  # still reading
+    page.wait_for_function(
+        "window.loupeState.search && window.loupeState.status !== 'loading'", timeout=60_000
+    )
+    state = page.evaluate("window.loupeState")
+    assert set(state["search"]["features"]) == want and state["feature"] == 2
+    assert page.inner_text("#title") == "Layer 3 · feature 2"
+    assert page.errors == []
+
+
+def test_listing_a_wide_layer_reads_feature_stats_only(page, wide_repo):
+    """At 49,152 features the listing reads three columns of feature_stats and nothing else."""
+    repo, suite, url = wide_repo
+    stats = pq.read_table(repo / suite["files"]["3"]["stats"], columns=["feature", "density"])
+    open_feature(page, url, 3, 0)
+    before = page.evaluate("[window.loupeRequests, window.loupeFetched]")
+    state = listed(page, "density", "desc")
+    assert state["pages"] == 492
+    assert state["features"] == sorted_features(stats.to_pylist(), "density", True)[:100]
+    requests, fetched = page.evaluate("[window.loupeRequests, window.loupeFetched]")
+    read = {u.rsplit("/", 2)[1] for u, n in requests.items() if n != before[0].get(u, 0)}
+    assert read == {PER_LAYER["stats"]}, read
+    spent = sum(fetched.values()) - sum(before[1].values())
+    made = sum(requests.values()) - sum(before[0].values())
+    print(f"\nwide layer listing by density: {spent} B in {made} requests")
     assert page.errors == []
 
 
@@ -412,6 +613,7 @@ def test_page_reads_a_hub_repo_named_in_the_url(page, page_url, repo, suite):
     assert state["base"] == HUB_BASE
     assert state["topToken"] == top["token"]
     assert shown_histogram(page) == nonzero_span(stats["histogram"])
+    check_histogram_axes(page, stats["histogram"], histogram_edges(repo / files["stats"]))
     assert f"{HUB_BASE}browser/suite.json" in asked
     fetched = page.evaluate("window.loupeFetched")
     assert fetched and all(url.startswith(HUB_BASE) for url in fetched)
@@ -595,6 +797,108 @@ def test_a_repo_without_neighbours_says_so(page, tmp_path):
         server.server_close()
     assert page.inner_text("#neighbours-same") == "no feature_neighbours file for this layer"
     assert page.is_disabled("#trace-button")
+
+
+EXPLAINED, UNEXPLAINED, EXPLAINED_LATENTS = 3, 2, 192
+
+
+@pytest.fixture(scope="module")
+def explained_repo(tmp_path_factory):
+    """Layers 2 and 3, layer 3 with an explanations file as the explain stage writes it."""
+    root = tmp_path_factory.mktemp("explained")
+    layers = (UNEXPLAINED, EXPLAINED)
+    build_synthetic_repo(root, layers=layers, num_latents=EXPLAINED_LATENTS, examples=4)
+    path = write_explanations(root, EXPLAINED, explanation_rows(EXPLAINED, EXPLAINED_LATENTS))
+    suite = install_browser(root, PREFIX, layers, EXPLAINED_LATENTS, MODEL)
+    assert "explanations" in suite["files"][str(EXPLAINED)]
+    assert "explanations" not in suite["files"][str(UNEXPLAINED)]
+    server, url = serve(root)
+    yield pq.read_table(path).to_pylist(), url
+    server.shutdown()
+    server.server_close()
+
+
+def explanation_hits(rows: list[dict], query: str) -> list[int]:
+    """The features whose explanation holds every word of the query, best mean score first."""
+
+    def mean(r):
+        scores = [r[k] for k in ("detection", "fuzzing") if r[k] is not None]
+        return sum(scores) / len(scores) if scores else -1
+
+    words = query.lower().split()
+    hits = [
+        r for r in rows if r["explanation"] and all(w in r["explanation"].lower() for w in words)
+    ]
+    return [r["feature"] for r in sorted(hits, key=lambda r: (-mean(r), r["feature"]))]
+
+
+def search_page(page, by: str, query: str) -> dict:
+    page.select_option("#search-by", by)
+    page.fill("#query", query)
+    page.press("#query", "Enter")
+    page.wait_for_function(
+        f"window.loupeState.search?.query === {json.dumps(query)}"
+        " && window.loupeState.status !== 'loading'",
+        timeout=20_000,
+    )
+    state = page.evaluate("window.loupeState")
+    assert state["status"] == "ready", state.get("error")
+    return state
+
+
+def test_explanations_are_searched_and_shown_with_their_scores(page, explained_repo):
+    """Issue 21: the feature page shows the explanation and its detection and fuzzing scores
+    where the layer has explanations; the layer's features are searched by explanation text
+    and listed as links."""
+    rows, url = explained_repo
+    by_feature = {r["feature"]: r for r in rows}
+    open_feature(page, url, EXPLAINED, 1)  # odd features were not explained
+    assert page.inner_text("#explanation").startswith("no explanation for this feature")
+    assert page.evaluate("window.loupeState.explanation") is None
+
+    for query in ("Rivers", "rivers cities"):
+        want = explanation_hits(rows, query)
+        assert len(want) > 2
+        state = search_page(page, "explanation", query)
+        assert state["search"]["features"] == want
+        shown = page.eval_on_selector_all(
+            "#result-list a", "links => links.map(a => Number(a.dataset.feature))"
+        )
+        assert shown == want
+    scored = [f for f in want if by_feature[f]["detection"] is not None]
+    unscored = [f for f in explanation_hits(rows, "") if by_feature[f]["detection"] is None]
+    assert scored and unscored
+
+    page.click(f"#result-list a[data-feature='{scored[-1]}']")
+    for f in (scored[-1], unscored[0]):
+        if f != scored[-1]:
+            open_feature(page, url, EXPLAINED, f)
+        page.wait_for_function(
+            f"window.loupeState.status === 'ready' && window.loupeState.feature === {f}"
+        )
+        want = by_feature[f]
+        assert page.evaluate("window.loupeState.explanation") == {
+            "text": want["explanation"],
+            "detection": want["detection"],
+            "fuzzing": want["fuzzing"],
+            "explainer": want["explainer"],
+        }
+        assert page.inner_text("#explanation-text") == want["explanation"]
+        for score in ("detection", "fuzzing"):
+            value = want[score]
+            text = "not scored" if value is None else f"{value:.3f}"
+            assert page.inner_text(f"#{score}-score") == text
+    # The explained features listed by their scores.
+    for score, order in (("detection", "desc"), ("fuzzing", "asc")):
+        state = listed(page, score, order)
+        explained = [r for r in rows if r["explanation"]]
+        assert state["features"] == sorted_features(explained, score, order == "desc")
+        assert state["values"] == [by_feature[f][score] for f in state["features"]]
+
+    # The layer without explanations keeps its page as before.
+    open_feature(page, url, UNEXPLAINED, 4)
+    assert page.is_hidden("#explanation")
+    assert page.errors == []
 
 
 def _get(url: str, headers: dict | None = None, method: str = "GET"):

@@ -84,8 +84,10 @@ models:
 # {title}
 
 The feature browser of [{repo}](https://huggingface.co/{repo}) (revision `{revision}`): pick a
-layer and a feature, or search features by a token. The page reads the model repo's parquet files
-directly with HTTP range requests, fetching only the feature shown; nothing is copied here.
+layer and a feature, search features by a token or by explanation (where the repo has
+explanations), or list a layer's features sorted by density, maximum activation or explanation
+score. The page reads the model repo's parquet files directly with HTTP range requests,
+fetching only what it shows; nothing is copied here.
 `?repo=owner/name&revision=main` points it at another loupe repo. Published by loupe.
 """
 

@@ -2,7 +2,7 @@
 // server or the Hugging Face Hub) with HTTP Range requests, fetching only the pages of the
 // feature shown (the files are sorted by feature, one row group per 1,024 features, with a
 // page index that locates each feature's pages of 64 rows).
-import { byteLengthFromUrl, parquetMetadataAsync, parquetReadObjects } from 'hyparquet'
+import { asyncBufferFromUrl, parquetMetadataAsync, parquetReadObjects } from 'hyparquet'
 import { compressors } from 'hyparquet-compressors'
 
 // Bytes and requests per URL and what the page shows: for tests and for the curious (devtools).
@@ -21,7 +21,8 @@ const INTERVAL_COLUMNS = [...EXAMPLE_COLUMNS, 'interval', 'interval_low', 'inter
 const NEIGHBOUR_COLUMNS = ['feature', 'relation', 'rank', 'other_layer', 'other_feature', 'cosine']
 const TRACE_COLUMNS = { examples: ['feature', 'token', 'rank'], logits: ['feature', 'sign', 'rank', 'token'] }
 const TRACE_TOKENS = 5 // top tokens and top logits shown per step of a trace
-const EXPLANATION_COLUMNS = ['feature', 'explanation']
+// The explain stage's columns the page shows (loupe.explain.explanations_schema).
+const EXPLANATION_COLUMNS = ['feature', 'explanation', 'detection', 'fuzzing', 'explainer', 'status']
 const SEARCH_LIMIT = 200
 // Range requests in flight at once, whatever the page asks for: Chromium refuses thousands
 // (net::ERR_INSUFFICIENT_RESOURCES) and a host serves a few at a time anyway.
@@ -31,7 +32,10 @@ const $ = id => document.getElementById(id)
 const params = new URLSearchParams(location.search)
 const base = baseUrl(params)
 let suite = null
-let ticket = 0 // the latest request wins; older ones drop their results
+// The latest request of each kind wins, older ones drop their results: the feature view
+// (and its trace) and the side panel (searches, listings) each have their own, so a search
+// still reading goes on while features are shown, and the other way round.
+const tickets = { view: 0, panel: 0 }
 
 /** The repo root: ?base=URL, ?repo=owner/name[&revision=main] on the Hub, else the repo the
  * page names in <meta name="loupe-repo"> (a Space's copy does), else ../ of this page. */
@@ -57,43 +61,39 @@ const waiting = []
 let inFlight = 0
 state.maxInFlight = 0
 
-/** fetch(), at most MAX_IN_FLIGHT at a time. */
+/** fetch() for hyparquet's asyncBufferFromUrl: at most MAX_IN_FLIGHT at a time (hyparquet
+ * has no such bound), each body read whole inside its slot and counted. */
 async function limitedFetch(url, init) {
   if (inFlight >= MAX_IN_FLIGHT) await new Promise(resolve => waiting.push(resolve))
   inFlight += 1
   state.maxInFlight = Math.max(state.maxInFlight, inFlight)
   try {
     const res = await fetch(url, init)
-    return { status: res.status, ok: res.ok, buf: res.ok ? await res.arrayBuffer() : null }
+    // A failed range read names its file (hyparquet's own message does not).
+    if (!res.ok && init?.method !== 'HEAD') throw new Error(`${url}: HTTP ${res.status}`)
+    const body = res.ok ? await res.arrayBuffer() : null
+    if (body) count(url, body.byteLength)
+    return new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers })
   } finally {
     inFlight -= 1
     waiting.shift()?.()
   }
 }
 
-/** An hyparquet AsyncBuffer over HTTP Range requests that counts what it downloads and
- * answers a slice inside an earlier one (the footer guess often holds a small file whole). */
-function remoteBuffer(url, byteLength) {
+/** An AsyncBuffer that keeps every range it fetched and answers any slice inside one of them
+ * (the footer guess often holds the page indexes, or a small file whole).
+ * Not hyparquet's cachedAsyncBuffer: it answers only a range asked for before, byte for byte,
+ * so each page index inside the footer's first read costs a request of its own (9 requests to
+ * one file in the trace test, which allows 5), and under its minSize it fetches a file whole. */
+function keptRanges(file) {
   const segments = [] // [start, end, Promise<ArrayBuffer>]: ranges fetched or in flight
-  const fetchRange = async (start, end) => {
-    const res = await limitedFetch(url, { headers: { Range: `bytes=${start}-${end - 1}` } })
-    if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`)
-    const { buf } = res
-    count(url, buf.byteLength)
-    if (res.status === 200) {
-      // The server ignored Range and sent the whole file: keep it for every later slice.
-      segments.unshift([0, buf.byteLength, Promise.resolve(buf)])
-      return buf.slice(start, end)
-    }
-    return buf
-  }
   return {
-    byteLength,
-    slice(start, end = byteLength) {
+    byteLength: file.byteLength,
+    slice(start, end = file.byteLength) {
       for (const [s, e, p] of segments) {
         if (s <= start && end <= e) return p.then(buf => buf.slice(start - s, end - s))
       }
-      const segment = [start, end, fetchRange(start, end)]
+      const segment = [start, end, Promise.resolve(file.slice(start, end))]
       segments.push(segment)
       segment[2].catch(() => segments.splice(segments.indexOf(segment), 1))
       return segment[2]
@@ -103,20 +103,23 @@ function remoteBuffer(url, byteLength) {
 
 const opened = new Map()
 
-/** {url, file, metadata} of a repo path, the footer read once per file. */
+/** {url, file, metadata} of a repo path, the footer read once per file. The file is hyparquet's
+ * asyncBufferFromUrl over limitedFetch (suite.json's size spares its HEAD request; a host that
+ * ignores Range sends the file once, which it keeps) under keptRanges. */
 function openParquet(path) {
   if (!opened.has(path)) {
     const url = new URL(path, base).href
     const load = async byteLength => {
-      const file = remoteBuffer(url, byteLength)
-      const metadata = await parquetMetadataAsync(file, { initialFetchSize: Math.min(FOOTER_GUESS, byteLength) })
+      const remote = await asyncBufferFromUrl({ url, byteLength, fetch: limitedFetch })
+      const file = keptRanges(remote)
+      const metadata = await parquetMetadataAsync(file, { initialFetchSize: Math.min(FOOTER_GUESS, remote.byteLength) })
       return { url, file, metadata }
     }
     const promise = (async () => {
       const listed = suite.bytes?.[path]
-      if (listed === undefined) return load(await byteLengthFromUrl(url))
-      // suite.json's size spares a HEAD request; a file replaced since staging has another.
-      return load(listed).catch(async () => load(await byteLengthFromUrl(url)))
+      if (listed === undefined) return load()
+      // A file replaced since staging has another size: ask the host (a HEAD request).
+      return load(listed).catch(() => load())
     })()
     promise.catch(() => opened.delete(path)) // let a retry fetch again
     opened.set(path, promise)
@@ -258,6 +261,13 @@ const fmtEdge = x => {
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? x.toExponential(2) : String(Number(x.toPrecision(3)))
 }
 
+/** Up to `most` values of 0..n, evenly spread, both ends included. */
+function spread(n, most) {
+  return [...new Set(Array.from({ length: most }, (_, i) => Math.round((i * n) / (most - 1))))]
+}
+
+/** The activation histogram of a feature: a column per bin on a log count scale, with tick
+ * values on both axes (activation at bin edges, counts at 0, powers of ten and the maximum). */
 function histogramSvg(counts, edges) {
   // Only the columns from the first to the last nonzero one: a fixed grid spans decades
   // that one feature never reaches.
@@ -267,34 +277,45 @@ function histogramSvg(counts, edges) {
   counts = counts.slice(first, last + 1)
   const ns = 'http://www.w3.org/2000/svg'
   const w = 420, h = 110, n = counts.length
+  const left = 46, right = 14, top = 6, bottom = 30 // room for the tick values and axis titles
   const svg = document.createElementNS(ns, 'svg')
-  svg.setAttribute('viewBox', `0 0 ${w} ${h + 16}`)
-  svg.setAttribute('width', w)
+  svg.setAttribute('viewBox', `0 0 ${left + w + right} ${top + h + bottom}`)
+  svg.setAttribute('width', left + w + right)
   svg.setAttribute('role', 'img')
-  const top = Math.log1p(Math.max(...counts, 1))
-  counts.forEach((c, i) => {
-    const bh = c ? Math.max(1, (h * Math.log1p(c)) / top) : 0
-    const r = document.createElementNS(ns, 'rect')
-    r.setAttribute('x', (i * w) / n)
-    r.setAttribute('width', Math.max(1, w / n - 1))
-    r.setAttribute('y', h - bh)
-    r.setAttribute('height', bh)
-    const t = document.createElementNS(ns, 'title')
-    const range = bounds ? `[${fmtEdge(bounds[i][0])}, ${fmtEdge(bounds[i][1])})` : `bin ${first + i}`
-    t.textContent = `${range}: ${c}`
-    r.append(t)
-    svg.append(r)
-  })
-  if (bounds) {
-    for (const [x, anchor, v] of [[0, 'start', bounds[0][0]], [w, 'end', bounds[n - 1][1]]]) {
-      const t = document.createElementNS(ns, 'text')
-      t.setAttribute('x', x)
-      t.setAttribute('y', h + 13)
-      t.setAttribute('text-anchor', anchor)
-      t.textContent = fmtEdge(v)
-      svg.append(t)
-    }
+  const node = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag)
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v)
+    if (text !== undefined) e.textContent = text
+    svg.append(e)
+    return e
   }
+  const most = Math.max(...counts, 1)
+  const scale = Math.log1p(most)
+  const y = c => top + h - (h * Math.log1p(c)) / scale
+  counts.forEach((c, i) => {
+    const bh = c ? Math.max(1, (h * Math.log1p(c)) / scale) : 0
+    const r = node('rect', { x: left + (i * w) / n, width: Math.max(1, w / n - 1), y: top + h - bh, height: bh })
+    const range = bounds ? `[${fmtEdge(bounds[i][0])}, ${fmtEdge(bounds[i][1])})` : `bin ${first + i}`
+    r.append(document.createElementNS(ns, 'title'))
+    r.lastChild.textContent = `${range}: ${c}`
+  })
+  node('line', { class: 'axis', x1: left, x2: left + w, y1: top + h, y2: top + h })
+  node('line', { class: 'axis', x1: left, x2: left, y1: top, y2: top + h })
+  // Activation at the column edges (bin numbers where the file has no edges).
+  for (const k of spread(n, 5)) {
+    const value = bounds ? (k < n ? bounds[k][0] : bounds[n - 1][1]) : first + k
+    const anchor = k === 0 ? 'start' : k === n ? 'end' : 'middle'
+    node('text', { class: 'x-tick', x: left + (k * w) / n, y: top + h + 11, 'text-anchor': anchor, 'data-value': value }, bounds ? fmtEdge(value) : String(value))
+  }
+  node('text', { class: 'axis-title', x: left + w / 2, y: top + h + 25, 'text-anchor': 'middle' }, bounds ? 'activation' : 'histogram bin')
+  // Counts: 0, the powers of ten clear of the maximum, the maximum.
+  const ticks = [0]
+  for (let p = 1; Math.log1p(p) / scale < 0.85; p *= 10) ticks.push(p)
+  ticks.push(most)
+  for (const c of ticks) {
+    node('text', { class: 'y-tick', x: left - 4, y: y(c) + 3, 'text-anchor': 'end', 'data-value': c }, c.toLocaleString('en-US'))
+  }
+  node('text', { class: 'axis-title', x: 10, y: top + h / 2, 'text-anchor': 'middle', transform: `rotate(-90 10 ${top + h / 2})` }, 'count (log)')
   return svg
 }
 
@@ -318,11 +339,34 @@ function layerFiles(layer) {
   return suite.files[String(layer)] || {}
 }
 
-async function showFeature(layer, f) {
-  const mine = ++ticket
-  f = Math.max(0, Math.min(suite.num_latents - 1, f))
+/** A feature id from what was typed or linked: a whole number, else NaN. */
+const featureId = text => (/^\s*\d+\s*$/.test(String(text)) ? Number(text) : Number.NaN)
+
+/** Say that `typed` names no feature, and which ids do, instead of showing one. */
+function showNoFeature(layer, typed) {
+  tickets.view += 1 // drops a view still loading
+  const range = `layer ${layer} has features 0 to ${suite.num_latents - 1}`
+  const message = Number.isNaN(featureId(typed))
+    ? `${JSON.stringify(String(typed).trim())} is not a feature id: ${range}`
+    : `no feature ${featureId(typed)}: ${range}`
+  $('title').textContent = `Layer ${layer} · no such feature`
+  $('notice').textContent = message
+  $('notice').hidden = false
+  $('feature-view').hidden = true
+  Object.assign(state, { layer, feature: null, error: null, invalid: message, trace: null })
+  setStatus(message, 'invalid')
+}
+
+/** Show feature f of the layer; `typed` (what the user gave, for the message) where f is no
+ * feature of the suite. */
+async function showFeature(layer, f, typed = String(f)) {
   $('layer').value = String(layer)
+  if (!(Number.isInteger(f) && f >= 0 && f < suite.num_latents)) return showNoFeature(layer, typed)
+  const mine = ++tickets.view
   $('feature').value = String(f)
+  $('notice').hidden = true
+  $('feature-view').hidden = false
+  state.invalid = null
   const url = new URL(location.href)
   url.searchParams.set('layer', layer)
   url.searchParams.set('feature', f)
@@ -331,18 +375,20 @@ async function showFeature(layer, f) {
   setStatus(`loading layer ${layer} feature ${f}…`, 'loading')
   Object.assign(state, { layer, feature: f, error: null, trace: null })
   const files = layerFiles(layer)
-  const [stats, examples, intervals, logits, statsMeta, neighbours] = await Promise.all([
+  const [stats, examples, intervals, logits, statsMeta, neighbours, explained] = await Promise.all([
     featureRows(files.stats, f),
     featureRows(files.examples, f, EXAMPLE_COLUMNS),
     featureRows(files.intervals, f, INTERVAL_COLUMNS),
     featureRows(files.logits, f),
     files.stats ? fileMetadataJson(files.stats) : {},
     featureRows(files.neighbours, f, NEIGHBOUR_COLUMNS),
+    layerExplanations(layer),
   ])
-  const explained = await explanations((neighbours || []).map(r => [r.other_layer, r.other_feature]))
-  if (mine !== ticket) return
+  const neighbourTexts = await explanations((neighbours || []).map(r => [r.other_layer, r.other_feature]))
+  if (mine !== tickets.view) return
   render(layer, f, stats?.[0] ?? null, examples, intervals, logits, statsMeta)
-  renderNeighbours(layer, neighbours, explained)
+  renderExplanation(f, explained)
+  renderNeighbours(layer, neighbours, neighbourTexts)
   setStatus(`layer ${layer} feature ${f} · ${base}`, 'ready')
 }
 
@@ -369,7 +415,7 @@ function render(layer, f, stats, examples, intervals, logits, statsMeta) {
   hist.replaceChildren()
   const counts = Array.from(stats?.histogram || [], Number)
   if (counts.some(c => c > 0)) {
-    hist.append(histogramSvg(counts, statsMeta.histogram_edges), el('figcaption', {}, 'activation histogram (log count)'))
+    hist.append(histogramSvg(counts, statsMeta.histogram_edges), el('figcaption', {}, 'activation histogram: tokens per activation bin, log count scale'))
   } else {
     hist.append(el('figcaption', { class: 'muted' }, stats?.histogram ? 'histogram: no activations' : 'no histogram published'))
   }
@@ -446,14 +492,69 @@ function featureLink(layer, f, text) {
   return link
 }
 
-/** {"layer:feature": text} of the given features that have an explanation, read where a layer
- * has an explanations file (a row group per feature; none fetched where no layer has one). */
+const layerReads = new Map()
+
+/** The promise of `read({file, metadata})` over the layer's file of `kind`, made once per layer
+ * and kind (again after a failure); null where the layer has no such file. */
+function readLayerOnce(layer, kind, read) {
+  const path = layerFiles(layer)[kind]
+  if (!path) return Promise.resolve(null)
+  const key = `${kind}:${layer}`
+  if (!layerReads.has(key)) {
+    const promise = openParquet(path).then(read)
+    promise.catch(() => layerReads.delete(key))
+    layerReads.set(key, promise)
+  }
+  return layerReads.get(key)
+}
+
+/** Map feature -> {explanation, detection, fuzzing, explainer, status} of a layer's features
+ * that have an explanation; null where the layer has no explanations file. A layer's file is
+ * small (a line of text and two scores per feature), so it is read whole, once. */
+function layerExplanations(layer) {
+  return readLayerOnce(layer, 'explanations', async ({ file, metadata }) => {
+    const names = new Set(metadata.schema.map(s => s.name))
+    const columns = EXPLANATION_COLUMNS.filter(c => names.has(c))
+    const rows = await parquetReadObjects({ file, metadata, columns, compressors })
+    // Failed and unparsed requests are rows without an explanation: nothing to show.
+    return new Map(rows.filter(r => r.explanation).map(r => [Number(r.feature), plain(r)]))
+  })
+}
+
+/** {"layer:feature": text} of the given features that have an explanation (nothing fetched
+ * for layers without an explanations file). */
 async function explanations(features) {
-  const found = await Promise.all(features.map(async ([layer, f]) => {
-    const rows = await featureRows(layerFiles(layer).explanations, f, EXPLANATION_COLUMNS)
-    return [`${layer}:${f}`, rows?.find(r => r.explanation)?.explanation]
-  }))
-  return Object.fromEntries(found.filter(([, text]) => text))
+  const layers = [...new Set(features.map(([layer]) => layer))]
+  const byLayer = new Map(await Promise.all(layers.map(async layer => [layer, await layerExplanations(layer)])))
+  const found = {}
+  for (const [layer, f] of features) {
+    const text = byLayer.get(layer)?.get(f)?.explanation
+    if (text) found[`${layer}:${f}`] = text
+  }
+  return found
+}
+
+const fmtScore = x => (x === null || x === undefined ? 'not scored' : fmt(x))
+
+/** The feature's explanation and its detection and fuzzing scores; the block stays hidden where
+ * the layer has no explanations file. */
+function renderExplanation(f, explained) {
+  const row = explained?.get(f) ?? null
+  const box = $('explanation')
+  box.hidden = explained === null
+  state.explanation = row && { text: row.explanation, detection: row.detection ?? null, fuzzing: row.fuzzing ?? null, explainer: row.explainer ?? null }
+  if (!explained) return
+  if (!row) {
+    box.replaceChildren(el('p', { class: 'muted' }, 'no explanation for this feature (not chosen for explaining, or its request failed)'))
+    return
+  }
+  const score = (label, id, value, title) => el('span', { class: 'score', title }, `${label} `, el('span', { id, class: 'val' }, fmtScore(value)))
+  box.replaceChildren(
+    el('p', { id: 'explanation-text', class: 'explanation' }, row.explanation),
+    el('p', { class: 'scores' },
+      score('detection', 'detection-score', row.detection, 'accuracy of the explainer model telling held-out activating examples from inactive windows by the explanation (delphi)'),
+      score('fuzzing', 'fuzzing-score', row.fuzzing, 'accuracy of the explainer model telling rightly highlighted examples from wrongly highlighted ones by the explanation (delphi)'),
+      row.explainer ? el('span', { class: 'muted' }, `explained by ${row.explainer}`) : null))
 }
 
 /** Rows of one relation, best first. */
@@ -516,7 +617,7 @@ async function traceTokens(layer, f) {
 /** Follow the best match of the shown feature through every layer, down and up, and show
  * each step's top tokens and top logits: a few row groups per layer. */
 async function trace() {
-  const mine = ticket // showing another feature drops this trace
+  const mine = tickets.view // showing another feature drops this trace
   const { layer, feature } = state
   setStatus(`tracing layer ${layer} feature ${feature} through the stack…`, 'loading')
   const [down, up] = await Promise.all([followMatches(layer, feature, 'prev'), followMatches(layer, feature, 'next')])
@@ -526,8 +627,8 @@ async function trace() {
     Promise.all(steps.map(s => traceTokens(s.layer, s.feature))),
     explanations(steps.map(s => [s.layer, s.feature])),
   ])
-  if (mine !== ticket) return
-  steps.forEach((s, i) => Object.assign(s, tokens[i], { explanation: explained[`${s.layer}:${s.feature}`] ?? null }))
+  if (mine !== tickets.view) return
+  for (const [i, s] of steps.entries()) Object.assign(s, tokens[i], { explanation: explained[`${s.layer}:${s.feature}`] ?? null })
   const hasExplanations = steps.some(s => s.explanation)
   const chips = list => el('span', { class: 'chips' }, ...list.map(t => chip(t)))
   $('trace').replaceChildren(el('table', {},
@@ -594,15 +695,15 @@ async function search(query) {
   const q = norm(query)
   if (!q) return
   const layer = Number($('layer').value)
-  const mine = ++ticket
+  const mine = ++tickets.panel
   const before = totalFetched()
-  const saying = text => mine === ticket && setStatus(text, 'loading')
+  const saying = text => mine === tickets.panel && setStatus(text, 'loading')
   saying(`searching layer ${layer} for ${JSON.stringify(query)}: reading the token columns…`)
   const [examples, logits] = await layerIndex(layer, (done, total) => {
     state.searchProgress = { done, total }
     saying(`searching layer ${layer} for ${JSON.stringify(query)}: read ${done} of ${total} row groups of the token columns (${mb(totalFetched() - before)})`)
   })
-  if (mine !== ticket) return
+  if (mine !== tickets.panel) return
   // Exact matches (ignoring case and surrounding whitespace) if any, else substrings.
   const tally = exact => {
     const hits = new Map()
@@ -621,22 +722,113 @@ async function search(query) {
   const exact = hits.length > 0
   if (!exact) hits = tally(false)
   hits.sort((a, b) => b.examples - a.examples || b.positive - a.positive || b.negative - a.negative || a.feature - b.feature)
-  state.search = { query, layer, exact, features: hits.map(h => h.feature) }
-  $('results').hidden = false
-  $('results-note').textContent = `${hits.length} features ${exact ? 'with' : 'containing'} ${JSON.stringify(query)} · layer ${layer}`
-  $('result-list').replaceChildren(...hits.slice(0, SEARCH_LIMIT).map(h => {
-    const parts = []
-    if (h.examples) parts.push(`${h.examples} top example${h.examples === 1 ? '' : 's'}`)
-    if (h.positive) parts.push(`${h.positive} promoted`)
-    if (h.negative) parts.push(`${h.negative} suppressed`)
-    const link = el('a', { href: `#${h.feature}`, 'data-feature': h.feature }, `feature ${h.feature}`)
-    link.addEventListener('click', e => {
-      e.preventDefault()
-      showFeature(layer, h.feature).catch(fail)
-    })
-    return el('li', {}, link, el('span', { class: 'muted' }, ` ${parts.join(', ')}`))
-  }))
+  state.search = { query, layer, by: 'token', exact, features: hits.map(h => h.feature) }
+  state.list = null
+  showResults(`${hits.length} features ${exact ? 'with' : 'containing'} ${JSON.stringify(query)} · layer ${layer}`,
+    hits.slice(0, SEARCH_LIMIT).map(h => {
+      const parts = []
+      if (h.examples) parts.push(`${h.examples} top example${h.examples === 1 ? '' : 's'}`)
+      if (h.positive) parts.push(`${h.positive} promoted`)
+      if (h.negative) parts.push(`${h.negative} suppressed`)
+      return el('li', {}, featureLink(layer, h.feature, `feature ${h.feature}`), el('span', { class: 'muted' }, ` ${parts.join(', ')}`))
+    }))
   setStatus(`search done: ${hits.length} features`, 'ready')
+}
+
+/** The side panel with a heading note and a list of items (each led by a feature link). */
+function showResults(note, items) {
+  $('results').hidden = false
+  $('pager').hidden = true
+  $('results-note').textContent = note
+  $('result-list').replaceChildren(...items)
+}
+
+/** The mean of a row's detection and fuzzing scores (those it has), or null. */
+function meanScore(row) {
+  const scores = [row.detection, row.fuzzing].filter(x => x !== null && x !== undefined)
+  return scores.length ? scores.reduce((a, b) => a + b) / scores.length : null
+}
+
+/** Features of the layer whose explanation holds every word of the query (ignoring case),
+ * best scored first, each a link with its explanation and scores. */
+async function searchExplanations(query) {
+  const words = norm(query).split(/\s+/).filter(Boolean)
+  if (!words.length) return
+  const layer = Number($('layer').value)
+  const mine = ++tickets.panel
+  setStatus(`searching the explanations of layer ${layer} for ${JSON.stringify(query)}…`, 'loading')
+  const explained = await layerExplanations(layer)
+  if (mine !== tickets.panel) return
+  const hits = [...(explained?.values() ?? [])]
+    .filter(r => words.every(w => r.explanation.toLowerCase().includes(w)))
+    .map(r => ({ row: r, feature: Number(r.feature), score: meanScore(r) }))
+    .sort((a, b) => (b.score ?? -1) - (a.score ?? -1) || a.feature - b.feature)
+  state.search = { query, layer, by: 'explanation', features: hits.map(h => h.feature) }
+  state.list = null
+  const note = explained
+    ? `${hits.length} features explained with ${JSON.stringify(query)} · layer ${layer}`
+    : `layer ${layer} has no explanations`
+  showResults(note, hits.slice(0, SEARCH_LIMIT).map(({ row, feature }) => el('li', {},
+    featureLink(layer, feature, `feature ${feature}`),
+    el('span', { class: 'val muted', title: 'detection / fuzzing score' }, ` ${fmtScore(row.detection)} / ${fmtScore(row.fuzzing)}`),
+    el('span', { class: 'explanation' }, row.explanation))))
+  setStatus(`search done: ${hits.length} features`, 'ready')
+}
+
+// ---------- a layer's features, listed and sorted ----------
+
+// What a layer's features can be sorted by: feature_stats' columns, and the explanations'
+// scores where the layer has them; each with how its values are shown.
+const LISTS = {
+  density: { label: 'density', show: fmtDensity },
+  max_activation: { label: 'max activation', show: fmt },
+  detection: { label: 'detection score', show: fmtScore, explained: true },
+  fuzzing: { label: 'fuzzing score', show: fmtScore, explained: true },
+}
+const STATS_COLUMNS = ['feature', 'density', 'max_activation']
+const LIST_PAGE = 100 // features per page of a listing
+
+/** feature_stats' STATS_COLUMNS of every feature of a layer (those columns only, read once);
+ * null where the layer has no stats file. */
+function layerStats(layer) {
+  return readLayerOnce(layer, 'stats', async ({ file, metadata }) =>
+    (await parquetReadObjects({ file, metadata, columns: STATS_COLUMNS, compressors })).map(plain))
+}
+
+/** The layer's features sorted by `by` (a key of LISTS), `order` 'desc' or 'asc', features
+ * without a value last and ties by feature id; page `page` (from 1) of LIST_PAGE, each a link.
+ * Reads feature_stats and explanations only, never the per-feature example files. Score lists
+ * hold the explained features. */
+async function listFeatures(layer, by, order, page) {
+  const list = LISTS[by] ? by : 'density'
+  const mine = ++tickets.panel
+  setStatus(`listing layer ${layer}'s features by ${LISTS[list].label}…`, 'loading')
+  const [stats, explained] = await Promise.all([layerStats(layer), layerExplanations(layer)])
+  if (mine !== tickets.panel) return
+  const rows = LISTS[list].explained ? [...(explained?.values() ?? [])] : (stats ?? [])
+  const sign = order === 'asc' ? -1 : 1
+  const sorted = rows
+    .map(r => ({ feature: Number(r.feature), value: r[list] ?? null }))
+    .sort((a, b) => (a.value === null) - (b.value === null) || (a.value === null ? 0 : sign * (b.value - a.value)) || a.feature - b.feature)
+  const pages = Math.max(1, Math.ceil(sorted.length / LIST_PAGE))
+  page = Math.max(1, Math.min(pages, Math.floor(page) || 1))
+  const shown = sorted.slice((page - 1) * LIST_PAGE, page * LIST_PAGE)
+  state.list = { layer, by: list, order: sign > 0 ? 'desc' : 'asc', page, pages, features: shown.map(r => r.feature), values: shown.map(r => r.value) }
+  state.search = null
+  const url = new URL(location.href)
+  for (const [k, v] of Object.entries({ list, order: state.list.order, page })) url.searchParams.set(k, v)
+  history.replaceState(null, '', url)
+  const why = rows.length ? '' : LISTS[list].explained ? ': the layer has no explanations' : ': the layer has no feature_stats file'
+  showResults(`layer ${layer} by ${LISTS[list].label}, ${sign > 0 ? 'highest' : 'lowest'} first · ${sorted.length.toLocaleString('en-US')} features${why}`,
+    shown.map(({ feature, value }, i) => el('li', { value: (page - 1) * LIST_PAGE + i + 1 },
+      featureLink(layer, feature, `feature ${feature}`),
+      el('span', { class: 'val muted' }, ` ${value === null && !LISTS[list].explained ? '–' : LISTS[list].show(value)}`),
+      explained?.get(feature) ? el('span', { class: 'explanation' }, explained.get(feature).explanation) : null)))
+  $('pager').hidden = false
+  $('page-note').textContent = `page ${page} of ${pages}`
+  $('page-prev').disabled = page <= 1
+  $('page-next').disabled = page >= pages
+  setStatus(`layer ${layer}: ${sorted.length} features by ${LISTS[list].label}, page ${page} of ${pages}`, 'ready')
 }
 
 // ---------- start ----------
@@ -653,23 +845,48 @@ async function start() {
   $('feature').max = suite.num_latents - 1
   $('range').textContent = `0–${suite.num_latents - 1}`
 
-  const current = () => [Number($('layer').value), Number($('feature').value)]
-  const go = (layer, f) => showFeature(layer, f).catch(fail)
+  const layerShown = () => Number($('layer').value)
+  const typed = () => $('feature').value
+  const go = (layer, f, text) => showFeature(layer, f, text).catch(fail)
+  // ◀ ▶ and the arrow keys stop at the ends; a typed id out of range gets its message.
+  const step = by => {
+    const f = featureId(typed())
+    go(layerShown(), Number.isNaN(f) ? 0 : Math.max(0, Math.min(suite.num_latents - 1, f + by)))
+  }
   $('pick').addEventListener('submit', e => {
     e.preventDefault()
-    go(...current())
+    go(layerShown(), featureId(typed()), typed())
   })
-  $('layer').addEventListener('change', () => go(...current()))
-  $('prev').addEventListener('click', () => go(current()[0], current()[1] - 1))
-  $('next').addEventListener('click', () => go(current()[0], current()[1] + 1))
+  $('layer').addEventListener('change', () => go(layerShown(), featureId(typed()), typed()))
+  $('prev').addEventListener('click', () => step(-1))
+  $('next').addEventListener('click', () => step(1))
   document.addEventListener('keydown', e => {
     if (e.target.closest('input, select, textarea')) return
-    if (e.key === 'ArrowLeft') go(current()[0], current()[1] - 1)
-    if (e.key === 'ArrowRight') go(current()[0], current()[1] + 1)
+    if (e.key === 'ArrowLeft') step(-1)
+    if (e.key === 'ArrowRight') step(1)
   })
+  // Explanations are searched where some layer has them.
+  const searchBy = $('search-by')
+  searchBy.querySelector('option[value="explanation"]').hidden = !suite.layers.some(l => layerFiles(l).explanations)
+  searchBy.addEventListener('change', () => {
+    $('query').placeholder = searchBy.value === 'explanation' ? 'find features by explanation, e.g. code' : 'find features by token, e.g. the'
+  })
+  // A listing: by what, in which order; ◀ ▶ page through it.
+  const explainedLayers = suite.layers.some(l => layerFiles(l).explanations)
+  for (const [key, { explained }] of Object.entries(LISTS)) {
+    if (explained) $('list-by').querySelector(`option[value="${key}"]`).hidden = !explainedLayers
+  }
+  const listing = page => listFeatures(layerShown(), $('list-by').value, $('list-order').value, page).catch(fail)
+  $('list').addEventListener('submit', e => {
+    e.preventDefault()
+    listing(1)
+  })
+  $('page-prev').addEventListener('click', () => listing((state.list?.page ?? 1) - 1))
+  $('page-next').addEventListener('click', () => listing((state.list?.page ?? 1) + 1))
+  const find = query => (searchBy.value === 'explanation' ? searchExplanations(query) : search(query))
   $('search').addEventListener('submit', e => {
     e.preventDefault()
-    search($('query').value).catch(fail)
+    find($('query').value).catch(fail)
   })
   $('trace-button').addEventListener('click', () => {
     const url = new URL(location.href)
@@ -681,11 +898,18 @@ async function start() {
   const layer = suite.layers.includes(Number(params.get('layer'))) && params.get('layer') !== null
     ? Number(params.get('layer'))
     : suite.layers[0]
-  await showFeature(layer, Number(params.get('feature')) || 0)
+  const asked = params.get('feature') ?? '0'
+  $('feature').value = asked
+  await showFeature(layer, featureId(asked), asked)
   if (params.get('trace') && !$('trace-button').disabled) await trace()
   if (params.get('q')) {
     $('query').value = params.get('q')
-    await search(params.get('q'))
+    if (params.get('by') === 'explanation') searchBy.value = 'explanation'
+    await find(params.get('q'))
+  } else if (params.get('list')) {
+    if (LISTS[params.get('list')]) $('list-by').value = params.get('list')
+    if (params.get('order') === 'asc') $('list-order').value = 'asc'
+    await listing(Number(params.get('page')) || 1)
   }
 }
 
