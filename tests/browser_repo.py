@@ -16,9 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loupe.browse import install_browser
-from loupe.examples import ROW_GROUP_FEATURES, writer_options
+from loupe.examples import (
+    ROW_GROUP_FEATURES,
+    examples_schema,
+    interval_examples_schema,
+    stats_schema,
+    writer_options,
+)
 from loupe.explain import PROMPT_VERSION, explanations_schema
 from loupe.layout import PER_LAYER
+from loupe.logits import feature_logits_schema
 from loupe.neighbours import decoder_neighbours, neighbours_table, write_neighbours
 
 GROUP_FEATURES = ROW_GROUP_FEATURES  # features per row group, as the pipeline writes them
@@ -120,44 +127,11 @@ VOCAB = [
     "--",
 ]
 
-EXAMPLE_FIELDS = [
-    ("feature", pa.int64()),
-    ("activation", pa.float32()),
-    ("token", pa.string()),
-    ("context", pa.string()),
-    ("context_tokens", pa.string()),
-    ("token_activations", pa.string()),
-    ("layer", pa.int64()),
-    ("rank", pa.int64()),
-    ("peak_index", pa.int64()),
-    ("token_id", pa.int64()),
-    ("sequence", pa.int64()),
-    ("position", pa.int64()),
-]
-INTERVAL_FIELDS = [
-    *EXAMPLE_FIELDS,
-    ("interval", pa.int64()),
-    ("interval_low", pa.float32()),
-    ("interval_high", pa.float32()),
-]
-STATS_FIELDS = [
-    ("feature", pa.int64()),
-    ("fire_count", pa.int64()),
-    ("density", pa.float64()),
-    ("max_activation", pa.float32()),
-    ("mean_activation", pa.float32()),
-    ("examples", pa.int64()),
-    ("tokens", pa.int64()),
-    ("histogram", pa.list_(pa.int64())),
-]
-LOGIT_FIELDS = [
-    ("feature", pa.int64()),
-    ("sign", pa.string()),
-    ("rank", pa.int64()),
-    ("token_id", pa.int64()),
-    ("token", pa.string()),
-    ("value", pa.float32()),
-]
+# The published schemas, each column with its description, as the pipeline writes them.
+EXAMPLE_FIELDS = list(examples_schema())
+INTERVAL_FIELDS = list(interval_examples_schema())
+STATS_FIELDS = list(stats_schema())
+LOGIT_FIELDS = list(feature_logits_schema())
 
 
 def write_groups(path: Path, fields: list, rows: list[dict], metadata: dict | None = None):

@@ -54,6 +54,21 @@ def kill_after_first_checkpoint(cmd: list[str], state: Path, timeout: float = 18
         proc.wait()
 
 
+def described_columns(path: Path, schema) -> dict[str, str]:
+    """A parquet file's column descriptions as read from the file's own schema, checked: the
+    columns and descriptions of `schema` (the writer's), every one non-empty."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from loupe.examples import column_descriptions
+
+    described = column_descriptions(pq.read_schema(path))
+    assert described == column_descriptions(schema)
+    assert all(described.values()), [c for c, d in described.items() if not d]
+    assert pl.read_parquet(path).columns == list(described)  # and polars reads the file
+    return described
+
+
 def load_yaml(path: Path) -> dict:
     return yaml.safe_load(Path(path).read_text())
 

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import demo_config, typed
+from helpers import demo_config, described_columns, typed
 
 from loupe import explain
 from loupe.errors import LoupeError
@@ -245,6 +245,7 @@ def test_a_rerun_sends_nothing_already_answered(server, tmp_path):
     assert df["explanation"].to_list() == [f'contains " t{f}"' for f in range(6)]
     assert df["detection"].is_not_null().sum() == 2 and df["fuzzing"].is_not_null().sum() == 2
     assert set(df["prompt_version"]) == {explain.PROMPT_VERSION} and set(df["layer"]) == {3}
+    described_columns(out, explain.explanations_schema())  # every column described in the file
     assert len(record.read_text().splitlines()) == first
     # A kill mid-write leaves a cut last line: that one request is sent again, nothing else.
     lines = record.read_text().splitlines()

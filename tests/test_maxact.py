@@ -17,10 +17,16 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import demo_config, typed
+from helpers import demo_config, described_columns, typed
 
 from loupe.errors import LoupeError
-from loupe.examples import ROW_GROUP_FEATURES
+from loupe.examples import (
+    ROW_GROUP_FEATURES,
+    examples_schema,
+    interval_examples_schema,
+    stats_schema,
+)
+from loupe.logits import feature_logits_schema
 from loupe.maxact import sample_layer, stream
 from loupe.model import capture, import_sparsify, load_model, truncate_after
 from loupe.samplers import (
@@ -345,6 +351,22 @@ def test_recomputing_the_sae_at_sequence_and_position_gives_the_activation(
         hit = enc.top_indices[0] == row["feature"]
         assert hit.any()
         assert float(enc.top_acts[0][hit]) == pytest.approx(row["activation"], rel=1e-4)
+
+
+def test_every_column_of_the_written_files_is_described_in_the_file(sampled):
+    """The writers (their row groups, page index and per-column options) keep each column's
+    description in the file's schema, where the card and the browser's suite.json read it."""
+    _, examples, _ = sampled
+    for name, schema in (
+        ("max_activations", examples_schema()),
+        ("interval_examples", interval_examples_schema()),
+        ("feature_stats", stats_schema()),
+        ("feature_logits", feature_logits_schema()),
+    ):
+        described_columns(examples.with_name(f"{name}.parquet"), schema)
+    ranks = (examples_schema(), interval_examples_schema())
+    top, interval = (s.field("rank").metadata[b"description"].decode() for s in ranks)
+    assert "within its feature" in top and "within its interval" in interval
 
 
 def test_feature_stats_cover_every_feature(sampled, reference, token_dir):

@@ -11,13 +11,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import copy_workflow, run_snakemake, typed
+from helpers import copy_workflow, described_columns, run_snakemake, typed
 from safetensors.torch import save_file
 
 from loupe.cli import main
 from loupe.examples import ROW_GROUP_FEATURES
 from loupe.logits import blocked_top_k
-from loupe.neighbours import decoder_neighbours, neighbours_layer
+from loupe.neighbours import decoder_neighbours, neighbours_layer, neighbours_schema
 from loupe.train import sae_digest
 
 # The demo's SAEs: hidden size 64, expansion factor 8.
@@ -101,7 +101,7 @@ def test_layer_file_holds_every_features_rows_sorted_in_row_groups(config, tmp_p
     neighbours_layer(cfg, first, sae, out, prev_sae=[], next_sae=[nxt_sae])
 
     f = pq.ParquetFile(out)
-    assert f.schema_arrow.names == [
+    assert list(described_columns(out, neighbours_schema())) == [
         "feature",
         "relation",
         "rank",

@@ -22,19 +22,26 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from helpers import REPO, demo_config, load_yaml, typed
+from helpers import REPO, demo_config, described_columns, load_yaml, typed
 from hub_server import assert_one_row_group, serve_hub
 from polars.testing import assert_frame_equal
 
 from loupe import cli
 from loupe.browse import ASSETS as BROWSER_ASSETS
-from loupe.card import CardFacts, render_card, size
-from loupe.examples import examples_schema, interval_examples_schema, write_stats
+from loupe.card import CardFacts, render_card
+from loupe.examples import examples_schema, interval_examples_schema, stats_schema, write_stats
 from loupe.flow import write_flow_csv
 from loupe.layout import BROWSER, NOTEBOOK, REPO_MANIFEST, Layout
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
-from loupe.neighbours import decoder_neighbours, neighbours_table, read_decoder, write_neighbours
+from loupe.neighbours import (
+    decoder_neighbours,
+    neighbours_schema,
+    neighbours_table,
+    read_decoder,
+    write_neighbours,
+)
+from loupe.number_format import size
 from loupe.stage import (
     LayerInputs,
     StageInputs,
@@ -594,14 +601,31 @@ def test_card_states_sizes_coverage_and_the_sample_split(staged, pub_settings, r
     assert yaml.safe_load(block.group(1)) == typed(pub_settings).settings_for("tokenize")
 
 
-def test_sizes_read_as_people_say_them():
-    assert [size(n) for n in (512, 1536, 85_200, 604 * 2**20, int(29.4 * 2**30))] == [
-        "512 B",
-        "1.50 KiB",
-        "83.2 KiB",
-        "604 MiB",
-        "29.4 GiB",
-    ]
+# The writer's schema of each per-layer parquet kind a stage without explanations publishes.
+SCHEMAS = {
+    "examples": examples_schema,
+    "intervals": interval_examples_schema,
+    "stats": stats_schema,
+    "logits": feature_logits_schema,
+    "neighbours": neighbours_schema,
+}
+
+
+def test_column_descriptions_are_read_from_the_staged_files(staged, pub_settings):
+    """Every column of every staged parquet kind is described in the file's own schema; the
+    browser's suite.json and the card's column tables carry exactly those descriptions."""
+    layout = Layout.of(typed(pub_settings))
+    suite = json.loads((staged / BROWSER / "suite.json").read_text())
+    assert list(suite["columns"]) == list(SCHEMAS)
+    for kind, schema in SCHEMAS.items():
+        for n in LAYERS:
+            described = described_columns(staged / layout.per_layer(kind, n), schema())
+            assert suite["columns"][kind] == described
+    card = (staged / "README.md").read_text()
+    for kind in ("examples", "stats"):  # the kinds the card has a column table of
+        for column, description in suite["columns"][kind].items():
+            row = rf"^\| `{column}` \| [^|]+ \| {re.escape(description)} \|$"
+            assert re.search(row, card, re.M), column
 
 
 def test_card_states_the_reference_settings(monkeypatch):
@@ -613,9 +637,9 @@ def test_card_states_the_reference_settings(monkeypatch):
         num_latents=49152,
         sae_bytes=604_000_000,
         metrics=[{"layer": str(n), "fvu": "0.2"} for n in range(35)],
-        example_columns=[("feature", "int64"), ("activation", "float")],
+        example_columns=[("feature", "int64", "index"), ("activation", "float", "peak")],
         example_rows=35 * 49152 * 20,
-        stats_columns=[("feature", "int64")],
+        stats_columns=[("feature", "int64", "index")],
         plots=[],
         tokens={"train": 1_000_001_536, "eval": 1_048_576},
     )
@@ -966,6 +990,8 @@ def test_explanations_are_staged_listed_and_described(pub_settings, results, tin
     words of its explanation."""
     import polars as pl
 
+    from loupe.explain import explanations_schema
+
     rows = {
         1: [
             (0, "cats", 0.9, 0.7, "ok"),
@@ -989,6 +1015,8 @@ def test_explanations_are_staged_listed_and_described(pub_settings, results, tin
         rel = f"{prefix}/explanations/layer_{n}.parquet"
         assert (out / rel).read_bytes() == (tmp_path / f"explanations_{n}.parquet").read_bytes()
         assert rel in manifest and suite["files"][str(n)]["explanations"] == rel
+        described = described_columns(out / rel, explanations_schema())
+        assert suite["columns"]["explanations"] == described
     card = (out / "README.md").read_text()
     assert "## Explanations" in card and "**These explanations are noise.**" in card
     assert "tiny-explainer" in card and "Features are not labelled" not in card

@@ -31,10 +31,16 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 def suite_manifest(
     root: Path, prefix: str, layers: Iterable[int], num_latents: int, model: str
 ) -> dict:
-    """browser/suite.json: which parquet file of each kind holds each layer, and its size.
+    """browser/suite.json: which parquet file of each kind holds each layer, its size, and
+    each kind's columns with their descriptions (`columns`: kind -> column -> description,
+    read from the schema of the kind's first file, where the writers put them).
 
     Only files present under root are listed, so the page can say what a repo lacks; sizes
     spare the page one HEAD request per file."""
+    import pyarrow.parquet as pq
+
+    from .examples import column_descriptions
+
     files: dict[str, dict[str, str]] = {}
     sizes: dict[str, int] = {}
     layers = [int(layer) for layer in layers]
@@ -48,6 +54,10 @@ def suite_manifest(
         files[str(layer)] = found
     if not any("examples" in f for f in files.values()):
         raise LoupeError(f"no max_activations parquet under {root / prefix} for layers {layers}")
+    columns = {}
+    for kind in PER_LAYER:
+        if first := next((f[kind] for f in files.values() if kind in f), None):
+            columns[kind] = column_descriptions(pq.read_schema(root / first))
     return {
         "prefix": prefix,
         "model": model,
@@ -55,6 +65,7 @@ def suite_manifest(
         "num_latents": int(num_latents),
         "files": files,
         "bytes": sizes,
+        "columns": columns,
     }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, number_format
 from . import layout as file_names
 from .config import Config
 from .errors import LoupeError
@@ -35,6 +35,7 @@ from .layout import (
     example_layer,
 )
 from .metrics import METRICS, ladder_column, transfer_column
+from .number_format import fixed, measured
 from .saelens import release_name
 from .tokens import is_hub_id
 
@@ -45,32 +46,6 @@ ASSETS = Path(__file__).with_name("assets")
 CARD_TEMPLATE = "card.md"  # in ASSETS
 QUICKSTART = ASSETS / "quickstart.py"
 RECIPES = ASSETS / "recipes"  # SAELens and delphi, rendered into the card beside the quick start
-
-EXAMPLE_COLUMNS = {
-    "feature": "feature (latent) index",
-    "activation": "the feature's peak activation in this example",
-    "token": "the token at the peak",
-    "context": "the text of the window around the peak",
-    "context_tokens": "JSON list of the window's token strings",
-    "token_activations": "JSON list of the feature's activation at each window position",
-    "layer": "decoder layer",
-    "rank": "rank of the example within its feature (0 is the strongest)",
-    "peak_index": "index of the peak in `context_tokens`",
-    "token_id": "token id at the peak",
-    "sequence": "row of the sampled token split the example comes from",
-    "position": "position of the peak within that row",
-}
-
-STATS_COLUMNS = {
-    "feature": "feature (latent) index",
-    "fire_count": "sampled tokens on which the feature was active (among the top k, above 0)",
-    "density": "fire_count / tokens",
-    "max_activation": "largest activation seen",
-    "mean_activation": "mean activation over the tokens where it fired",
-    "examples": "max-activating examples kept for the feature",
-    "tokens": "tokens counted (special tokens excluded)",
-    "histogram": "activations per histogram bin (log-spaced; edges in the file's metadata)",
-}
 
 LANGUAGES = {
     "en": "English",
@@ -93,9 +68,9 @@ class CardFacts:
     num_latents: int
     sae_bytes: int  # one layer's sae.safetensors
     metrics: list[dict]
-    example_columns: list[tuple[str, str]]
+    example_columns: list[tuple[str, str, str]]  # name, type, description (the file's schema)
     example_rows: int  # summed over layers
-    stats_columns: list[tuple[str, str]]
+    stats_columns: list[tuple[str, str, str]]
     plots: list[str]  # repo paths
     tokens: dict = field(default_factory=dict)  # tokens/manifest.json's per-split token counts
     sources: dict | None = None  # tokens/manifest.json's sources: what RedPajama files were read
@@ -112,11 +87,16 @@ class CardFacts:
     sample_split: dict = field(default_factory=dict)
 
 
-def _schema(path: Path) -> tuple[list[tuple[str, str]], int]:
+def _schema(path: Path) -> tuple[list[tuple[str, str, str]], int]:
+    """A parquet file's columns (name, type, description from the file's schema) and rows."""
     import pyarrow.parquet as pq
 
-    meta = pq.read_metadata(path)
-    return [(f.name, str(f.type)) for f in meta.schema.to_arrow_schema()], meta.num_rows
+    from .examples import column_descriptions
+
+    schema = pq.read_schema(path)
+    described = column_descriptions(schema)
+    columns = [(f.name, str(f.type), described[f.name]) for f in schema]
+    return columns, pq.read_metadata(path).num_rows
 
 
 def metrics_rows(path: Path) -> list[dict]:
@@ -246,10 +226,8 @@ def _explanation_rows(facts: CardFacts) -> list[list]:
     def score(row: dict, scorer: str) -> str:
         if not row[f"{scorer}_scored"]:
             return "-"
-        return (
-            f"{row[f'{scorer}_mean']:.3f} ({row[f'{scorer}_q25']:.2f} /"
-            f" {row[f'{scorer}_median']:.2f} / {row[f'{scorer}_q75']:.2f})"
-        )
+        quartiles = " / ".join(fixed(row[f"{scorer}_{q}"], 2) for q in ("q25", "median", "q75"))
+        return f"{fixed(row[f'{scorer}_mean'], 3)} ({quartiles})"
 
     return [
         [
@@ -351,37 +329,6 @@ def quick_start(config: Config, layout: Layout, layers: list[int]) -> dict[str, 
 # --- the card ------------------------------------------------------------------------------
 
 
-def _n(x: int) -> str:
-    """A token count as people say it: 1B, 10M, 262,144."""
-    for unit, size in (("B", 10**9), ("M", 10**6)):
-        if x >= size and x % (size // 10) == 0:
-            return f"{x / size:g}{unit}"
-    return f"{x:,}"
-
-
-def _fmt(value) -> str:
-    """A value of metrics.csv (or the config) as the card shows it: 0.1235, 8, n/a."""
-    if value in (None, ""):
-        return "n/a"
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.4g}"
-
-
-def size(n: int) -> str:
-    """Bytes as the card gives them, three figures in binary units: 604 MiB, 1.43 GiB, 85.2 KiB."""
-    value, unit = float(n), "B"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1000:
-            break
-        value, unit = value / 1024, bigger
-    if unit == "B":
-        return f"{n} B"
-    return f"{value:.{0 if value >= 100 else 1 if value >= 10 else 2}f} {unit}"
-
-
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -414,7 +361,7 @@ def _training_rows(config: Config, facts: CardFacts) -> list[tuple[str, str]]:
     sae, train, tokens, dataset = facts.sae, config.train, config.tokens, config.dataset
     trained = facts.tokens.get("train")
     rounded = trained and trained != tokens.train_tokens
-    tok = _n(tokens.train_tokens) + (
+    tok = number_format.tokens(tokens.train_tokens) + (
         f" ({trained:,} after rounding to whole rows)" if rounded else ""
     )
     excluded = train.exclude_tokens
@@ -425,7 +372,7 @@ def _training_rows(config: Config, facts: CardFacts) -> list[tuple[str, str]]:
         ("activation", f"{sae['activation']}, k = {sae['k']}"),
         ("multi_topk", "on (auxiliary 4k reconstruction)" if sae["multi_topk"] else "off"),
         ("normalize_decoder", "on" if sae["normalize_decoder"] else "off"),
-        ("auxk_alpha", _fmt(train.auxk_alpha)),
+        ("auxk_alpha", measured(train.auxk_alpha)),
         (
             "excluded tokens",
             ", ".join(f"id {t}" for t in excluded) + " (masked out of training)"
@@ -447,8 +394,8 @@ def _training_rows(config: Config, facts: CardFacts) -> list[tuple[str, str]]:
     ]
 
 
-def _columns(columns: list[tuple[str, str]], described: dict) -> list[list[str]]:
-    return [[f"`{name}`", kind, described.get(name, "")] for name, kind in columns]
+def _columns(columns: list[tuple[str, str, str]]) -> list[list[str]]:
+    return [[f"`{name}`", kind, description] for name, kind, description in columns]
 
 
 def _citation(config: Config, name: str) -> str:
@@ -478,7 +425,9 @@ def _environment():
         lstrip_blocks=True,
         autoescape=False,  # Markdown, not HTML
     )
-    env.filters.update(tokens=_n, thousands="{:,}".format, size=size)
+    env.filters.update(
+        tokens=number_format.tokens, thousands="{:,}".format, size=number_format.size
+    )
     env.globals["table"] = _table
     return env
 
@@ -513,11 +462,11 @@ def render_card(config: Config, facts: CardFacts) -> str:
             example_layer=example_layer(facts.layers),
             saelens_release=release_name(config),
             training=_training_rows(config, facts),
-            example_columns=_columns(facts.example_columns, EXAMPLE_COLUMNS),
-            stats_columns=_columns(facts.stats_columns, STATS_COLUMNS),
+            example_columns=_columns(facts.example_columns),
+            stats_columns=_columns(facts.stats_columns),
             eval_tokens=eval_tokens,
             metrics=shown,
-            metric_rows=[[r["layer"], *(_fmt(r[m.name]) for m in shown)] for r in rows],
+            metric_rows=[[r["layer"], *(measured(r[m.name]) for m in shown)] for r in rows],
             dense_threshold=f"{config.evaluate.dense_threshold:.0%}",
             histogram_bins=facts.histogram_bins,
             plots=[(Path(p).stem, p) for p in facts.plots if Path(p).name not in ADDITION_PLOTS],
@@ -525,11 +474,11 @@ def render_card(config: Config, facts: CardFacts) -> str:
             flow_rows=[
                 [
                     f"{r['layer']} → {r['next_layer']}",
-                    _fmt(r["median_cosine"]),
+                    measured(r["median_cosine"]),
                     r["tokens"],
-                    _fmt(r["coactivation"]),
-                    _fmt(r["random_coactivation"]),
-                    _fmt(r["lift"]),
+                    measured(r["coactivation"]),
+                    measured(r["random_coactivation"]),
+                    measured(r["lift"]),
                 ]
                 for r in facts.tables.get(FLOW_TABLE, [])
             ],
@@ -576,10 +525,10 @@ def _size_rows(config: Config, facts: CardFacts) -> list[list]:
     return [
         [
             layer,
-            size(s["sae"]),
-            *([size(s["saelens"])] if config.hub.saelens else []),
-            size(s["data"]),
-            size(s["total"]),
+            number_format.size(s["sae"]),
+            *([number_format.size(s["saelens"])] if config.hub.saelens else []),
+            number_format.size(s["data"]),
+            number_format.size(s["total"]),
         ]
         for layer, s in facts.sizes.get("layers", {}).items()
     ]
@@ -624,7 +573,7 @@ def ladder_section(facts: CardFacts, plots: dict[str, str]) -> dict | None:
     keys = ("fvu", "delta_ce")
     header = ["layer", *(ladder_column(key, k) for key in keys for k in ks)]
     table = [
-        [layer, *(_fmt(cells.get((layer, k), {}).get(key)) for key in keys for k in ks)]
+        [layer, *(measured(cells.get((layer, k), {}).get(key)) for key in keys for k in ks)]
         for layer in sorted({_layer(r) for r in rows})
     ]
     return {"ks": ks, "header": header, "rows": table, "plot": plots.get(LADDER_PLOT)}
@@ -648,14 +597,18 @@ def transfer_section(config: Config, facts: CardFacts, plots: dict[str, str]) ->
     table = [
         [
             layer,
-            *(_fmt(cells.get((layer, m), {}).get(key)) for key in keys for m in (base, *models)),
+            *(
+                measured(cells.get((layer, m), {}).get(key))
+                for key in keys
+                for m in (base, *models)
+            ),
         ]
         for layer in layers
     ]
 
     def mean(model: str, key: str) -> str:
         values = [float(v) for n in layers if (v := cells.get((n, model), {}).get(key))]
-        return _fmt(sum(values) / len(values)) if values else "n/a"
+        return measured(sum(values) / len(values)) if values else "n/a"
 
     summary = [
         {
@@ -701,10 +654,10 @@ def spliced_section(config: Config, facts: CardFacts, plots: dict[str, str]) -> 
             [
                 p["last_layer"],
                 p["spliced_layers"],
-                _fmt(p["ce_loss_spliced"]),
-                _fmt(p["delta_ce"]),
-                _fmt(p["kl"]),
-                _fmt(summed),
+                measured(p["ce_loss_spliced"]),
+                measured(p["delta_ce"]),
+                measured(p["kl"]),
+                measured(summed),
             ]
         )
     suite = prefixes[-1]
@@ -719,11 +672,11 @@ def spliced_section(config: Config, facts: CardFacts, plots: dict[str, str]) -> 
         "rows": table,
         "eval_tokens": eval_tokens,
         "layers": suite["spliced_layers"],
-        "clean": _fmt(clean),
-        "spliced": _fmt(suite["ce_loss_spliced"]),
-        "delta_ce": _fmt(suite["delta_ce"]),
-        "kl": _fmt(suite["kl"]),
-        "summed": _fmt(summed),
+        "clean": measured(clean),
+        "spliced": measured(suite["ce_loss_spliced"]),
+        "delta_ce": measured(suite["delta_ce"]),
+        "kl": measured(suite["kl"]),
+        "summed": measured(summed),
         "tokens": tokens,
         "plot": plots.get(SPLICED_PLOT),
     }

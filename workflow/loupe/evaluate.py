@@ -30,6 +30,7 @@ from .config import Config, EvaluateConfig
 from .errors import LoupeError
 from .metrics import EVAL_COLUMNS, LADDER_COLUMNS, TRANSFER_COLUMNS
 from .model import get_hookpoint, hidden_size, load_model, open_layer, text_config
+from .number_format import fixed
 from .progress import progress
 from .tokens import open_split, read_tokens_manifest
 
@@ -512,7 +513,7 @@ def evaluate_layer(
         result["cosine"],
         result["l0"],
         result["delta_ce"],
-        "n/a" if result["ce_loss_score"] is None else f"{result['ce_loss_score']:.4f}",
+        fixed(result["ce_loss_score"], 4),
         result["kl"],
         result["dead_fraction"],
         result["dense_fraction"],

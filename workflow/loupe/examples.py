@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,37 @@ PAGE_ROWS = 256
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback (Gemma)
 
 
+# The field-metadata key of each published column's description: the one place a column is
+# described. The card's column tables, the browser (through suite.json) and the tests read it
+# from the files' schemas (column_descriptions).
+DESCRIPTION = b"description"
+
+
 def schema(columns: str):
-    """A pyarrow schema from "name:type name:type ..." (pyarrow type names, in order)."""
+    """A pyarrow schema from a table of its columns, one a line: name, type (a pyarrow type
+    alias, or list<alias>), description; a line that starts with a space goes on with the
+    description above. Each description is kept in its field's metadata under DESCRIPTION,
+    which parquet stores (in the Arrow schema of the file's footer)."""
     import pyarrow as pa
 
-    return pa.schema([(n, getattr(pa, t)()) for n, t in (c.split(":") for c in columns.split())])
+    def arrow_type(alias: str):
+        if alias.startswith("list<"):
+            return pa.list_(arrow_type(alias[5:-1]))
+        return pa.type_for_alias(alias)
+
+    rows: list[list[str]] = []
+    for line in textwrap.dedent(columns).strip("\n").splitlines():
+        if line[:1].isspace():
+            rows[-1][2] += " " + line.strip()
+        else:
+            rows.append(line.split(maxsplit=2))
+    return pa.schema([pa.field(n, arrow_type(t), metadata={DESCRIPTION: d}) for n, t, d in rows])
+
+
+def column_descriptions(schema) -> dict[str, str]:
+    """Each column of a pyarrow schema (e.g. a parquet file's, pq.read_schema) with its
+    description, in order; "" for a column written without one."""
+    return {f.name: (f.metadata or {}).get(DESCRIPTION, b"").decode() for f in schema}
 
 
 # The columns that repeat a few values within a row group, dictionary-encoded. The others are
@@ -74,19 +101,55 @@ def feature_file_writer(path: Path, schema, metadata: dict | None = None, sorted
 
 
 def examples_schema():
-    # The published columns first, exactly as the model card names them.
-    return schema(
-        "feature:int64 activation:float32 token:string context:string context_tokens:string"
-        " token_activations:string layer:int64 rank:int64 peak_index:int64 token_id:int64"
-        " sequence:int64 position:int64"
-    )
+    # The published columns first.
+    return schema("""
+        feature            int64    feature (latent) index
+        activation         float32  the feature's peak activation in this example
+        token              string   the token at the peak
+        context            string   the text of the window around the peak
+        context_tokens     string   JSON list of the window's token strings
+        token_activations  string   JSON list of the feature's activation at each window
+                                    position
+        layer              int64    decoder layer
+        rank               int64    rank of the example within its feature (0 is the strongest)
+        peak_index         int64    index of the peak in `context_tokens`
+        token_id           int64    token id at the peak
+        sequence           int64    row of the sampled token split the example comes from
+        position           int64    position of the peak within that row
+    """)
 
 
 def interval_examples_schema():
+    """The examples' columns (rank: within the interval) and the interval's."""
     import pyarrow as pa
 
-    extra = schema("interval:int64 interval_low:float32 interval_high:float32 interval_count:int64")
-    return pa.schema([*examples_schema(), *extra])
+    rank = "rank of the example within its interval (0 is the strongest)"
+    columns = [
+        f.with_metadata({DESCRIPTION: rank}) if f.name == "rank" else f for f in examples_schema()
+    ]
+    interval = schema("""
+        interval        int64    the activation interval the example was drawn from (0 holds
+                                 the feature's maximum, the last everything lower)
+        interval_low    float32  the interval's lower bound (included)
+        interval_high   float32  the interval's upper bound (excluded)
+        interval_count  int64    sequences whose peak fell in the interval
+    """)
+    return pa.schema([*columns, *interval])
+
+
+def stats_schema():
+    return schema("""
+        feature          int64        feature (latent) index
+        fire_count       int64        sampled tokens on which the feature was active (among the
+                                      top k, above 0)
+        density          float64      fire_count / tokens
+        max_activation   float32      largest activation seen
+        mean_activation  float32      mean activation over the tokens where it fired
+        examples         int64        max-activating examples kept for the feature
+        tokens           int64        tokens counted (special tokens excluded)
+        histogram        list<int64>  activations per histogram bin (log-spaced; edges in the
+                                      file's metadata)
+    """)
 
 
 def decode_many(tokenizer, sequences: list[list[int]]) -> list[str]:
@@ -303,7 +366,8 @@ def write_stats(
             "examples": pa.array(kept.astype(np.int64)),
             "tokens": pa.array(np.full(count.size, tokens, dtype=np.int64)),
             "histogram": lists,
-        }
+        },
+        schema=stats_schema(),
     ).replace_schema_metadata({"loupe": json.dumps(meta, sort_keys=True)})
     with atomic_path(path) as tmp:
         pq.write_table(

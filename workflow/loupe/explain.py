@@ -594,8 +594,22 @@ def explain_dry_run(
 def explanations_schema():
     from .examples import schema
 
-    return schema(
-        "feature:int64 explanation:string detection:float64 fuzzing:float64 explainer:string"
-        " n_examples:int64 prompt_tokens:int64 completion_tokens:int64 status:string"
-        " layer:int64 prompt_version:string delphi:string"
-    )
+    return schema("""
+        feature            int64    feature (latent) index
+        explanation        string   the explainer's explanation (null unless status is ok)
+        detection          float64  detection score: accuracy telling held-out activating
+                                    windows from random inactive ones (0.5 is chance; null where
+                                    not scored)
+        fuzzing            float64  fuzzing score: accuracy telling the marked tokens the
+                                    feature fires on from others (0.5 is chance; null where not
+                                    scored)
+        explainer          string   the explainer model
+        n_examples         int64    top examples shown to the explainer
+        prompt_tokens      int64    prompt tokens of the feature's requests
+        completion_tokens  int64    completion tokens of the feature's requests
+        status             string   ok; unparsed: the answer held no explanation; failed: a
+                                    request failed
+        layer              int64    decoder layer
+        prompt_version     string   version of loupe's explainer prompt
+        delphi             string   version of eai-delphi, whose prompt and scorers were used
+    """)

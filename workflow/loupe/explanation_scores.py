@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import LoupeError
+from .number_format import fixed
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,6 @@ def summarize_explanations(
         log.info(
             "layer %d: %d of %d live features explained (%d ok), detection %s, fuzzing %s",
             row["layer"], row["explained"], row["live"], row["ok"],
-            _fmt(row["detection_mean"]), _fmt(row["fuzzing_mean"]),
+            fixed(row["detection_mean"], 3, "-"), fixed(row["fuzzing_mean"], 3, "-"),
         )  # fmt: skip
     return rows
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"

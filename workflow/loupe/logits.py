@@ -154,7 +154,17 @@ def top_logits(
 
 
 def feature_logits_schema():
-    return schema("feature:int64 sign:string rank:int64 token_id:int64 token:string value:float32")
+    return schema("""
+        feature   int64    feature (latent) index
+        sign      string   positive: a token whose logit the feature raises; negative: one it
+                           lowers
+        rank      int64    rank of the token within its sign (0 is the strongest effect)
+        token_id  int64    token id
+        token     string   the token's string
+        value     float32  W_dec[feature] . W_U[token]: the logit change per unit of
+                           activation, straight through the unembedding (the final norm and
+                           logit soft-cap left out)
+    """)
 
 
 def feature_logits_table(

@@ -85,10 +85,15 @@ def decoder_neighbours(
 
 
 def neighbours_schema():
-    return schema(
-        "feature:int64 relation:string rank:int64 other_layer:int64 other_feature:int64"
-        " cosine:float32"
-    )
+    return schema("""
+        feature        int64    feature (latent) index
+        relation       string   same: another feature of this layer; prev / next: a match in
+                                layer N-1 / N+1
+        rank           int64    rank of the neighbour within its relation (0 is the closest)
+        other_layer    int64    the neighbour's layer
+        other_feature  int64    the neighbour's feature index in that layer
+        cosine         float32  cosine between the two features' decoder directions
+    """)
 
 
 def neighbours_table(found: dict[str, tuple[int, torch.Tensor, torch.Tensor]]):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, number_format
 from .atomic import atomic_dir
 from .browse import install_browser
 from .card import collect_facts, fill_constants, metrics_rows, render_card
@@ -322,9 +322,9 @@ def stage(config: Config, inputs: StageInputs, out_dir: Path, threads: int = 1) 
         manifest = build_manifest(tmp, threads)
         (tmp / REPO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info(
-        "staged %d files (%.1f MB) for %s in %s; SAE files: %s",
+        "staged %d files (%s) for %s in %s; SAE files: %s",
         len(manifest["files"]),
-        manifest["total_size"] / 1e6,
+        number_format.size(manifest["total_size"]),
         config.hub.repo,
         out_dir,
         ", ".join(f"{n} {_PLACED[m]}" for m, n in sorted(modes.items())),

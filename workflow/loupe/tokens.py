@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import number_format
 from .atomic import remove_stale_tmp, write_json
 from .config import Config, DatasetConfig
 from .errors import LoupeError
@@ -46,7 +47,6 @@ _EXTENSION_BUILDERS = {
     ".txt": "text",
     ".txt.gz": "text",
 }
-_GB = 1e9
 
 
 def _builder_for(path: str) -> str | None:
@@ -347,8 +347,8 @@ def _check_disk(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise LoupeError(
-            f"not enough disk space in {folder}: the token splits need {needed / _GB:.2f} GB,"
-            f" {free / _GB:.2f} GB are free"
+            f"not enough disk space in {folder}: the token splits need"
+            f" {number_format.size(needed)}, {number_format.size(free)} are free"
         )
 
 
@@ -404,7 +404,8 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
 
     def filled() -> str:
         return ", ".join(
-            f"{s} {_tokens(writers[s].filled * spec.ctx_len)}/{_tokens(rows[s] * spec.ctx_len)}"
+            f"{s} {number_format.tokens(writers[s].filled * spec.ctx_len)}"
+            f"/{number_format.tokens(rows[s] * spec.ctx_len)}"
             for s in SPLITS
         )
 
@@ -481,13 +482,6 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
         "shuffle_buffer": spec.shuffle_buffer,
         "dtype": "uint32",
     }
-
-
-def _tokens(n: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
 
 
 def _hint(dataset: DatasetConfig) -> str:

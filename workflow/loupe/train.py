@@ -36,6 +36,7 @@ from .config import Config, check_train_settings
 from .errors import LoupeError
 from .layout import SAE_CFG, SAE_DIGEST, SAE_WEIGHTS, TRAIN_METRICS
 from .model import get_hookpoint, import_sparsify, open_layer
+from .number_format import fixed
 from .tokens import open_split, read_tokens_manifest
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,8 @@ def train_group(
                 " final fvu %s, dead fraction %s",
                 sae["layer"],
                 f"{summary['tokens']:,}",
-                _fmt(sae["final_fvu"]),
-                _fmt(sae["dead_fraction"]),
+                fixed(sae["final_fvu"], 4),
+                fixed(sae["dead_fraction"], 4),
             )
         else:
             log.info(
@@ -236,8 +237,8 @@ def train_group(
                 f"{(batches - start_batch) * tokens_per_batch:,}",
                 elapsed,
                 summary["tokens_per_s"],
-                _fmt(sae["final_fvu"]),
-                _fmt(sae["dead_fraction"]),
+                fixed(sae["final_fvu"], 4),
+                fixed(sae["dead_fraction"], 4),
             )
     return summary
 
@@ -249,7 +250,3 @@ def sae_digest(weights: Path) -> str:
     finished checkpoint (same bytes, new mtime) reruns nothing downstream."""
     with open(weights, "rb") as f:
         return f"{hashlib.file_digest(f, 'sha256').hexdigest()}  {SAE_WEIGHTS}\n"
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import number_format
 from .atomic import write_json
 from .browse import space_folder
 from .config import Config, HubConfig
@@ -135,14 +136,6 @@ def differences(remote: dict, files: list[dict], staged: Path) -> list[str]:
     return [f["path"] for f in files if not same_content(remote.get(f["path"]), f, staged)]
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
 def dry_run(config: Config, repo: Path, plan: Path) -> dict:
     """Write to `plan` (and log) what `upload` would send from the staged `repo` (and to the
     Space, with hub.space set); send nothing."""
@@ -173,9 +166,9 @@ def dry_run_plan(t: Target, files: list[dict]) -> tuple[dict, list[str]]:
     total = sum(f["size"] for f in files)
     lines = [
         f"dry run: would upload to {t.url} (revision {t.revision},"
-        f" {'private' if t.private else 'public'} if created): {len(files)} files, {_size(total)};"
+        f" {'private' if t.private else 'public'} if created): {len(files)} files, {number_format.size(total)};"
         " files the remote already holds unchanged are skipped",
-        *(f"  {_size(f['size']):>10}  {f['path']}" for f in files),
+        *(f"  {number_format.size(f['size']):>10}  {f['path']}" for f in files),
     ]
     plan = {
         "repo": t.repo,
@@ -229,7 +222,7 @@ def send_and_verify(api, t: Target, folder: Path, files: list[dict], token: str)
             t.revision,
             len(todo),
             len(files),
-            _size(sum(f["size"] for f in files if f["path"] in set(todo))),
+            number_format.size(sum(f["size"] for f in files if f["path"] in set(todo))),
         )
         if todo:
             _send(api, t, folder, todo)
