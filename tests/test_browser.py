@@ -32,7 +32,7 @@ from browser_repo import (
 
 from loupe.browse import ASSETS, install_browser, make_server, serve, space_folder, suite_manifest
 from loupe.errors import LoupeError
-from loupe.examples import PAGE_ROWS
+from loupe.examples import PAGE_ROWS, column_descriptions
 from loupe.layout import PER_LAYER
 
 CHROMIUM_ARGS = [
@@ -186,6 +186,17 @@ def test_feature_page_shows_what_the_parquet_files_hold(page, page_url, repo, su
         assert tokens_in(page, f"#logits-{sign} .chip") == want
     density = float(page.inner_text("#density").rstrip("%")) / 100
     assert density == pytest.approx(stats["density"], rel=1e-2)
+    # Each summary label's tooltip is its column's description in the parquet file's schema.
+    described = {
+        kind: column_descriptions(pq.read_schema(repo / files[kind]))
+        for kind in ("examples", "stats")
+    }
+    titles = page.eval_on_selector_all(
+        "#summary dt", "ts => Object.fromEntries(ts.map(t => [t.textContent, t.title]))"
+    )
+    assert titles["top activation"] == described["examples"]["activation"] != ""
+    assert titles["density"] == described["stats"]["density"] != ""
+    assert titles["fires on"] == described["stats"]["fire_count"] != ""
 
     # Every example row, each token shaded by its activation, exactly one peak per row.
     shown = page.eval_on_selector_all(

@@ -400,13 +400,23 @@ function render(layer, f, stats, examples, intervals, logits, statsMeta) {
 
   const summary = $('summary')
   summary.replaceChildren()
-  const item = (label, value, id) => summary.append(el('dt', {}, label), el('dd', { id }, value))
-  item('top activation', top ? fmt(top.activation) : '–', 'top-activation')
-  item('top token', top ? chip(top.token) : '–', 'top-token')
+  // Each label's tooltip is its column's description, as the parquet file's schema holds it
+  // (suite.json's `columns`, read from the staged files: one source for the card and the page).
+  const item = (label, value, id, [kind, column] = []) => {
+    const title = suite.columns?.[kind]?.[column]
+    summary.append(el('dt', title ? { title } : {}, label), el('dd', { id }, value))
+  }
+  item('top activation', top ? fmt(top.activation) : '–', 'top-activation', ['examples', 'activation'])
+  item('top token', top ? chip(top.token) : '–', 'top-token', ['examples', 'token'])
   if (stats) {
-    item('density', fmtDensity(stats.density), 'density')
-    item('fires on', `${stats.fire_count.toLocaleString()} of ${stats.tokens.toLocaleString()} tokens`, 'fire-count')
-    item('mean activation', fmt(stats.mean_activation), 'mean-activation')
+    item('density', fmtDensity(stats.density), 'density', ['stats', 'density'])
+    item(
+      'fires on',
+      `${stats.fire_count.toLocaleString()} of ${stats.tokens.toLocaleString()} tokens`,
+      'fire-count',
+      ['stats', 'fire_count'],
+    )
+    item('mean activation', fmt(stats.mean_activation), 'mean-activation', ['stats', 'mean_activation'])
   } else {
     item('density', 'no feature_stats file for this layer', 'density')
   }
