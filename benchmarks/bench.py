@@ -722,10 +722,10 @@ def render(meta: dict, ms: dict, cmp: dict, p: dict) -> str:
         "| measurement | tokens/s | layer-tokens/s | x floor | b | peak RSS MB | runs (tokens: s) |"
         "\n|---|---|---|---|---|---|---|",
     ]
-    for label, m in ms.items():
+    for row, m in ms.items():
         runs = ", ".join(f"{t:,}: {s:.3g}" for t, s in zip(m["tokens"], m["seconds"], strict=True))
         keys = ("tokens_per_s", "layer_tokens_per_s", "x_floor", "b", "peak_rss_mb")
-        lines.append(f"| {label} | {' | '.join(num(m.get(k)) for k in keys)} | {runs} |")
+        lines.append(f"| {row} | {' | '.join(num(m.get(k)) for k in keys)} | {runs} |")
     lines += ["", "## Side by side", "", *(f"- {k}: {num(v)}" for k, v in cmp.items())]
     sampling = ms[label("sampling pass")]
     lines += [
@@ -1316,11 +1316,11 @@ def main(argv: list[str] | None = None) -> int:
     shape = QUICK if args.quick else FULL
     ctx = fixtures(shape, args.work_dir, args.device, args.threads)
     ms = {}
-    for i, (label, name, kwargs) in enumerate(plan(shape), 1):
+    for i, (row, name, kwargs) in enumerate(plan(shape), 1):
         t0 = time.time()
-        ms[label] = measure(label, name, kwargs, ctx, args.in_process)
-        ms[label].update(derive(ms[label]))
-        print(f"[{i}] {label}: {ms[label]['tokens_per_s']:,.0f} tokens/s, {time.time() - t0:.0f}s")
+        ms[row] = measure(row, name, kwargs, ctx, args.in_process)
+        ms[row].update(derive(ms[row]))
+        print(f"[{i}] {row}: {ms[row]['tokens_per_s']:,.0f} tokens/s, {time.time() - t0:.0f}s")
     n = shape.model.num_hidden_layers
     cmp = compare(ms, n)
     from benchmarks.flops import project

@@ -36,7 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks.bench`, wherever this runs from
 
+from benchmarks.bench import FULL as BENCH_FULL  # noqa: E402
 from loupe.demo import TinyModelSpec  # noqa: E402
+
+E2B_WIDTH = BENCH_FULL.model
 
 REAL_LAYERS = 35  # gemma-loupe's suite (config.yaml's model.layers)
 REAL_VOCAB = 262_144
@@ -56,24 +59,12 @@ class Shape:
     tokenizer_vocab: int = 2048  # the demo's BPE tokenizer: ids below the model's vocabulary
 
 
-# E2B's hidden size and head layout (8 heads, 1 KV head, head_dim 256 / global 512, MLP 6144,
-# per-layer inputs 256, window 512) and its 262,144-token vocabulary on 2 layers (the second
-# full attention), no KV sharing (a shared layer needs a full-attention layer before it).
+# bench.py's E2B-width model (hidden size, head layout, MLP, per-layer inputs, window) with
+# E2B's 262,144-token vocabulary on 2 layers (the second full attention), no KV sharing.
 FULL = Shape(
     "e2b-width",
-    TinyModelSpec(
-        vocab_size=REAL_VOCAB,
-        hidden_size=1536,
-        intermediate_size=6144,
-        num_hidden_layers=2,
-        num_kv_shared_layers=0,
-        num_attention_heads=8,
-        head_dim=256,
-        global_head_dim=512,
-        hidden_size_per_layer_input=256,
-        sliding_window=512,
-        full_attention_every=2,
-        pretrain_steps=0,
+    dataclasses.replace(
+        E2B_WIDTH, vocab_size=REAL_VOCAB, num_hidden_layers=2, full_attention_every=2
     ),
     sae={},
     ctx_len=1024,
@@ -95,6 +86,7 @@ QUICK = Shape(
     score_features=4,
 )
 LAYERS = (0, 1)
+STAGE = "stage (with the SAELens copy)"  # its result holds the staged repo's sizes
 
 
 def plan(ctx: dict) -> list[tuple[str, str, dict]]:
@@ -108,7 +100,7 @@ def plan(ctx: dict) -> list[tuple[str, str, dict]]:
         ("flow", "flow", {}),
         *per_layer("explain", "explain"),
         ("summary", "summary", {}),
-        ("stage (with the SAELens copy)", "stage", {}),
+        (STAGE, "stage", {}),
         ("load_many (both layers, local)", "load_many", {}),
         ("notebook (headless)", "notebook", {}),
         ("browser (headless chromium)", "browser", {}),
@@ -691,8 +683,8 @@ def projections(ctx: dict, ms: dict, shape: Shape) -> dict:
 
 def repo_projection(repo: dict, ms: dict, ctx: dict, shape: Shape) -> dict:
     """The staged repo at gemma-loupe's 35 layers: per layer as measured (the sample-dependent
-    files as measured and at capacity: every feature with top_n examples and every interval
-    slot filled, bytes per row as measured) and in total."""
+    files as measured and at capacity: every feature with top_n examples, every interval
+    slot filled and every feature explained, bytes per row as measured) and in total."""
     import pyarrow.parquet as pq
 
     cfg = ctx["config"]["maxact"]
@@ -712,6 +704,10 @@ def repo_projection(repo: dict, ms: dict, ctx: dict, shape: Shape) -> dict:
         fill[kind] = rows / rows_full
         if rows:
             at_capacity[kind] = measured[kind] * rows_full / rows
+    # explain.features "all": every feature explained (a layer's rows scale with them).
+    explained = shape.explain_features
+    fill["explanations"] = explained / ctx["features"]
+    at_capacity["explanations"] = measured["explanations"] * ctx["features"] / explained
     per_layer = sum(measured.values())
     per_layer_full = sum(at_capacity.values())
     sae_only = sum(v for k, v in measured.items() if k in ("sae.safetensors", "cfg.json"))
@@ -799,10 +795,13 @@ def render(result: dict) -> list[str]:
         f"| shared (card, notebook, browser, summary) | {mb(repo['shared_bytes'])} | |",
         f"| **35 layers** | {mb(repo['total_35_bytes'])} | {mb(repo['total_35_bytes_at_capacity'])} |",
         "",
-        "At capacity: every feature with maxact.top_n examples and every interval slot filled"
-        " (here filled: " + ", ".join(f"{k} {v:.0%}" for k, v in repo["fill"].items()) + "), bytes"
-        f" per row as measured. One layer's SAE download (cfg.json + sae.safetensors):"
-        f" {mb(repo['one_layer_sae_download_bytes'])}.",
+        "At capacity: every feature with maxact.top_n examples, every interval slot filled and"
+        " every feature explained (here: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in repo["fill"].items())
+        + "), bytes per row as measured: an upper bound. One layer's SAE download (cfg.json +"
+        f" sae.safetensors): {mb(repo['one_layer_sae_download_bytes'])}; one layer without the"
+        f" SAELens copy, at capacity: {mb(repo['one_layer_without_saelens_copy_bytes_at_capacity'])}"
+        f" ({mb(REAL_LAYERS * repo['one_layer_without_saelens_copy_bytes_at_capacity'])} for 35).",
     ]
     b = ms.get("browser (headless chromium)", {})
     if "views" in b:
@@ -821,6 +820,23 @@ def render(result: dict) -> list[str]:
         lines.append(f"Search for {search['query']!r}: {search['features_found']} features found.")
     lines.append("")
     return lines
+
+
+def context(shape: Shape, work: Path, tokens: int, threads: int) -> dict:
+    """What every stage reads: the config and the sizes the projections use."""
+    from loupe.config import Config
+
+    raw = raw_config(shape, work, tokens)
+    sae = raw["sae"]
+    maxact = Config.from_dict(raw).maxact
+    return {
+        "config": raw,
+        "work": str(work),
+        "threads": threads,
+        "logit_slice": shape.logit_slice,
+        "features": sae["num_latents"] or shape.model.hidden_size * sae["expansion_factor"],
+        "interval_slots": maxact.intervals * maxact.per_interval,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -843,6 +859,13 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or "rehearsal" + ("-quick" if args.quick else "")
     if args.render:
         result = json.loads((args.out_dir / f"{name}.json").read_text())
+        shape = QUICK if args.quick else FULL
+        work = args.work_dir / shape.name
+        if (work / "hub").is_dir():  # the run's files: the projections again, from this code
+            ctx = context(shape, work, result["meta"]["sample_tokens"], result["meta"]["threads"])
+            ms = result["stages"]
+            result["repo"] = repo_projection(ms[STAGE]["repo"], ms, ctx, shape)
+            result["projection"] = projections(ctx, ms, shape)
         write_results(args.out_dir, name, result, render(result))
         return 0
 
@@ -851,19 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir / shape.name
     started, load_before = time.time(), [round(x, 1) for x in os.getloadavg()]
     built = fixtures(shape, work)
-    raw = raw_config(shape, work, tokens)
-    features = raw["sae"]["num_latents"] or shape.model.hidden_size * raw["sae"]["expansion_factor"]
-    from loupe.config import Config
-
-    maxact_cfg = Config.from_dict(raw).maxact
-    ctx = {
-        "config": raw,
-        "work": str(work),
-        "threads": args.threads,
-        "logit_slice": shape.logit_slice,
-        "features": features,
-        "interval_slots": maxact_cfg.intervals * maxact_cfg.per_interval,
-    }
+    ctx = context(shape, work, tokens, args.threads)
+    raw, features = ctx["config"], ctx["features"]
     spawn = multiprocessing.get_context("spawn")
     ms = {}
     for i, (label, stage_name, kwargs) in enumerate(plan(ctx), 1):
@@ -871,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
             ms[label] = pool.apply(run_stage, (stage_name, ctx, kwargs))
         m = ms[label]
         print(f"[{i}] {label}: {m['wall_s']:.1f} s, peak {m['peak_rss_mb']:,.0f} MB", flush=True)
-    repo = repo_projection(ms["stage (with the SAELens copy)"]["repo"], ms, ctx, shape)
+    repo = repo_projection(ms[STAGE]["repo"], ms, ctx, shape)
     flags = [("--quick", args.quick), (f"--tokens {tokens}", args.tokens is not None)]
     flags.append((f"--threads {args.threads}", args.threads != 2))
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

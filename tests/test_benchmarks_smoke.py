@@ -261,7 +261,7 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert repo["total_35_bytes"] == repo["shared_bytes"] + 35 * repo["per_layer_bytes"]
     staged = tmp_path / "work" / "quick" / "hub"
     on_disk = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
-    assert stages["stage (with the SAELens copy)"]["files"]["repo (2 layers)"] == on_disk
+    assert stages[rehearse.STAGE]["files"]["repo (2 layers)"] == on_disk
     assert {"sae.safetensors", "max_activations", "saelens sae_weights.safetensors"} <= set(
         repo["layer_bytes"]
     )
