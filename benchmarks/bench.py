@@ -18,6 +18,7 @@ in plan(). Writes benchmarks/results/<name>.json (every number) and .md (the tab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gzip
@@ -93,22 +94,52 @@ QUICK = Shape(
 )
 
 
+# The result labels, written once: the keys of a run's "measurements" and its table rows
+# (filled in with the layer and the layer count), and the "side_by_side" keys the projection
+# reads back. Changing one changes the results files' format.
+LABELS = {
+    "tokenize": "tokenize",
+    "train alone": "train: loupe, layer {layer}",
+    "train group": "train: loupe, all {n} layers in one job",
+    "sparsify layer 0": "train: sparsify Trainer, layer 0",
+    "sparsify all": "train: sparsify Trainer, all {n} layers",
+    "maxact": "maxact: loupe, layer 0",
+    "sampling pass": "sampling pass: loupe, layer 0",
+    "top logits": "top logits (tokens: of the vocabulary)",
+    "evaluate": "evaluate: loupe, layer 0",
+}
+SIDE = {
+    "b alone": "b: train alone (mean of the per-layer jobs)",
+    "b group": "b: train in one job",
+    "b optimizer": "b: optimizer step per token at {tokens:,} tokens per step",
+    "b sample": "b: sample",
+    "b eval": "b: eval",
+    "MB per extra SAE": "MB per extra SAE in training",
+    "top logits GFLOP/s": "top logits: GFLOP/s",
+}
+
+
+def label(key: str, **fields) -> str:
+    """A measurement's label (LABELS[key] filled in)."""
+    return LABELS[key].format(**fields)
+
+
 def plan(shape: Shape) -> list[tuple[str, str, dict]]:
     """(label, measurement, kwargs) in running order: maxact, the sampling pass and top logits
     read layer 0's SAE, evaluate its feature stats."""
     n = shape.model.num_hidden_layers
     every = list(range(n))
     return [
-        ("tokenize", "tokenize", {}),
-        ("train: loupe, layer 0", "train_loupe", {"layers": [0], "optimizer_step": True}),
-        *((f"train: loupe, layer {i}", "train_loupe", {"layers": [i]}) for i in every[1:]),
-        (f"train: loupe, all {n} layers in one job", "train_loupe", {"layers": every}),
-        ("train: sparsify Trainer, layer 0", "train_sparsify", {"layers": [0]}),
-        (f"train: sparsify Trainer, all {n} layers", "train_sparsify", {"layers": every}),
-        ("maxact: loupe, layer 0", "maxact", {"layer": 0}),
-        ("sampling pass: loupe, layer 0", "sampling_pass", {"layer": 0}),
-        ("top logits (tokens: of the vocabulary)", "feature_logits", {"layer": 0}),
-        ("evaluate: loupe, layer 0", "evaluate", {"layer": 0}),
+        (label("tokenize"), "tokenize", {}),
+        (label("train alone", layer=0), "train_loupe", {"layers": [0], "optimizer_step": True}),
+        *((label("train alone", layer=i), "train_loupe", {"layers": [i]}) for i in every[1:]),
+        (label("train group", n=n), "train_loupe", {"layers": every}),
+        (label("sparsify layer 0"), "train_sparsify", {"layers": [0]}),
+        (label("sparsify all", n=n), "train_sparsify", {"layers": every}),
+        (label("maxact"), "maxact", {"layer": 0}),
+        (label("sampling pass"), "sampling_pass", {"layer": 0}),
+        (label("top logits"), "feature_logits", {"layer": 0}),
+        (label("evaluate"), "evaluate", {"layer": 0}),
     ]
 
 
@@ -317,13 +348,39 @@ def maxact(ctx: dict, layer: int) -> dict:
     return stage(ctx, run, layer + 1)
 
 
-# The sampling pass with each addition of the feature dashboards switched off (stream's flags).
+# The sampling pass with each addition of the feature dashboards switched off: the samplers of
+# loupe.maxact that a variant replaces by one that keeps nothing (in the benchmark's process).
 SAMPLERS = {
-    "all": {},
-    "no histogram": {"histogram": False},
-    "no interval examples": {"interval_examples": False},
-    "neither": {"histogram": False, "interval_examples": False},
+    "all": (),
+    "no histogram": ("ActivationHistogram",),
+    "no interval examples": ("IntervalExamples",),
+    "neither": ("ActivationHistogram", "IntervalExamples"),
 }
+
+
+class KeepsNothing:
+    """A sampler switched off: built and updated as stream builds and updates any, keeps nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def samplers_off(names: tuple[str, ...]):
+    """loupe.maxact's samplers `names` replaced by KeepsNothing while inside."""
+    import loupe.maxact
+
+    real = {name: getattr(loupe.maxact, name) for name in names}
+    try:
+        for name in names:
+            setattr(loupe.maxact, name, KeepsNothing)
+        yield
+    finally:
+        for name, cls in real.items():
+            setattr(loupe.maxact, name, cls)
 
 
 def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
@@ -351,25 +408,18 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
         for size in sizes
     }
 
-    def run(size: int, **switches) -> float:
-        t0 = now(ctx)
-        stream(
-            job.model,
-            job.sae,
-            job.hookpoint,
-            rows[size],
-            config.maxact,
-            job.special_ids,
-            **switches,
-        )
-        return now(ctx) - t0
+    def run(size: int, off: tuple[str, ...] = ()) -> float:
+        with samplers_off(off):
+            t0 = now(ctx)
+            stream(job.model, job.sae, job.hookpoint, rows[size], config.maxact, job.special_ids)
+            return now(ctx) - t0
 
     run(sizes[0])  # what a process pays once
     times = {(name, size): [] for name in SAMPLERS for size in sizes}
     for _ in range(repeats):
         for size in sizes:
-            for name, switches in SAMPLERS.items():
-                times[name, size].append(run(size, **switches))
+            for name, off in SAMPLERS.items():
+                times[name, size].append(run(size, off))
     (t0, t1), variants = (rows[size].size for size in sizes), {}
     for name in SAMPLERS:
         s0, s1 = (statistics.median(times[name, size]) for size in sizes)
@@ -602,15 +652,15 @@ def tokens_per_step() -> int:
 
 def compare(ms: dict, n: int) -> dict:
     """The side-by-side figures of plan()'s measurements."""
-    alone = [ms[f"train: loupe, layer {i}"] for i in range(n)]
-    group = ms[f"train: loupe, all {n} layers in one job"]
-    plain = ms["train: sparsify Trainer, layer 0"]
-    every = ms[f"train: sparsify Trainer, all {n} layers"]
+    alone = [ms[label("train alone", layer=i)] for i in range(n)]
+    group = ms[label("train group", n=n)]
+    plain = ms[label("sparsify layer 0")]
+    every = ms[label("sparsify all", n=n)]
     # n per-layer jobs train n layer-tokens per token in the sum of their times.
     per_layer = n / sum(m["seconds_per_token"] for m in alone)
     first, last = alone[0], alone[-1]
     b_alone = statistics.mean(m["b"] for m in alone)
-    sampling = ms["sampling pass: loupe, layer 0"]
+    sampling = ms[label("sampling pass")]
     cost = {name: v["seconds_per_token"] for name, v in sampling["variants"].items()}
     updates = sampling["updates"]
     return {
@@ -630,17 +680,15 @@ def compare(ms: dict, n: int) -> dict:
         * (plain["floor"][f"forward_{n}"] - plain["floor"]["forward_1"]),
         "SAE work per SAE, all layers in one job over one alone (b)": group["b"] / b_alone,
         # Both run the forward through every layer: the difference is the extra SAEs.
-        "MB per extra SAE in training": (group["peak_rss_mb"] - last["peak_rss_mb"]) / (n - 1),
-        "b: train alone (mean of the per-layer jobs)": b_alone,
-        "b: train in one job": group["b"],
+        SIDE["MB per extra SAE"]: (group["peak_rss_mb"] - last["peak_rss_mb"]) / (n - 1),
+        SIDE["b alone"]: b_alone,
+        SIDE["b group"]: group["b"],
         "optimizer step, s per SAE": first["optimizer_step_s"],
-        f"b: optimizer step per token at {tokens_per_step():,} tokens per step": first[
-            "optimizer_step_s"
-        ]
+        SIDE["b optimizer"].format(tokens=tokens_per_step()): first["optimizer_step_s"]
         / tokens_per_step()
         / first["floor"]["encode"],
-        "b: sample": ms["maxact: loupe, layer 0"]["b"],
-        "b: eval": ms["evaluate: loupe, layer 0"]["b"],
+        SIDE["b sample"]: ms[label("maxact")]["b"],
+        SIDE["b eval"]: ms[label("evaluate")]["b"],
         "sampling pass: histogram update, share of the full pass (timed alone)": updates[
             "histogram"
         ]
@@ -654,7 +702,7 @@ def compare(ms: dict, n: int) -> dict:
         ],
         "sampling pass: without both additions, over the full pass (end to end)": cost["neither"]
         / cost["all"],
-        "top logits: GFLOP/s": ms["top logits (tokens: of the vocabulary)"]["flops_per_s"] / 1e9,
+        SIDE["top logits GFLOP/s"]: ms[label("top logits")]["flops_per_s"] / 1e9,
     }
 
 
@@ -674,12 +722,12 @@ def render(meta: dict, ms: dict, cmp: dict, p: dict) -> str:
         "| measurement | tokens/s | layer-tokens/s | x floor | b | peak RSS MB | runs (tokens: s) |"
         "\n|---|---|---|---|---|---|---|",
     ]
-    for label, m in ms.items():
+    for row, m in ms.items():
         runs = ", ".join(f"{t:,}: {s:.3g}" for t, s in zip(m["tokens"], m["seconds"], strict=True))
         keys = ("tokens_per_s", "layer_tokens_per_s", "x_floor", "b", "peak_rss_mb")
-        lines.append(f"| {label} | {' | '.join(num(m.get(k)) for k in keys)} | {runs} |")
+        lines.append(f"| {row} | {' | '.join(num(m.get(k)) for k in keys)} | {runs} |")
     lines += ["", "## Side by side", "", *(f"- {k}: {num(v)}" for k, v in cmp.items())]
-    sampling = ms["sampling pass: loupe, layer 0"]
+    sampling = ms[label("sampling pass")]
     lines += [
         "",
         "## The sampling pass by addition (loupe.maxact.stream, layer 0)",
@@ -1234,7 +1282,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the neighbours stage: demo width, and one block at gemma-loupe's width",
     )
+    p.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="only the rehearsal: every stage after training at gemma-loupe width (rehearse.py;"
+        " with --quick its small shape)",
+    )
     args = p.parse_args(argv)
+    if args.rehearse:
+        from benchmarks import rehearse
+
+        quick = ["--quick"] if args.quick else []
+        return rehearse.main([*quick, "--out-dir", str(args.out_dir)])
     if args.transfer_memory:
         transfer_memory(args.out_dir)
         return 0
@@ -1257,22 +1316,20 @@ def main(argv: list[str] | None = None) -> int:
     shape = QUICK if args.quick else FULL
     ctx = fixtures(shape, args.work_dir, args.device, args.threads)
     ms = {}
-    for i, (label, name, kwargs) in enumerate(plan(shape), 1):
+    for i, (row, name, kwargs) in enumerate(plan(shape), 1):
         t0 = time.time()
-        ms[label] = measure(label, name, kwargs, ctx, args.in_process)
-        ms[label].update(derive(ms[label]))
-        print(f"[{i}] {label}: {ms[label]['tokens_per_s']:,.0f} tokens/s, {time.time() - t0:.0f}s")
+        ms[row] = measure(row, name, kwargs, ctx, args.in_process)
+        ms[row].update(derive(ms[row]))
+        print(f"[{i}] {row}: {ms[row]['tokens_per_s']:,.0f} tokens/s, {time.time() - t0:.0f}s")
     n = shape.model.num_hidden_layers
     cmp = compare(ms, n)
     from benchmarks.flops import project
 
-    b = {k: cmp[f"b: {k}"] for k in ("sample", "eval")}
-    b["alone"] = cmp["b: train alone (mean of the per-layer jobs)"]
-    b["group"] = cmp["b: train in one job"]
-    b["optimizer"] = next(v for k, v in cmp.items() if k.startswith("b: optimizer step"))
-    per_sae_gb = cmp["MB per extra SAE in training"] / 1024
-    logits = cmp["top logits: GFLOP/s"] * 1e9
-    projection = project(b, per_sae_gb, ms["tokenize"]["tokens_per_s"], logits)
+    b = {k: cmp[SIDE[f"b {k}"]] for k in ("sample", "eval", "alone", "group")}
+    b["optimizer"] = cmp[SIDE["b optimizer"].format(tokens=tokens_per_step())]
+    per_sae_gb = cmp[SIDE["MB per extra SAE"]] / 1024
+    logits = cmp[SIDE["top logits GFLOP/s"]] * 1e9
+    projection = project(b, per_sae_gb, ms[label("tokenize")]["tokens_per_s"], logits)
     cpu = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
     flags = [("--quick", args.quick), (f"--threads {args.threads}", args.threads != 1)]
     flags.append((f"--device {args.device}", args.device != "auto"))

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench, flops  # noqa: E402
+from benchmarks import bench, flops, rehearse  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +48,24 @@ def test_every_measurement_is_finite_and_positive(quick_run):
     # logits the two vocabulary sizes.
     rows = bench.QUICK.rows * bench.CTX_LEN
     ms = result["measurements"]
-    logits = ms.pop("top logits (tokens: of the vocabulary)")
+    logits = ms.pop(bench.label("top logits"))
     assert logits["tokens"] == list(bench.QUICK.logit_vocab)
     assert positive(logits["flops_per_s"]) and logits["features"] == 512
     for label in labels[1:]:
         if label in ms:
             assert ms[label]["tokens"] == [rows, 16 * rows], label
-    assert math.isfinite(ms["train: loupe, layer 0"]["final_fvu"][0])
-    assert len(ms["train: loupe, all 3 layers in one job"]["final_fvu"]) == 3
-    assert math.isfinite(ms["train: loupe, layer 0"]["optimizer_step_s"])  # tiny here: noise
-    assert ms["maxact: loupe, layer 0"]["examples"] > 0
-    assert math.isfinite(ms["evaluate: loupe, layer 0"]["fvu"])
-    assert ms["train: sparsify Trainer, all 3 layers"]["saes"] == 3
-    variants = ms["sampling pass: loupe, layer 0"]["variants"]
+    assert math.isfinite(ms[bench.label("train alone", layer=0)]["final_fvu"][0])
+    assert len(ms[bench.label("train group", n=3)]["final_fvu"]) == 3
+    assert math.isfinite(
+        ms[bench.label("train alone", layer=0)]["optimizer_step_s"]
+    )  # tiny here: noise
+    assert ms[bench.label("maxact")]["examples"] > 0
+    assert math.isfinite(ms[bench.label("evaluate")]["fvu"])
+    assert ms[bench.label("sparsify all", n=3)]["saes"] == 3
+    variants = ms[bench.label("sampling pass")]["variants"]
     assert list(variants) == list(bench.SAMPLERS)
     assert all(positive(v["seconds_per_token"]) for v in variants.values())
-    sampling = ms["sampling pass: loupe, layer 0"]
+    sampling = ms[bench.label("sampling pass")]
     assert set(sampling["updates"]) == {"histogram", "interval examples"}
     assert all(positive(v) for v in sampling["updates"].values())
     assert positive(sampling["interval_allocation_s"])
@@ -88,7 +90,9 @@ def test_a_measurement_in_its_own_process(quick_run):
     """The default path: the measurement runs in a child process and its JSON comes back."""
     _, _, root = quick_run
     ctx = bench.fixtures(bench.QUICK, root / "work", "cpu")  # the quick run's inputs, reused
-    m = bench.measure("train: loupe, layer 0", "train_loupe", {"layers": [0]}, ctx, False)
+    m = bench.measure(
+        bench.label("train alone", layer=0), "train_loupe", {"layers": [0]}, ctx, False
+    )
     assert m["tokens"] == [bench.QUICK.rows * bench.CTX_LEN * b for b in bench.QUICK.batches]
     assert positive(m["peak_rss_mb"]) and positive(m["floor"]["encode"])
     assert (root / "work" / "quick" / "logs" / "train--loupe--layer-0.log").exists()
@@ -195,3 +199,78 @@ def test_neighbours_cost_at_a_small_width(tmp_path):
     assert r["flow_pool_tokens"] == 50 and positive(r["flow_pair_s"])
     assert positive(r["block_s"]) and positive(r["block_matmul_s"])
     assert "| one layer (3 products), this CPU |" in (tmp_path / "neighbours.md").read_text()
+
+
+def test_switching_samplers_off_leaves_the_others_unchanged(settings, token_dir, trained_layer):
+    """The benchmark times the pass without the histogram and the interval examples (its
+    samplers_off, in its own process: stream has no switch for it): what remains keeps exactly
+    the values of the full pass, and the real samplers are back afterwards."""
+    import numpy as np
+    import torch
+    from helpers import typed
+
+    import loupe.maxact
+    from loupe.maxact import stream
+    from loupe.model import load_model, load_sae, truncate_after
+
+    layer, special = 2, [0, 1, 2]  # the layer trained_layer trains; the demo's pad, eos, bos
+    hookpoint = settings["model"]["hookpoint"].format(layer=layer)
+    model = load_model(settings["model"]["name"], torch.device("cpu"))
+    truncate_after(model, hookpoint)
+    sae = load_sae(trained_layer, torch.device("cpu"))
+    tokens = np.load(token_dir / "sample.npy")[:32]
+    spec = typed(settings).maxact
+    full = stream(model, sae, hookpoint, tokens, spec, special)
+    with bench.samplers_off(bench.SAMPLERS["neither"]):
+        bare = stream(model, sae, hookpoint, tokens, spec, special)
+    assert isinstance(bare.interval_examples, bench.KeepsNothing)
+    assert isinstance(bare.histogram, bench.KeepsNothing)
+    assert loupe.maxact.ActivationHistogram is not bench.KeepsNothing
+    assert int(full.histogram.counts.sum()) > 0
+    for name, value in full.top.cpu().items():
+        assert np.array_equal(value, bare.top.cpu()[name]), name
+    for name in ("count", "total", "peak"):
+        assert torch.equal(getattr(full.stats, name), getattr(bare.stats, name)), name
+    assert full.stats.tokens == bare.stats.tokens > 0
+
+
+@pytest.mark.slow  # the rehearsal at the demo's width: about 3 minutes on 2 shared cores
+def test_rehearsal_runs_every_stage(tmp_path):
+    """rehearse.py --quick: every stage ran in its own process and wrote its files; the staged
+    repo's sizes add up; the browser's views finished; the projections' arithmetic."""
+    argv = ["--quick", "--threads", "1", "--work-dir", str(tmp_path / "work")]
+    assert rehearse.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "rehearsal-quick.json").read_text())
+    labels = [label for label, _, _ in rehearse.plan({})]
+    assert result["meta"]["stages"] == labels
+    for label in labels:
+        m = result["stages"][label]
+        assert positive(m["wall_s"]) and positive(m["peak_rss_mb"]), label
+        assert all(size > 0 for size in m.get("files", {}).values()), label
+    stages = result["stages"]
+    for layer in rehearse.LAYERS:
+        assert set(stages[f"maxact, layer {layer}"]["files"]) == set(rehearse.MAXACT_FILES)
+        logits = stages[f"maxact, layer {layer}"]["top_logits"]
+        assert logits["vocab"] == logits["full_vocab"] // rehearse.QUICK.logit_slice
+        want = logits["seconds"] * rehearse.QUICK.logit_slice
+        assert logits["projected_full_vocab_s"] == pytest.approx(want, rel=1e-3)
+        assert stages[f"explain, layer {layer}"]["result"]["ok"] == rehearse.QUICK.explain_features
+    # The repo: a layer's files, the shared rest, and 35 layers of them.
+    repo = result["repo"]
+    assert repo["per_layer_bytes"] == sum(repo["layer_bytes"].values())
+    assert repo["total_35_bytes"] == repo["shared_bytes"] + 35 * repo["per_layer_bytes"]
+    staged = tmp_path / "work" / "quick" / "hub"
+    on_disk = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
+    assert stages[rehearse.STAGE]["files"]["repo (2 layers)"] == on_disk
+    assert {"sae.safetensors", "max_activations", "saelens sae_weights.safetensors"} <= set(
+        repo["layer_bytes"]
+    )
+    views = stages["browser (headless chromium)"].get("views")
+    if views is not None:  # chromium installed
+        assert all(v["status"] == "ready" for v in views.values()), views
+        assert views["first feature"]["requests"] > 0
+        assert 0 < views["token search"]["max_in_flight"] <= 6
+        assert views["token search"]["features_found"] > 0
+    cpu = result["projection"]["cpu_hours"]
+    assert all(math.isfinite(h) and h >= 0 for h in cpu.values())
+    assert "| stage (with the SAELens copy) |" in (tmp_path / "rehearsal-quick.md").read_text()

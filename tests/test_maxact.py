@@ -27,7 +27,7 @@ from loupe.examples import (
     stats_schema,
 )
 from loupe.logits import feature_logits_schema
-from loupe.maxact import sample_layer, stream
+from loupe.maxact import sample_layer
 from loupe.model import capture, import_sparsify, load_model, truncate_after
 from loupe.samplers import (
     Batch,
@@ -515,28 +515,6 @@ def test_bad_input_is_one_line_each(settings, trained_layer, token_dir, tmp_path
     assert _cli(s, trained_layer, token_dir, tmp_path) == 2
     _one_line_error(capsys, "config error at maxact/top_n: 0 is less than the minimum of 1")
     assert not list(tmp_path.glob("*.parquet"))  # no output of any failed run
-
-
-def test_switching_samplers_off_leaves_the_others_unchanged(settings, token_dir, trained_layer):
-    """The benchmark times the pass without the histogram and the interval examples: what
-    remains keeps exactly the values of the full pass."""
-    hookpoint = settings["model"]["hookpoint"].format(layer=LAYER)
-    model = load_model(settings["model"]["name"], torch.device("cpu"))
-    truncate_after(model, hookpoint)
-    sae = sparsify.SparseCoder.load_from_disk(trained_layer)
-    tokens = np.load(token_dir / "sample.npy")[:32]
-    spec = typed(settings).maxact
-    full = stream(model, sae, hookpoint, tokens, spec, SPECIAL)
-    bare = stream(
-        model, sae, hookpoint, tokens, spec, SPECIAL, interval_examples=False, histogram=False
-    )
-    assert bare.interval_examples is None and bare.histogram is None
-    assert full.interval_examples is not None and int(full.histogram.counts.sum()) > 0
-    for name, value in full.top.cpu().items():
-        assert np.array_equal(value, bare.top.cpu()[name]), name
-    for name in ("count", "total", "peak"):
-        assert torch.equal(getattr(full.stats, name), getattr(bare.stats, name)), name
-    assert full.stats.tokens == bare.stats.tokens > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,14 +52,14 @@ def encode_batch(
 
 @dataclass
 class Sampled:
-    """What one pass keeps: the top examples, the interval examples and the activation
-    histogram (each None if switched off), the firing statistics, and the random-window pool
-    (maxact.random_windows of them, possibly none)."""
+    """What one pass keeps: the top examples, the interval examples, the firing statistics,
+    the activation histogram, and the random-window pool (maxact.random_windows of them,
+    possibly none)."""
 
     top: TopExamples
-    interval_examples: IntervalExamples | None
+    interval_examples: IntervalExamples
     stats: FiringStats
-    histogram: ActivationHistogram | None
+    histogram: ActivationHistogram
     random_windows: RandomWindows | None = None  # set by stream
 
 
@@ -72,20 +72,16 @@ def stream(
     spec: MaxactConfig,
     special_ids: list[int],
     desc: str = "maxact",
-    interval_examples: bool = True,
-    histogram: bool = True,
 ) -> Sampled:
-    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch.
-    `interval_examples` and `histogram` switch those samplers off, to measure what each costs (benchmarks/); the
-    others keep the same values either way."""
+    """One pass over the token rows ([rows, seq], memory-mapped), batch by batch."""
     device = sae.device
     num = sae.num_latents
     special = torch.tensor(special_ids, dtype=torch.int64, device=device)
     kept = Sampled(
         TopExamples(num, spec, device),
-        IntervalExamples(num, spec, device) if interval_examples else None,
+        IntervalExamples(num, spec, device),
         FiringStats(num, device),
-        ActivationHistogram(num, device) if histogram else None,
+        ActivationHistogram(num, device),
     )
     rows, seq = tokens.shape
     k = sae.cfg.k
@@ -95,12 +91,10 @@ def stream(
         ids = torch.from_numpy(tokens[start : start + spec.batch_size].astype(np.int64))
         acts, indices, counted = encode_batch(model, sae, hookpoint, ids.to(device), special)
         kept.stats.update(acts, indices, counted)
-        if kept.histogram is not None:
-            kept.histogram.update(acts, indices)
+        kept.histogram.update(acts, indices)
         batch = Batch(acts, indices, start, num)  # peaks and dense computed once, for both
         kept.top.update(batch)
-        if kept.interval_examples is not None:
-            kept.interval_examples.update(batch)
+        kept.interval_examples.update(batch)
         kept.random_windows.update(batch)
         bar.update(ids.numel())
     bar.close()
