@@ -737,7 +737,7 @@ def mb(x: float) -> str:
 def render(result: dict) -> list[str]:
     meta, ms, p, repo = result["meta"], result["stages"], result["projection"], result["repo"]
     lines = [
-        f"# The rehearsal: every stage after training at {meta['shape']} width",
+        f"# The rehearsal: every stage after training at {meta['shape']}",
         "",
         f"`{meta['command']}`: {meta['wall_s'] / 60:.0f} min on {meta['machine']}, load average"
         f" {meta['load_before']} before and {meta['load_after']} after (a shared CPU: wall times"
