@@ -822,7 +822,7 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
     work = Path(tempfile.mkdtemp(prefix="loupe-additions-"))
     torch.manual_seed(0)
     Gemma4ForConditionalGeneration(tiny_gemma4_config(spec)).save_pretrained(work / "model")
-    model = load_model(str(work / "model"), torch.device("cpu"), head=True)
+    model = load_model(str(work / "model"), torch.device("cpu"), None, "auto", head=True)
     cfg = sparsify.SparseCoderConfig(expansion_factor=config.sae.expansion_factor, k=config.sae.k)
     saes = [sparsify.SparseCoder(spec.hidden_size, cfg, device="cpu") for _ in config.model.layers]
     hooks = [config.model.hookpoint_of(layer) for layer in config.model.layers]

@@ -215,7 +215,7 @@ def test_switching_samplers_off_leaves_the_others_unchanged(settings, token_dir,
 
     layer, special = 2, [0, 1, 2]  # the layer trained_layer trains; the demo's pad, eos, bos
     hookpoint = settings["model"]["hookpoint"].format(layer=layer)
-    model = load_model(settings["model"]["name"], torch.device("cpu"))
+    model = load_model(settings["model"]["name"], torch.device("cpu"), None, "auto")
     truncate_after(model, hookpoint)
     sae = load_sae(trained_layer, torch.device("cpu"))
     tokens = np.load(token_dir / "sample.npy")[:32]

@@ -51,7 +51,7 @@ def both(settings, token_dir, tmp_path_factory):
 
 
 def test_the_model_really_runs_in_bfloat16(settings):
-    model = load_model(settings["model"]["name"], torch.device("cpu"), dtype="bfloat16")
+    model = load_model(settings["model"]["name"], torch.device("cpu"), None, "bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model_dtype(torch.device("cpu"), "auto") == torch.float32
 

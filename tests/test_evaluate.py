@@ -77,7 +77,7 @@ def spec(
 
 @pytest.fixture(scope="module")
 def model(settings):
-    return load_model(settings["model"]["name"], torch.device("cpu"), head=True)
+    return load_model(settings["model"]["name"], torch.device("cpu"), None, "auto", head=True)
 
 
 @pytest.fixture(scope="module")
@@ -438,7 +438,7 @@ def test_transfer_equals_a_direct_computation_on_the_second_model(
     assert got["model"] == str(tuned)
     assert set(got) == {"model", *(c.name for c in TRANSFER_COLUMNS)}
     # Directly: the second model's own activations through sparsify, its own logits.
-    other = load_model(str(tuned), torch.device("cpu"), head=True)
+    other = load_model(str(tuned), torch.device("cpu"), None, "auto", head=True)
     ids = torch.from_numpy(eval_rows[:8].astype(np.int64))
     mask = keep_mask(ids, specials)
     with torch.no_grad():
@@ -489,7 +489,7 @@ def learned(tmp_path_factory, settings, tiny_model, token_dir):
 
 def test_trained_sae_recovers_the_loss_an_untrained_one_loses(learned, eval_rows, specials):
     s, sae_dir = learned
-    lm = load_model(s["model"]["name"], torch.device("cpu"), head=True)
+    lm = load_model(s["model"]["name"], torch.device("cpu"), None, "auto", head=True)
     sae = load_sae(sae_dir, torch.device("cpu"))
     cfg = spec(batch_size=16, max_tokens=32 * 128)
     trained = evaluate_sae(lm, sae, HOOK, eval_rows, specials, cfg)

@@ -190,7 +190,7 @@ def test_the_pass_reads_activations_without_running_the_lm_head(settings, token_
     """Issue 26 #3: maxact loads the causal LM (its W_U gives the top logits) and ran its
     262,144-way head at every position of every batch, for nothing. The activations it reads
     instead equal those of a full forward's hidden states."""
-    model = load_model(settings["model"]["name"], torch.device("cpu"), head=True)
+    model = load_model(settings["model"]["name"], torch.device("cpu"), None, "auto", head=True)
     hookpoint = settings["model"]["hookpoint"].format(layer=LAYER)
     ids = torch.from_numpy(np.load(token_dir / "sample.npy")[:4].astype(np.int64))
     heads = []
@@ -210,7 +210,7 @@ def reference(sampled, token_dir, trained_layer):
     (computed 32 rows at a time, not in the sampler's batches of 8)."""
     s = sampled[0]
     hookpoint = s["model"]["hookpoint"].format(layer=LAYER)
-    model = load_model(s["model"]["name"], torch.device("cpu"))
+    model = load_model(s["model"]["name"], torch.device("cpu"), None, "auto")
     truncate_after(model, hookpoint)
     sae = sparsify.SparseCoder.load_from_disk(trained_layer)
     tokens = torch.from_numpy(np.load(token_dir / "sample.npy").astype(np.int64))
@@ -339,7 +339,7 @@ def test_recomputing_the_sae_at_sequence_and_position_gives_the_activation(
     s, examples, _ = sampled
     df = pl.read_parquet(examples).filter(pl.col("rank") == 0).head(40)
     hookpoint = s["model"]["hookpoint"].format(layer=LAYER)
-    model = load_model(s["model"]["name"], torch.device("cpu"))
+    model = load_model(s["model"]["name"], torch.device("cpu"), None, "auto")
     sae = sparsify.SparseCoder.load_from_disk(trained_layer)
     seqs = sorted(set(df["sequence"].to_list()))
     ids = torch.from_numpy(np.load(token_dir / "sample.npy")[seqs].astype(np.int64))
@@ -530,7 +530,7 @@ from loupe.model import load_model, load_sae, truncate_after
 
 a = json.loads(sys.argv[1])
 torch.set_num_threads(1)
-model = load_model(a["model"], torch.device("cpu"))
+model = load_model(a["model"], torch.device("cpu"), None, "auto")
 truncate_after(model, a["hookpoint"])
 sae = load_sae(Path(a["sae"]), torch.device("cpu"), decoder=False)
 tokens = np.load(a["tokens"], mmap_mode="r")

@@ -25,7 +25,7 @@ sparsify = import_sparsify()
 
 def _eval_activations(settings, token_dir, layer: int, rows: int = 32) -> torch.Tensor:
     """Layer activations on held-out eval rows, BOS positions dropped: [tokens, d]."""
-    model = load_model(settings["model"]["name"], torch.device("cpu"))
+    model = load_model(settings["model"]["name"], torch.device("cpu"), None, "auto")
     ids = torch.from_numpy(np.load(token_dir / "eval.npy")[:rows].astype(np.int64))
     acts = capture(model, settings["model"]["hookpoint"].format(layer=layer), ids)
     return acts[:, 1:].reshape(-1, acts.shape[-1]).float()
@@ -134,11 +134,11 @@ def test_without_bos_exclusion_the_sae_sees_bos(tmp_path, settings, token_dir):
 
 def test_truncated_forward_equals_full_forward(tiny_model, token_dir):
     ids = torch.from_numpy(np.load(token_dir / "eval.npy")[:4].astype(np.int64))
-    full = load_model(str(tiny_model), torch.device("cpu"))
+    full = load_model(str(tiny_model), torch.device("cpu"), None, "auto")
     layers = full.config.get_text_config().num_hidden_layers
     for layer in range(layers):
         hook = f"language_model.layers.{layer}"
-        cut = load_model(str(tiny_model), torch.device("cpu"))
+        cut = load_model(str(tiny_model), torch.device("cpu"), None, "auto")
         assert truncate_after(cut, hook) == layer + 1
         assert len(cut.language_model.layers) == layer + 1
         assert torch.equal(capture(cut, hook, ids), capture(full, hook, ids)), layer

@@ -426,8 +426,14 @@ def read_feature_stats(path: Path, num_latents: int) -> tuple[np.ndarray, np.nda
 def transfer_entry(config: Config, name: str, job, split: np.ndarray) -> dict:
     """The SAE of `job` scored on model `name` (e.g. the instruction-tuned model): its
     activations at the same hookpoint, spliced into it, on the same eval rows; no ladder."""
-    m = config.model
-    model = load_model(name, job.device, m.revision if name == m.name else None, m.dtype, head=True)
+    model_config = config.model
+    model = load_model(
+        name,
+        job.device,
+        model_config.revision if name == model_config.name else None,
+        model_config.dtype,
+        head=True,
+    )
     if hidden_size(model) != job.sae.d_in:
         raise LoupeError(
             f"evaluate.transfer_models: {name} has hidden size {hidden_size(model)}, the SAE"
@@ -440,8 +446,8 @@ def transfer_entry(config: Config, name: str, job, split: np.ndarray) -> dict:
             f" {name} has {vocab} embeddings: it uses another tokenizer"
         )
     t0 = time.perf_counter()
-    spec = replace(config.evaluate, k_ladder=[])
-    measured = evaluate_sae(model, job.sae, job.hookpoint, split, job.special_ids, spec)
+    evaluate_config = replace(config.evaluate, k_ladder=[])
+    measured = evaluate_sae(model, job.sae, job.hookpoint, split, job.special_ids, evaluate_config)
     log.info(
         "layer %d on %s: fvu %.4f, delta CE %+.4f, KL %.4f in %.1fs",
         job.layer,

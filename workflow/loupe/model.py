@@ -71,8 +71,8 @@ def model_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
 def load_model(
     name: str,
     device: torch.device,
-    revision: str | None = None,
-    dtype: str = "auto",
+    revision: str | None,
+    dtype: str,
     head: bool = False,
 ):
     """The model from a hub id or folder, text tower only, frozen, eval mode: the base model
@@ -156,18 +156,20 @@ def open_layer(
         torch.set_num_threads(max(1, threads))
     trained = load_sae(sae, device, decoder) if sae is not None else None
     hookpoint = config.model.hookpoint_of(layer)
-    m = config.model
-    model = load_model(m.name, device, m.revision, m.dtype, head=head)
+    model_config = config.model
+    model = load_model(
+        model_config.name, device, model_config.revision, model_config.dtype, head=head
+    )
     if trained is not None and trained.d_in != hidden_size(model):
         raise LoupeError(
             f"the SAE in {Path(sae).parent if Path(sae).is_file() else sae} reads"
-            f" {trained.d_in}-dim activations, but {m.name} has hidden size {hidden_size(model)}:"
+            f" {trained.d_in}-dim activations, but {model_config.name} has hidden size {hidden_size(model)}:"
             " it was trained on another model"
         )
     top, vocab = tokens.get("max_token_id"), model.get_input_embeddings().num_embeddings
     if top is not None and top >= vocab:
         raise LoupeError(
-            f"the token splits hold token id {top}, but {m.name} has {vocab} embeddings:"
+            f"the token splits hold token id {top}, but {model_config.name} has {vocab} embeddings:"
             " they were tokenized for another model (check model.tokenizer)"
         )
     if truncate:
@@ -180,7 +182,7 @@ def open_layer(
         layer,
         hookpoint,
         device,
-        str(model_dtype(device, m.dtype)).removeprefix("torch."),
+        str(model_dtype(device, model_config.dtype)).removeprefix("torch."),
         "all layers" if kept < 0 else f"{kept} decoder layers",
     )
     return LayerJob(layer, hookpoint, device, model, trained, special)

@@ -132,18 +132,20 @@ def splice_job(
     device = select_device(config.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, threads))
-    m = config.model
+    model_config = config.model
     saes = [load_sae(p, device) for p in sae]
-    model = load_model(m.name, device, m.revision, m.dtype, head=True)
+    model = load_model(
+        model_config.name, device, model_config.revision, model_config.dtype, head=True
+    )
     for path, s in zip(sae, saes, strict=True):
         if s.d_in != hidden_size(model):
             raise LoupeError(
-                f"the SAE in {path} reads {s.d_in}-dim activations, but {m.name} has hidden"
+                f"the SAE in {path} reads {s.d_in}-dim activations, but {model_config.name} has hidden"
                 f" size {hidden_size(model)}: it was trained on another model"
             )
-    hookpoints = [m.hookpoint_of(layer) for layer in layers]
-    spec = config.evaluate
-    log.info("splicing %d SAEs into %s on %s (%s)", len(saes), m.name, device, tokens)
+    hookpoints = [model_config.hookpoint_of(layer) for layer in layers]
+    evaluate_config = config.evaluate
+    log.info("splicing %d SAEs into %s on %s (%s)", len(saes), model_config.name, device, tokens)
     t0 = time.perf_counter()
     measured = splice_suite(
         model,
@@ -151,9 +153,9 @@ def splice_job(
         hookpoints,
         split,
         special_ids(info),
-        spec.spliced_max_tokens,
-        spec.batch_size,
-        spec.logit_chunk,
+        evaluate_config.spliced_max_tokens,
+        evaluate_config.batch_size,
+        evaluate_config.logit_chunk,
     )
     for prefix, layer in zip(measured["prefixes"], layers, strict=True):
         prefix["last_layer"] = layer

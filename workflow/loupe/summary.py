@@ -267,8 +267,10 @@ def summarize(
     """The summary rule's job: per-layer inputs in model.layers order (and spliced.json, whose
     prefixes join metrics.csv), six outputs."""
     outputs = SummaryOutputs(metrics, fvu, delta_ce, dead, density, curves)
-    m = config.model
-    return write_summary(m.name, m.layers, evals, stats, train_metrics, outputs, spliced)
+    model_config = config.model
+    return write_summary(
+        model_config.name, model_config.layers, evals, stats, train_metrics, outputs, spliced
+    )
 
 
 def write_summary(
