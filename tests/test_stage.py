@@ -27,10 +27,11 @@ from hub_server import assert_one_row_group, serve_hub
 from polars.testing import assert_frame_equal
 
 from loupe import cli
+from loupe.atomic import write_csv
 from loupe.browse import ASSETS as BROWSER_ASSETS
 from loupe.card import CardFacts, render_card
 from loupe.examples import examples_schema, interval_examples_schema, stats_schema, write_stats
-from loupe.flow import write_flow_csv
+from loupe.flow import FLOW_COLUMNS
 from loupe.layout import BROWSER, NOTEBOOK, REPO_MANIFEST, Layout
 from loupe.logits import feature_logits_schema
 from loupe.model import import_sparsify
@@ -412,7 +413,7 @@ def test_the_flow_table_is_staged_and_shown_in_the_card(tmp_path, pub_settings, 
             "lift": 35.13,
         }
     ]
-    write_flow_csv(rows, summary / "feature_flow.csv")
+    write_csv(summary / "feature_flow.csv", rows, FLOW_COLUMNS)
     plot = summary / "feature_flow_by_layer.png"
     plot.write_bytes((results / "summary/fvu_by_layer.png").read_bytes())
     files = [results / "summary/metrics.csv", results / "summary/fvu_by_layer.png"]
@@ -973,7 +974,7 @@ def _write_explanations(path: Path, layer: int, rows: list[tuple]) -> None:
                 "completion_tokens": 7,
                 "status": s,
                 "layer": layer,
-                "prompt_version": "loupe-1",
+                "prompt_version": "loupe-2",
                 "delphi": "0.1.3",
             }  # fmt: skip
             for f, e, d, z, s in rows

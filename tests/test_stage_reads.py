@@ -103,7 +103,7 @@ DECLARED_AS = {"tradeoffs": "summary"}
 @pytest.fixture(scope="module")
 def reads(settings, token_dir, tmp_path_factory) -> dict[str, set[str]]:
     """Every stage run once, on one layer: {stage: the keys it read}."""
-    from test_explain import Server
+    from explain_server import Server
 
     from loupe.evaluate import evaluate_layer
     from loupe.explain import explain_layer

@@ -5,10 +5,10 @@ summary), and as the card's table (read from the staged files)."""
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
+from .atomic import write_csv
 from .config import Config
 from .errors import LoupeError
 from .number_format import fixed
@@ -60,15 +60,6 @@ def scores_by_layer(layers: list[int], explanations: list[Path], stats: list[Pat
     return rows
 
 
-def write_csv(rows: list[dict], out: Path) -> None:
-    from .atomic import atomic_path
-
-    with atomic_path(Path(out)) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot_scores(layers: list[int], explanations: list[Path], out: Path, title: str) -> None:
     """Box plots of each scorer's scores per layer (chance, 0.5, dashed)."""
     import matplotlib
@@ -77,7 +68,7 @@ def plot_scores(layers: list[int], explanations: list[Path], out: Path, title: s
     import matplotlib.pyplot as plt
     import polars as pl
 
-    from .atomic import atomic_path
+    from .summary import save_png
 
     fig, axes = plt.subplots(1, len(SCORERS), figsize=(6 * len(SCORERS), 3.5), squeeze=False)
     for ax, scorer in zip(axes[0], SCORERS, strict=True):
@@ -97,8 +88,7 @@ def plot_scores(layers: list[int], explanations: list[Path], out: Path, title: s
         ax.set_title(scorer)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(Path(out)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_png(fig, Path(out))
     plt.close(fig)
 
 
@@ -108,7 +98,7 @@ def summarize_explanations(
     """The explanation_scores rule's job: explanation_scores.csv and the plot by layer."""
     layers = list(config.model.layers)
     rows = scores_by_layer(layers, explanations, stats)
-    write_csv(rows, scores_csv)
+    write_csv(scores_csv, rows, COLUMNS)
     plot_scores(
         layers, explanations, scores_plot, f"Explanation scores by layer ({config.explain.model})"
     )

@@ -12,16 +12,15 @@ same densities, only the pairing broken."""
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import write_csv
 from .config import Config
 from .errors import LoupeError
-from .summary import _save
+from .summary import save_png
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +172,7 @@ def plot_flow(rows: list[dict], out: Path, title: str) -> None:
         ax.set_xlabel("layer pair")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    _save(fig, out)
-
-
-def write_flow_csv(rows: list[dict], out: Path) -> None:
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FLOW_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    save_png(fig, out)
 
 
 def summarize_flow(
@@ -218,6 +210,6 @@ def summarize_flow(
                 row["lift"],
                 row["tokens"],
             )
-    write_flow_csv(rows, Path(table))
+    write_csv(Path(table), rows, FLOW_COLUMNS)
     plot_flow(rows, Path(plot), f"{config.model.name}: feature flow between adjacent layers")
     return rows

@@ -6,7 +6,6 @@ no global state, and the Agg canvas renders PNGs on a machine without a display.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_csv
 from .config import Config
 from .errors import LoupeError
 from .metrics import (
@@ -66,7 +65,8 @@ class LayerRecord:
         return values
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A summary input (eval.json, spliced.json): a missing or broken file is one line."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -109,7 +109,7 @@ def load_records(
         )
     records = []
     for layer, e, s, c in zip(layers, evals, stats, curves, strict=True):
-        ev = _read_json(e)
+        ev = read_json(e)
         if ev.get("layer") != layer:
             raise LoupeError(f"{e} holds layer {ev.get('layer')}, expected layer {layer}")
         records.append(LayerRecord(layer, ev, read_density(s), read_curve(c)))
@@ -128,7 +128,7 @@ def metrics_csv_columns(records: list[LayerRecord]) -> tuple[str, ...]:
 
 def attach_spliced(records: list[LayerRecord], spliced: Path) -> None:
     """Give each record the prefix of spliced.json that ends at its layer."""
-    prefixes = {p["last_layer"]: p for p in _read_json(spliced).get("prefixes", [])}
+    prefixes = {p["last_layer"]: p for p in read_json(spliced).get("prefixes", [])}
     missing = [r.layer for r in records if r.layer not in prefixes]
     if missing:
         raise LoupeError(f"{spliced} has no prefix ending at layer(s) {missing}: rerun the splice")
@@ -136,18 +136,11 @@ def attach_spliced(records: list[LayerRecord], spliced: Path) -> None:
         r.prefix = prefixes[r.layer]
 
 
-def write_metrics_csv(records: list[LayerRecord], out: Path) -> None:
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=metrics_csv_columns(records))
-        writer.writeheader()
-        for r in records:
-            writer.writerow({k: "" if v is None else v for k, v in r.row().items()})
-
-
 # --- plots ---------------------------------------------------------------------------------
 
 
-def _save(fig, out: Path) -> None:
+def save_png(fig, out: Path) -> None:
+    """Every summary plot's one PNG writer (atomic: a killed job leaves no half image)."""
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
@@ -193,7 +186,7 @@ def plot_by_layer(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _save(fig, out)
+    save_png(fig, out)
 
 
 def plot_density_histograms(records: list[LayerRecord], out: Path, title: str) -> None:
@@ -214,7 +207,7 @@ def plot_density_histograms(records: list[LayerRecord], out: Path, title: str) -
         ax.set_ylabel("features", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title)
-    _save(fig, out)
+    save_png(fig, out)
 
 
 def plot_training_curves(records: list[LayerRecord], out: Path, title: str) -> None:
@@ -238,7 +231,7 @@ def plot_training_curves(records: list[LayerRecord], out: Path, title: str) -> N
         ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(title)
-    _save(fig, out)
+    save_png(fig, out)
 
 
 @dataclass(frozen=True)
@@ -287,7 +280,7 @@ def write_summary(
     records = load_records(layers, evals, stats, curves)
     if spliced is not None:
         attach_spliced(records, spliced)
-    write_metrics_csv(records, outputs.metrics)
+    write_csv(outputs.metrics, (r.row() for r in records), metrics_csv_columns(records))
     plot_by_layer(
         records,
         "fvu",

@@ -5,15 +5,13 @@ layers are spliced in together). Keys are loupe.metrics' vocabulary."""
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
-from .atomic import atomic_path
+from .atomic import write_csv
 from .config import Config
 from .metrics import LADDER_COLUMNS, SPLICED_COLUMNS, TRANSFER_COLUMNS
-from .summary import _read_json as _read  # one reader and PNG writer for the summary
-from .summary import _save
+from .summary import read_json, save_png
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +64,7 @@ def plot_transfer(rows: list[dict], out: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
-    _save(fig, out)
-
-
-def _write_csv(rows: list[dict], columns: tuple[str, ...], out: Path) -> None:
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    save_png(fig, out)
 
 
 def plot_ladder(rows: list[dict], out: Path, title: str) -> None:
@@ -123,7 +113,7 @@ def plot_ladder(rows: list[dict], out: Path, title: str) -> None:
     elif len(layers) <= 12:
         axes[1].legend(fontsize=7)
     fig.suptitle(title)
-    _save(fig, out)
+    save_png(fig, out)
 
 
 def plot_spliced(spliced: dict, evals: list[dict], out: Path, title: str) -> None:
@@ -150,7 +140,7 @@ def plot_spliced(spliced: dict, evals: list[dict], out: Path, title: str) -> Non
         ax.set_xlabel("SAEs spliced in: layers first..L")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    _save(fig, out)
+    save_png(fig, out)
 
 
 def summarize_tradeoffs(
@@ -168,15 +158,15 @@ def summarize_tradeoffs(
     transfer_by_layer.png from every layer's eval.json; spliced.csv and spliced_by_depth.png
     from spliced.json."""
     name = config.model.name
-    records = [_read(p) for p in evals]
+    records = [read_json(p) for p in evals]
     rows = ladder_rows(records)
-    _write_csv(rows, LADDER_CSV_COLUMNS, ladder_csv)
+    write_csv(ladder_csv, rows, LADDER_CSV_COLUMNS)
     plot_ladder(rows, ladder_plot, f"{name}: reconstruction and loss against sparsity")
     moved = transfer_rows(records, name)
-    _write_csv(moved, TRANSFER_CSV_COLUMNS, transfer_csv)
+    write_csv(transfer_csv, moved, TRANSFER_CSV_COLUMNS)
     plot_transfer(moved, transfer_plot, f"{name}'s SAEs on other models' activations")
-    suite = _read(spliced)
-    _write_csv(suite["prefixes"], SPLICED_CSV_COLUMNS, spliced_csv)
+    suite = read_json(spliced)
+    write_csv(spliced_csv, suite["prefixes"], SPLICED_CSV_COLUMNS)
     plot_spliced(suite, records, spliced_plot, f"{name}: every SAE up to layer L spliced in")
     log.info(
         "%d ladder rows; the whole suite spliced: delta CE %+.4f, KL %.4f",
