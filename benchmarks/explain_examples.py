@@ -27,16 +27,16 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
+sys.path.insert(0, str(REPO / "tests"))  # the deterministic endpoint the tests use
 
 from explain_cost import suite_config  # noqa: E402
+from explain_server import Server  # noqa: E402
 
 from loupe import explain  # noqa: E402
 from loupe.atomic import write_json  # noqa: E402
@@ -68,37 +68,6 @@ def answer(messages: list[dict]) -> str:
     else:
         says = [phrase in t for t in texts]
     return json.dumps([int(s) for s in says])
-
-
-class Explainer:
-    """The deterministic explainer as an OpenAI-compatible endpoint on 127.0.0.1."""
-
-    def __enter__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                reply = {
-                    "choices": [
-                        {"message": {"role": "assistant", "content": answer(body["messages"])}}
-                    ],
-                    "usage": {"prompt_tokens": 0, "completion_tokens": 0},
-                }
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
 
 
 def cut_windows(layer_dir: Path, out: Path, before: int, after: int, full: tuple[int, int]):
@@ -225,7 +194,9 @@ def main() -> None:
     full = (config.maxact.window_before, config.maxact.window_after)
     work = Path(tempfile.mkdtemp(prefix="loupe-explain-examples-"))
     rows = []
-    with Explainer() as url:
+    server = Server(answer=answer)
+    try:
+        url = server.url
         base = dataclasses.replace(
             config.explain,
             base_url=url,
@@ -259,6 +230,8 @@ def main() -> None:
             for layer, files in layers.items():
                 cut_windows(files[0].parent, work / f"w{before}/{layer}", before, after, full)
             measure(f"window={before}+1+{after}", base, files=cut)
+    finally:
+        server.close()
     shutil.rmtree(work, ignore_errors=True)
     result = {
         "command": "python benchmarks/explain_examples.py --results results",

@@ -350,10 +350,10 @@ def flow(ctx: dict) -> dict:
 
 def explain(ctx: dict, layer: int) -> dict:
     """loupe.explain.explain_layer against a deterministic OpenAI-compatible endpoint on
-    127.0.0.1, in this process (tests/test_explain.py's Server): what loupe itself costs per
+    127.0.0.1, in this process (tests/explain_server.py): what loupe itself costs per
     feature (prompts from the parquet files, requests, parsing, the record), not an LLM."""
     sys.path.insert(0, str(REPO / "tests"))
-    from test_explain import Server
+    from explain_server import Server
 
     from loupe.explain import explain_layer
 
