@@ -1,19 +1,20 @@
-"""The explain stage against a deterministic OpenAI-compatible endpoint on 127.0.0.1: the
-explainer answers 'contains "<first highlighted token>"'; the scorers answer 1 exactly for the
-examples that contain that token, so a detection score can be computed independently."""
+"""The explain stage against a deterministic OpenAI-compatible endpoint on 127.0.0.1
+(tests/explain_server.py): the explainer answers 'contains "<first highlighted token>"'; the
+scorers answer 1 exactly for the examples that contain that token, so a detection score can be
+computed independently."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -21,97 +22,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from explain_server import LocalServer, Server, request_key, send_json
 from helpers import demo_config, described_columns, typed
 
 from loupe import explain
 from loupe.errors import LoupeError
-
-
-def answer(messages: list[dict]) -> str:
-    last = messages[-1]["content"]
-    if "[EXPLANATION]" in messages[0]["content"]:
-        first = re.search(r"<<(.*?)>>", last)
-        return f'Thinking.\n[EXPLANATION]: contains "{first.group(1) if first else ""}"'
-    named = re.search(r'Latent explanation: contains "(.*)"', last)
-    token = named.group(1) if named else "\x00"  # any other explanation: all 0
-    texts = re.findall(r"^Example \d+: (.*)$", last, re.MULTILINE)
-    return json.dumps([int(token in t.replace("<<", "").replace(">>", "")) for t in texts])
-
-
-def request_key(body: dict) -> str:
-    """loupe's key of a request (explain.Endpoint.request_key), from its JSON body."""
-    key = [body["model"], body["max_tokens"], body["messages"]]
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-def send_json(handler: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data)
-
-
-class LocalServer:
-    """An HTTP server on 127.0.0.1 at a free port, serving in a thread; `url` ends in /v1."""
-
-    def serve(self, handler) -> None:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-
-
-class Server(LocalServer):
-    """ThreadingHTTPServer answering /v1/chat/completions; counts requests by status."""
-
-    def __init__(
-        self,
-        status: int = 200,
-        unparsed: str | None = None,
-        delay: float = 0.0,
-        explanation: str | None = None,
-        tokenizer=None,
-    ):
-        self.status, self.unparsed, self.requests, self.keys = status, unparsed, 0, []
-        self.delay, self.sent = delay, {}  # request key (loupe's) -> times sent
-        self.explanation, self.tokenizer, self.prompt_tokens = explanation, tokenizer, 0
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests += 1
-                outer.keys.append(self.headers.get("Authorization"))
-                key = request_key(body)
-                outer.sent[key] = outer.sent.get(key, 0) + 1
-                time.sleep(outer.delay)
-                if outer.status != 200:
-                    self.send_response(outer.status)
-                    self.end_headers()
-                    return
-                text = answer(body["messages"])
-                if outer.explanation and "[EXPLANATION]" in text:
-                    text = f"[EXPLANATION]: {outer.explanation}"
-                if outer.tokenizer is not None:
-                    with outer.lock:  # a fast tokenizer is not to be shared across threads
-                        n = explain.count_tokens(outer.tokenizer, body["messages"])
-                        outer.prompt_tokens += n
-                if outer.unparsed and outer.unparsed in body["messages"][-1]["content"]:
-                    text = "I cannot tell."
-                reply = {
-                    "choices": [{"message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 7},
-                }
-                send_json(self, 200, json.dumps(reply).encode())
-
-        self.serve(Handler)
 
 
 @pytest.fixture
@@ -178,6 +93,21 @@ def test_prompts_are_delphis():
     assert explain.parse_explanation("no tag") is None
 
 
+def test_the_vendored_prompts_are_the_installed_delphis():
+    """assets/delphi holds eai-delphi's own prompt modules, byte for byte, of the version every
+    row records (the test command installs that release; the stage itself does not need it)."""
+    import importlib.metadata
+    import importlib.util
+
+    assert importlib.metadata.version("eai-delphi") == explain.DELPHI_VERSION
+    installed = Path(next(iter(importlib.util.find_spec("delphi").submodule_search_locations)))
+    copies = sorted(explain.DELPHI_PROMPTS.rglob("*.py"))
+    assert len(copies) == 3
+    for copy in copies:
+        relative = copy.relative_to(explain.DELPHI_PROMPTS)
+        assert copy.read_bytes() == (installed / relative).read_bytes(), relative
+
+
 def _layer_files(tmp_path: Path, features: int = 6):
     """Minimal examples, interval examples, stats and random windows for `features`."""
     rows = []
@@ -218,6 +148,41 @@ def _layer_files(tmp_path: Path, features: int = 6):
     return [tmp_path / n for n in ("ex.parquet", "iv.parquet", "st.parquet", "rw.parquet")]
 
 
+def test_the_sample_of_features_is_seeded_and_spans_the_densities():
+    features = np.arange(100, 200)
+    density = np.linspace(0.5, 0.001, 100)  # feature 100 the densest, 199 the rarest
+    picked = explain.stratified(features, density, 10)
+    assert picked.tolist() == sorted(picked.tolist())
+    assert np.array_equal(picked, explain.stratified(features, density, 10))  # seeded
+    # One in each tenth of the features sorted by density, none left out.
+    assert sorted((199 - picked) // 10) == list(range(10))
+    assert np.array_equal(explain.stratified(features, density, 500), features)
+
+
+def test_held_out_examples_are_the_unshown_top_and_interval_examples(tmp_path):
+    """What scoring sees: every activating example the explainer was not shown (top examples
+    past explain_examples, interval examples), highest first, each window once; the n drawn
+    for a scorer span the activations."""
+
+    def ex(name: str, peak: float):
+        return ([name, " x"], [peak, 0.0])
+
+    top = [ex(f"top{i}", 10.0 - i) for i in range(5)]  # sorted, as maxact writes them
+    spread = [ex("top3", 7.0), ex("mid", 6.5), ex("low", 0.5), ex("top0", 10.0)]
+    plan = explain.Plan(np.array([4]), {4}, {4: top}, {4: spread}, {4: []})
+    config = spec("http://127.0.0.1:1/v1", explain_examples=2).explain
+    assert [t[0] for t, _ in plan.shown(config, 4)] == ["top0", "top1"]
+    held = plan.held_out(config, 4)
+    assert [t[0] for t, _ in held] == ["top2", "top3", "mid", "top4", "low"]
+    # 40 held-out examples, 4 drawn: one from each quarter of the activations.
+    many = [ex(f"e{i}", 40.0 - i) for i in range(40)]
+    rng = np.random.default_rng(0)
+    samples = explain.scoring_samples("detection", many, [["no"]] * 10, 4, rng)
+    drawn = sorted(int(text[1:].split(" ")[0]) for text, label in samples if label)
+    assert [i // 10 for i in drawn] == [0, 1, 2, 3]
+    assert sum(not label for _, label in samples) == 4
+
+
 def test_inactive_windows_are_exact(tmp_path):
     *_, windows = _layer_files(tmp_path)
     inactive = explain._inactive_windows(windows, np.array([0, 2, 3, 5]))
@@ -245,6 +210,7 @@ def test_a_rerun_sends_nothing_already_answered(server, tmp_path):
     assert df["explanation"].to_list() == [f'contains " t{f}"' for f in range(6)]
     assert df["detection"].is_not_null().sum() == 2 and df["fuzzing"].is_not_null().sum() == 2
     assert set(df["prompt_version"]) == {explain.PROMPT_VERSION} and set(df["layer"]) == {3}
+    assert set(df["delphi"]) == {explain.DELPHI_VERSION}
     described_columns(out, explain.explanations_schema())  # every column described in the file
     assert len(record.read_text().splitlines()) == first
     # A kill mid-write leaves a cut last line: that one request is sent again, nothing else.
@@ -317,8 +283,6 @@ def test_the_key_is_sent_but_written_nowhere(server, tmp_path, monkeypatch):
 
 def test_a_timeout_is_a_failed_row(tmp_path):
     """A server that never answers: each request times out (retried), the job says so."""
-    import socket
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)  # accepts connections, never replies
@@ -336,20 +300,93 @@ def test_a_timeout_is_a_failed_row(tmp_path):
         sock.close()
 
 
-def test_the_command_line_says_one_line_and_exits_2(tmp_path, capsys):
+@contextlib.contextmanager
+def endpoint_failing(case: str):
+    """(base_url, settings) of an endpoint that answers nothing, in one of six ways."""
+    if case in ("401", "429", "500"):
+        s = Server(status=int(case))
+        try:
+            yield s.url, {}
+        finally:
+            s.close()
+    elif case == "timeout":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)  # accepts connections, never replies
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", {"timeout": 0.2}
+        finally:
+            sock.close()
+    elif case == "unset key":
+        s = Server()
+        try:
+            yield s.url, {"api_key_env": "LOUPE_TEST_KEY_UNSET"}
+        finally:
+            s.close()
+    else:
+        yield "http://127.0.0.1:9/v1", {}  # nothing listens on port 9
+
+
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("unreachable", r"no request to http://127.0.0.1:9/v1/\S* was answered \(unreachable"),
+        ("401", r"was answered \(HTTP 401 x6\)"),
+        ("429", r"was answered \(HTTP 429 x6\)"),
+        ("500", r"was answered \(HTTP 500 x6\)"),
+        ("timeout", r"was answered \(timeout x6\)"),
+        ("unset key", r"LOUPE_TEST_KEY_UNSET, which is unset"),
+    ],
+)
+def test_the_command_line_says_one_line_and_exits_2(case, says, tmp_path, capsys, monkeypatch):
+    """Each way an endpoint can answer nothing: one line naming it, exit 2, no output file,
+    and the answers already bought still in the record."""
     from loupe.cli import main
 
+    monkeypatch.delenv("LOUPE_TEST_KEY_UNSET", raising=False)
     ex, iv, st, rw = _layer_files(tmp_path)
-    raw = raw_config(base_url="http://127.0.0.1:9/v1", retries=0)
-    code = main(
-        ["explain", "--config", json.dumps(raw), "--layer", "0", "--examples", str(ex)]
-        + ["--intervals", str(iv), "--stats", str(st), "--random-windows", str(rw)]
-        + ["--record", str(tmp_path / "r"), "--explanations", str(tmp_path / "o")]
-        + ["--server-log", str(tmp_path / "s.log")]
-    )
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
-    assert code == 2 and len(errors) == 1
-    assert errors[0].startswith("loupe explain: error: no request to http://127.0.0.1:9/v1/")
+    record = tmp_path / "r"
+    bought = json.dumps({"key": "old", "text": "x"}) + "\n"
+    record.write_text(bought)
+    with endpoint_failing(case) as (url, settings):
+        raw = raw_config(base_url=url, retries=0, **settings)
+        code = main(
+            ["explain", "--config", json.dumps(raw), "--layer", "0", "--examples", str(ex)]
+            + ["--intervals", str(iv), "--stats", str(st), "--random-windows", str(rw)]
+            + ["--record", str(record), "--explanations", str(tmp_path / "o")]
+            + ["--server-log", str(tmp_path / "s.log")]
+        )
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("loupe explain: error: ")
+    assert re.search(says, errors[0]), errors[0]
+    assert record.read_text() == bought
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_partial_outage_is_failed_rows_and_a_rerun_sends_only_those(tmp_path):
+    """Requests about one feature fail (HTTP 500), the rest answer: the job ends normally with
+    that row failed and counted; once the endpoint is back, a forced rerun sends only what
+    was never answered. A 429 that clears on its retry costs nothing."""
+    files = _layer_files(tmp_path)
+    record, out = tmp_path / "record.jsonl", tmp_path / "o"
+    s = Server(fail_on=" t2")
+    try:
+        counts = explain.explain_layer(spec(s.url, score_features=0), 0, *files, record, out)
+    finally:
+        s.close()
+    assert counts == {"ok": 5, "unparsed": 0, "failed": 1}
+    df = pl.read_parquet(out)
+    assert df.filter(pl.col("status") == "failed")["feature"].to_list() == [2]
+    assert df.filter(pl.col("feature") == 2)["explanation"].to_list() == [None]
+    s = Server(flaky=True)
+    try:
+        counts = explain.explain_layer(spec(s.url, score_features=0), 0, *files, record, out)
+    finally:
+        s.close()
+    assert counts == {"ok": 6, "unparsed": 0, "failed": 0}
+    assert list(s.sent.values()) == [2]  # feature 2's request alone, its 429 then its answer
 
 
 def test_kill_9_mid_run_resumes_without_resending_answers(tmp_path):

@@ -5,10 +5,11 @@ where the feature is exactly inactive). Requests go to any OpenAI-compatible cha
 endpoint; every answered request is appended to a record, so a rerun sends only what was never
 answered. A failed request or an unparseable answer is a row with its status, never a crash.
 
-delphi's prompt modules are plain text and functions; they are loaded by file, since its
-package __init__s import its vLLM/async stack, which this stage does not need. Its highlighting
-(<<tokens>> above 0.3 x the example's maximum), its activation list and its answer parsing are
-reproduced here line for line (delphi/explainers/explainer.py, scorers/classifier/)."""
+delphi's prompt modules are plain text and functions, vendored byte for byte in
+assets/delphi (installing eai-delphi pulls in vLLM, which this stage does not need) and loaded
+by file. Its highlighting (<<tokens>> above 0.3 x the example's maximum), its activation list
+and its answer parsing are reproduced here line for line (delphi/explainers/explainer.py,
+scorers/classifier/)."""
 
 from __future__ import annotations
 
@@ -38,22 +39,20 @@ from .progress import progress
 log = logging.getLogger(__name__)
 
 # Bump when loupe changes what it sends (example formatting, sampling of examples).
-PROMPT_VERSION = "loupe-1"
+PROMPT_VERSION = "loupe-2"  # 2: held-out examples span the activations, top ones included
 THRESHOLD = 0.3  # delphi's Explainer.threshold: highlight tokens above 0.3 x the max
 SEED = 0
 STATUSES = ("ok", "unparsed", "failed")
 
 
-def delphi_version() -> str:
-    return importlib.metadata.version("eai-delphi")
+# The eai-delphi release whose prompt modules assets/delphi holds (tests check both).
+DELPHI_VERSION = "0.1.3"
+DELPHI_PROMPTS = Path(__file__).parent / "assets" / "delphi"
 
 
 def _delphi_module(relative: str):
-    """A delphi module loaded from its file, without running delphi's package __init__s."""
-    spec = importlib.util.find_spec("delphi")
-    if spec is None or not spec.submodule_search_locations:
-        raise LoupeError("eai-delphi is not installed (pip install eai-delphi --no-deps)")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    """One of delphi's prompt modules (a path inside the delphi package), from loupe's copy."""
+    path = DELPHI_PROMPTS / relative
     module_spec = importlib.util.spec_from_file_location(f"loupe_delphi_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -233,15 +232,21 @@ class Endpoint:
 # Which features, which examples
 
 
+def one_per_stratum(size: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions in a sorted list of `size` items: one drawn at random from each of n equal
+    strata (all of them if n >= size), so the draw spans the whole range of the sort key."""
+    if n >= size:
+        return np.arange(size)
+    edges = np.linspace(0, size, n + 1).astype(int)
+    picks = [rng.integers(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return np.array(picks, dtype=np.int64)
+
+
 def stratified(features: np.ndarray, density: np.ndarray, n: int, seed: int = SEED) -> np.ndarray:
-    """n of `features` (all if fewer), one drawn at random from each of n equal strata of
-    features sorted by density: a sample spread over rare and common features. Sorted."""
-    if n >= len(features):
-        return np.sort(features)
+    """n of `features` (all if fewer), one from each of n equal strata of features sorted by
+    density: a sample spread over rare and common features. Sorted."""
     order = features[np.argsort(density, kind="stable")]
-    edges = np.linspace(0, len(order), n + 1).astype(int)
-    rng = np.random.default_rng(seed)
-    return np.sort([order[rng.integers(a, b)] for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    return np.sort(order[one_per_stratum(len(order), n, np.random.default_rng(seed))])
 
 
 def _examples(path: Path, features: np.ndarray) -> dict[int, list[tuple[list[str], list[float]]]]:
@@ -292,8 +297,10 @@ def scoring_samples(
     """(text, label) samples, shuffled. detection: n held-out activating examples (label 1)
     and n inactive windows (0), unmarked. fuzzing (delphi's FuzzingScorer): the activating
     examples with their tokens above the threshold marked (1), and the same examples with as
-    many tokens below it marked instead (0)."""
-    active = active[:n]
+    many tokens below it marked instead (0). `active` is sorted by peak activation, highest
+    first; the n drawn span it (one per stratum), as delphi draws its test examples from every
+    activation quantile, so a score covers weak activations too, not only the strongest."""
+    active = [active[i] for i in one_per_stratum(len(active), n, rng)]
     samples: list[tuple[str, bool]] = []
     if scorer == "detection":
         samples += [("".join(t), True) for t, _ in active]
@@ -387,9 +394,18 @@ class Plan:
         return self.top.get(int(f), [])[: spec.explain_examples]
 
     def held_out(self, spec: ExplainConfig, f: int) -> list:
-        """Interval examples not among those shown to the explainer."""
+        """The activating examples the explainer was not shown: the top examples past those
+        shown and the interval examples, by peak activation, highest first; a window shown,
+        or held out twice, once at most."""
         seen = {json.dumps(t) for t, _ in self.shown(spec, f)}
-        return [e for e in self.spread.get(int(f), []) if json.dumps(e[0]) not in seen]
+        rest = self.top.get(int(f), [])[spec.explain_examples :] + self.spread.get(int(f), [])
+        out = []
+        for example in sorted(rest, key=lambda e: -max(e[1], default=0.0)):
+            key = json.dumps(example[0])
+            if key not in seen:
+                seen.add(key)
+                out.append(example)
+        return out
 
 
 def plan_layer(
@@ -477,7 +493,7 @@ def _explain_layer(
         raise LoupeError(f"no request to {endpoint.url} was answered ({kinds})")
     table = pa.Table.from_pylist(
         [
-            {**r, "layer": layer, "prompt_version": PROMPT_VERSION, "delphi": delphi_version()}
+            {**r, "layer": layer, "prompt_version": PROMPT_VERSION, "delphi": DELPHI_VERSION}
             for r in rows
         ],
         schema=explanations_schema(),
