@@ -444,12 +444,31 @@ def test_transfer_equals_a_direct_computation_on_the_second_model(
     with torch.no_grad():
         x = capture(other, HOOK, ids)[mask].float()
         logits = other(input_ids=ids).logits.float()
-        fvu = float(sae(x).fvu)
+        out = sae(x)
+        fvu, recon = float(out.fvu), out.sae_out
+
+        def splice(_m, _i, out):  # the SAE's reconstruction in the second model's stream
+            hs = (out[0] if isinstance(out, tuple) else out).clone()
+            hs[mask] = recon.to(hs.dtype)
+            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+        handle = get_hookpoint(other, HOOK).register_forward_hook(splice)
+        try:
+            spliced = other(input_ids=ids).logits.float()
+        finally:
+            handle.remove()
     at = mask.clone()
     at[:, -1] = False
-    ce = float(F.cross_entropy(logits[at], ids[:, 1:][at[:, :-1]]))
+    targets = ids[:, 1:][at[:, :-1]]
+    ce = float(F.cross_entropy(logits[at], targets))
+    ce_spliced = float(F.cross_entropy(spliced[at], targets))
+    lp, lq = F.log_softmax(logits[at], -1), F.log_softmax(spliced[at], -1)
+    kl = float(F.kl_div(lq, lp, log_target=True, reduction="batchmean"))
     assert got["fvu"] == pytest.approx(fvu, rel=1e-4)
     assert got["ce_loss_clean"] == pytest.approx(ce, rel=1e-5)
+    assert got["ce_loss_spliced"] == pytest.approx(ce_spliced, rel=1e-5)
+    assert got["delta_ce"] == pytest.approx(ce_spliced - ce, abs=1e-5)
+    assert got["kl"] == pytest.approx(kl, rel=1e-4)
     # The same SAE on the base model: the second model's numbers differ measurably.
     for key in ("fvu", "ce_loss_clean", "delta_ce"):
         assert abs(got[key] - result[key]) > 0.01 * abs(result[key]), key
