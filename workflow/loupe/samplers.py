@@ -294,14 +294,10 @@ class IntervalExamples:
         num_latents: int,
         maxact_config: MaxactConfig,
         device: torch.device,
-        intervals: int | None = None,
-        per_interval: int | None = None,
         seed: int = 0,
         edges=INTERVAL_EDGES,
     ):
-        # None: the config's (maxact_config.intervals, maxact_config.per_interval); tests vary them.
-        intervals = maxact_config.intervals if intervals is None else intervals
-        per_interval = maxact_config.per_interval if per_interval is None else per_interval
+        intervals, per_interval = maxact_config.intervals, maxact_config.per_interval
         if intervals < 1:
             raise LoupeError(f"intervals must be at least 1, got {intervals}")
         if per_interval < 1:
