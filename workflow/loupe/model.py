@@ -32,7 +32,7 @@ _NON_TEXT_MODULES = (
 )
 
 
-# The sparsify releases loupe's Trainer patches (train.py) were written and tested against:
+# The sparsify releases loupe's Trainer patches (trainer.py) were written and tested against:
 # they override its checkpoint and resume internals, which change between releases.
 SPARSIFY_SUPPORTED = ("1.3.3",)
 
