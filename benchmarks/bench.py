@@ -203,18 +203,18 @@ def floor(ctx: dict, prefixes: set[int]) -> dict:
     from loupe.tokens import open_split
 
     config = config_of(ctx)
-    device, m = select_device(config.device), config.model
+    device, model_config = select_device(config.device), config.model
     torch.set_num_threads(ctx["threads"])
-    model = load_model(m.name, device, m.revision, m.dtype)
+    model = load_model(model_config.name, device, model_config.revision, model_config.dtype)
     rows = open_split(split(ctx, ctx["batches"][1], "train.npy"))[: ctx["rows"]]
     ids = torch.from_numpy(rows.astype(np.int64)).to(device)
     out = {}
     for n in sorted(prefixes, reverse=True):  # cut the model shorter each time
-        truncate_after(model, hookpoint := m.hookpoint_of(n - 1))
+        truncate_after(model, hookpoint := model_config.hookpoint_of(n - 1))
         out[f"forward_{n}"] = per_token(
             ctx, lambda h=hookpoint: capture(model, h, ids), ids.numel()
         )
-    x = capture(model, m.hookpoint_of(0), ids).float().flatten(0, 1)
+    x = capture(model, model_config.hookpoint_of(0), ids).float().flatten(0, 1)
     latents = config.sae.num_latents or x.shape[1] * config.sae.expansion_factor
     w, b = torch.randn(latents, x.shape[1], device=device), torch.zeros(latents, device=device)
     with torch.inference_mode():
@@ -425,20 +425,22 @@ def sampling_pass(ctx: dict, layer: int, repeats: int = 3) -> dict:
         s0, s1 = (statistics.median(times[name, size]) for size in sizes)
         variants[name] = {"seconds": [s0, s1], "seconds_per_token": (s1 - s0) / (t1 - t0)}
 
-    spec, num, device = config.maxact, job.sae.num_latents, job.sae.device
+    maxact_config, num, device = config.maxact, job.sae.num_latents, job.sae.device
     special = torch.tensor(job.special_ids, dtype=torch.int64, device=device)
     updates = {"histogram": 0.0, "interval examples": 0.0}
     with torch.inference_mode():
-        batches, top = [], TopExamples(num, spec, device)
-        for start in range(0, len(rows[sizes[1]]), spec.batch_size):
-            ids = torch.from_numpy(rows[sizes[1]][start : start + spec.batch_size].astype(np.int64))
+        batches, top = [], TopExamples(num, maxact_config, device)
+        for start in range(0, len(rows[sizes[1]]), maxact_config.batch_size):
+            ids = torch.from_numpy(
+                rows[sizes[1]][start : start + maxact_config.batch_size].astype(np.int64)
+            )
             acts, indices, _ = encode_batch(
                 job.model, job.sae, job.hookpoint, ids.to(device), special
             )
             batches.append(Batch(acts, indices, start, num))
             top.update(batches[-1])  # computes the peaks the interval examples share, as in stream
         t = now(ctx)
-        intervals = IntervalExamples(num, spec, device)
+        intervals = IntervalExamples(num, maxact_config, device)
         allocation = now(ctx) - t
         histogram = ActivationHistogram(num, device)
         for _ in range(repeats):
@@ -826,9 +828,9 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
     cfg = sparsify.SparseCoderConfig(expansion_factor=config.sae.expansion_factor, k=config.sae.k)
     saes = [sparsify.SparseCoder(spec.hidden_size, cfg, device="cpu") for _ in config.model.layers]
     hooks = [config.model.hookpoint_of(layer) for layer in config.model.layers]
-    ev = config.evaluate
+    evaluate_config = config.evaluate
     ctx = config.tokens.ctx_len
-    rows = -(-ev.max_tokens // ctx)
+    rows = -(-evaluate_config.max_tokens // ctx)
     tokens = np.random.default_rng(0).integers(4, spec.vocab_size, size=(rows, ctx))
     tokens[:, 0] = 2  # BOS
     specials = [0, 1, 2]
@@ -837,18 +839,25 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
         return cpu_median(fn, repeats)
 
     def eval_with(ladder):
-        s = dc.replace(ev, k_ladder=ladder)
-        return lambda: evaluate_sae(model, saes[0], hooks[0], tokens, specials, s)
+        laddered_config = dc.replace(evaluate_config, k_ladder=ladder)
+        return lambda: evaluate_sae(model, saes[0], hooks[0], tokens, specials, laddered_config)
 
     base = timed(eval_with([]))
-    ladder = timed(eval_with(ev.k_ladder))
+    ladder = timed(eval_with(evaluate_config.k_ladder))
     splice = timed(
         lambda: splice_suite(
-            model, saes, hooks, tokens, specials, ev.spliced_max_tokens, ev.batch_size, 256
+            model,
+            saes,
+            hooks,
+            tokens,
+            specials,
+            evaluate_config.spliced_max_tokens,
+            evaluate_config.batch_size,
+            256,
         )
     )
     n = len(hooks)
-    extra = len([k for k in ev.k_ladder if k != config.sae.k])
+    extra = len([k for k in evaluate_config.k_ladder if k != config.sae.k])
     # Per token: the evaluation runs 3 forwards and 3 LM-head passes, each ladder rung one
     # more of each, a transfer model a whole evaluation; the splice 1 + n of each.
     measured = {
@@ -860,7 +869,7 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
     demo_counted = {
         "ladder: x evaluate": (3 + extra) / 3,
         "splice: x all per-layer evaluations": (1 + n)
-        * ev.spliced_max_tokens
+        * evaluate_config.spliced_max_tokens
         / (3 * n * rows * ctx),
     }
     # gemma-loupe by GFLOP per token: the evaluation's 3 forwards + 3 heads + 1 encoder, a
@@ -885,8 +894,8 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
         "demo": {
             "layers": n,
             "max_tokens": rows * ctx,
-            "k_ladder": ev.k_ladder,
-            "spliced_max_tokens": ev.spliced_max_tokens,
+            "k_ladder": evaluate_config.k_ladder,
+            "spliced_max_tokens": evaluate_config.spliced_max_tokens,
             "seconds": {"evaluate": base, "evaluate with ladder": ladder, "splice": splice},
             "measured": measured,
             "counted": demo_counted,
@@ -903,8 +912,8 @@ def evaluation_additions(out_dir: Path, threads: int = 1, repeats: int = 3) -> d
         "# Evaluation additions: ladder, transfer, all-layer splice",
         "",
         f"`{result['command']}` ({result['machine']}; CPU time of this process, medians of"
-        f" {repeats}). Demo: {n} layers, {rows * ctx:,} eval"
-        f" tokens, k_ladder {ev.k_ladder}, splice on {ev.spliced_max_tokens:,} tokens.",
+        f" {repeats}). Demo: {n} layers, {rows * ctx:,} eval tokens, k_ladder"
+        f" {evaluate_config.k_ladder}, splice on {evaluate_config.spliced_max_tokens:,} tokens.",
         "",
         "| addition | demo, measured | demo, forward count | gemma-loupe H100-hours |",
         "|---|---|---|---|",

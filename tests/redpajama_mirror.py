@@ -27,6 +27,7 @@ DOCS_PER_FILE = 30
 MISSING = "2023-06/0001/en_middle"  # on the publisher's missing list, and not served
 NOT_FOUND = "2023-14/0002/en_head"  # not listed, but the server answers 404
 CORRUPT = "2023-14/0000/en_middle"  # served, but not gzip
+TEXT = "raw_content"  # the documents files' text column (dataset.text_column)
 WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which this "
     "be or has had not but what all when there can more one been their about would into "
@@ -52,7 +53,7 @@ def record(text: str, tag: str, row: int) -> dict:
         "nlines": 1,
         "source_domain": "example.org",
         "title": f"document {row}",
-        "raw_content": text,
+        TEXT: text,
         "cc_segment": f"crawl-data/CC-MAIN-{tag[:7]}/segments/0/wet/0.warc.wet.gz",
         "original_nlines": 1,
         "original_length": len(text),

@@ -4,6 +4,7 @@ what a dense recomputation gives, and the chunked logit tables equal the full pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -115,12 +116,11 @@ def test_interval_samples_are_exactly_uniform_across_window_slides():
     values = [0.5] * 12 + [1.0] * 12 + [0.9] * 10 + [0.5] * 8 + [2.0] * 10 + [1.8] * 10
     members = {0: range(42, 52), 1: range(52, 62), 2: range(42)}
     m, replicas = 3, 3000
+    maxact_config = dataclasses.replace(SPEC, intervals=3, per_interval=m)
     acts, indices = _replica_stream(values, replicas)
     inclusion = np.zeros(len(values))
     for seed in (0, 1):
-        sampler = IntervalExamples(
-            replicas, SPEC, torch.device("cpu"), intervals=3, per_interval=m, seed=seed
-        )
+        sampler = IntervalExamples(replicas, maxact_config, torch.device("cpu"), seed=seed)
         for start in range(0, len(values), 7):
             sampler.update(
                 Batch(acts[start : start + 7], indices[start : start + 7], start, replicas)
@@ -158,9 +158,8 @@ def test_every_interval_example_is_its_dense_recomputation(share):
     acts = acts * 1.06 ** torch.arange(rows).view(rows, 1, 1)
     acts[:, 0] = 0  # special positions
     intervals, m = 4, 2
-    sampler = IntervalExamples(
-        features, SPEC, torch.device("cpu"), intervals=intervals, per_interval=m, seed=5
-    )
+    maxact_config = dataclasses.replace(SPEC, intervals=intervals, per_interval=m)
+    sampler = IntervalExamples(features, maxact_config, torch.device("cpu"), seed=5)
     for start in range(0, rows, 4):
         a, i = acts[start : start + 4], indices[start : start + 4]
         batch = Batch(a, i, start, features)
@@ -218,7 +217,8 @@ def test_maxact_example_table_formats_interval_examples():
     rows, seq, features = 12, 8, 4
     acts, indices = _random_topk(rows, seq, 2, features, seed=4)
     tokens = np.random.default_rng(0).integers(3, 50, size=(rows, seq))
-    sampler = IntervalExamples(features, SPEC, torch.device("cpu"), intervals=3, per_interval=2)
+    maxact_config = dataclasses.replace(SPEC, intervals=3, per_interval=2)
+    sampler = IntervalExamples(features, maxact_config, torch.device("cpu"))
     for start in range(0, rows, 5):
         sampler.update(Batch(acts[start : start + 5], indices[start : start + 5], start, features))
     cpu = sampler.cpu()
@@ -240,9 +240,10 @@ def test_maxact_example_table_formats_interval_examples():
 
 def test_interval_samples_repeat_with_the_seed():
     acts, indices = _random_topk(rows=16, seq=6, k=3, features=5, seed=8)
+    maxact_config = dataclasses.replace(SPEC, per_interval=2)
 
     def run(seed):
-        sampler = IntervalExamples(5, SPEC, torch.device("cpu"), per_interval=2, seed=seed)
+        sampler = IntervalExamples(5, maxact_config, torch.device("cpu"), seed=seed)
         for start in range(0, 16, 4):
             sampler.update(Batch(acts[start : start + 4], indices[start : start + 4], start, 5))
         return sampler.cpu()
@@ -254,9 +255,9 @@ def test_interval_samples_repeat_with_the_seed():
 
 def test_interval_settings_are_checked():
     with pytest.raises(LoupeError, match="intervals"):
-        IntervalExamples(4, SPEC, torch.device("cpu"), intervals=0)
+        IntervalExamples(4, dataclasses.replace(SPEC, intervals=0), torch.device("cpu"))
     with pytest.raises(LoupeError, match="per interval"):
-        IntervalExamples(4, SPEC, torch.device("cpu"), per_interval=0)
+        IntervalExamples(4, dataclasses.replace(SPEC, per_interval=0), torch.device("cpu"))
     with pytest.raises(LoupeError, match="increasing"):
         ActivationHistogram(4, torch.device("cpu"), edges=[1.0, 0.5])
 

@@ -21,6 +21,7 @@ from redpajama_mirror import (
     PARTS,
     SHARDS,
     SNAPSHOTS,
+    TEXT,
     Mirror,
     build_tree,
     serve,
@@ -75,7 +76,7 @@ def test_urls_follow_the_publisher_layout_minus_its_missing_list(mirror, caplog)
 def test_every_present_document_streams_exactly_once(mirror, caplog):
     caplog.set_level(logging.WARNING, LOGGER)
     stats = StreamStats()
-    texts = list(iter_documents(mirror.source(), seed=0, stats=stats))
+    texts = list(iter_documents(mirror.source(), TEXT, seed=0, stats=stats))
 
     expected = Counter(t for texts in mirror.docs.values() for t in texts)
     assert Counter(texts) == expected
@@ -98,9 +99,9 @@ def test_every_present_document_streams_exactly_once(mirror, caplog):
 
 
 def test_order_is_seeded(mirror):
-    a = list(iter_documents(mirror.source(), seed=0))
-    b = list(iter_documents(mirror.source(), seed=0))
-    c = list(iter_documents(mirror.source(), seed=1))
+    a = list(iter_documents(mirror.source(), TEXT, seed=0))
+    b = list(iter_documents(mirror.source(), TEXT, seed=0))
+    c = list(iter_documents(mirror.source(), TEXT, seed=1))
     assert a == b
     assert c != a and sorted(c) == sorted(a)
 
@@ -108,21 +109,21 @@ def test_order_is_seeded(mirror):
 def test_documents_of_many_shards_are_interleaved(mirror):
     file_of = mirror.file_of()
     for seed in (0, 1, 2):
-        first = [file_of[t] for t in list(iter_documents(mirror.source(), seed=seed))[:20]]
+        first = [file_of[t] for t in list(iter_documents(mirror.source(), TEXT, seed=seed))[:20]]
         assert len(set(first)) >= 3, (seed, Counter(first))
         # Within each file, documents keep their order.
-        stream = list(iter_documents(mirror.source(open_files=4), seed=seed))
+        stream = list(iter_documents(mirror.source(open_files=4), TEXT, seed=seed))
         for tag, texts in mirror.docs.items():
             assert [t for t in stream if file_of[t] == tag] == texts
     # One file open at a time reads files whole, one after another.
-    serial = [file_of[t] for t in iter_documents(mirror.source(open_files=1), seed=0)]
+    serial = [file_of[t] for t in iter_documents(mirror.source(open_files=1), TEXT, seed=0)]
     assert len(set(serial[:DOCS_PER_FILE])) == 1
 
 
 def test_a_local_folder_mirror_reads_the_same(mirror):
     local = mirror.source(base_url=str(mirror.root), missing_list_url=None)
     stats = StreamStats()
-    texts = list(iter_documents(local, seed=0, stats=stats))
+    texts = list(iter_documents(local, TEXT, seed=0, stats=stats))
     assert Counter(texts) == Counter(t for ts in mirror.docs.values() for t in ts)
     # Without the list, the missing file is skipped when it fails to open.
     assert {url for url, _ in stats.skipped} == {
@@ -154,9 +155,9 @@ def test_bad_sources_are_one_clear_error(mirror):
     with pytest.raises(LoupeError, match=f"{where}: shards 4999..5000 outside 0..4999"):
         mirror.source(shard_start=4999, shard_count=2)
     with pytest.raises(LoupeError, match="'text' not in .*raw_content"):
-        next(iter_documents(mirror.source(), text_column="text"))
+        next(iter_documents(mirror.source(), "text", seed=0))
     with pytest.raises(LoupeError, match="no documents could be read"):
-        list(iter_documents(mirror.source(base_url=f"{mirror.base_url}/nothing")))
+        list(iter_documents(mirror.source(base_url=f"{mirror.base_url}/nothing"), TEXT, seed=0))
 
 
 def mirror_config(mirror, tokenizer: Path, **tokens) -> dict:

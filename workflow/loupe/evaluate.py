@@ -287,18 +287,19 @@ def evaluate_sae(
     hookpoint: str,
     tokens: np.ndarray,
     special_ids: list[int],
-    spec: EvaluateConfig,
+    evaluate_config: EvaluateConfig,
 ) -> dict:
     """Reconstruction and loss metrics of `sae` at `hookpoint` on token rows [rows, ctx_len]
-    (at most spec.max_tokens tokens, whole rows). Three passes per batch: clean (recording the
-    layer's output, reconstructed here), with the reconstruction spliced in, and with the
-    positions zeroed; then one spliced pass per k of spec.k_ladder other than the trained k
-    (the trained k's entry is the main splice itself): its metrics under "ladder"."""
-    rows = min(len(tokens), max(1, math.ceil(spec.max_tokens / tokens.shape[1])))
+    (at most evaluate_config.max_tokens tokens, whole rows). Three passes per batch: clean
+    (recording the layer's output, reconstructed here), with the reconstruction spliced in, and
+    with the positions zeroed; then one spliced pass per k of evaluate_config.k_ladder other
+    than the trained k (the trained k's entry is the main splice itself): its metrics under
+    "ladder"."""
+    rows = min(len(tokens), max(1, math.ceil(evaluate_config.max_tokens / tokens.shape[1])))
     module = get_hookpoint(model, hookpoint)
     head = LogitHead.of(model)
     device = next(model.parameters()).device
-    ladder = sorted(spec.k_ladder)
+    ladder = sorted(evaluate_config.k_ladder)
     if ladder and ladder[-1] > sae.num_latents:
         raise LoupeError(
             f"evaluate.k_ladder's k {ladder[-1]} exceeds the SAE's {sae.num_latents} latents"
@@ -314,8 +315,10 @@ def evaluate_sae(
     loss_sums: dict[str, float] = {}
     loss_positions = 0
     bar = progress(total=rows, desc=f"evaluate {hookpoint}", unit="row")
-    for start in range(0, rows, spec.batch_size):
-        ids = torch.from_numpy(tokens[start : min(start + spec.batch_size, rows)].astype(np.int64))
+    for start in range(0, rows, evaluate_config.batch_size):
+        ids = torch.from_numpy(
+            tokens[start : min(start + evaluate_config.batch_size, rows)].astype(np.int64)
+        )
         ids = ids.to(device)
         mask = keep_mask(ids, special_ids)
         with recorded_output(module) as seen:
@@ -340,7 +343,7 @@ def evaluate_sae(
             with substituted_output(module, mask, recon_k.to(h.dtype)):
                 runs[f"k{k}"] = final_hidden(model, ids)[at]
         targets = ids[:, 1:][at[:, :-1]]
-        sums = run_losses(head, clean[at], runs, targets, spec.logit_chunk)
+        sums = run_losses(head, clean[at], runs, targets, evaluate_config.logit_chunk)
         sums["kl"] = sums.pop("kl_spliced")
         for k, v in sums.items():
             loss_sums[k] = loss_sums.get(k, 0.0) + v

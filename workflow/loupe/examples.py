@@ -234,7 +234,7 @@ def example_table(
     tokens: np.ndarray,
     strings: TokenStrings,
     tokenizer,
-    spec: MaxactConfig,
+    maxact_config: MaxactConfig,
     layer: int,
 ):
     """The rows of the given (feature, rank) examples, from CPU copies of TopExamples."""
@@ -244,7 +244,7 @@ def example_table(
     seq_len = tokens.shape[1]
     seqs = top["sequences"][features, ranks]
     pos = top["positions"][features, ranks]
-    t = pos[:, None] + np.arange(-spec.window_before, spec.window_after + 1)
+    t = pos[:, None] + np.arange(-maxact_config.window_before, maxact_config.window_after + 1)
     inside = (t >= 0) & (t < seq_len)  # windows are clipped at row edges
     ids = np.asarray(tokens[seqs[:, None], t.clip(0, seq_len - 1)]).astype(np.int64)
     lengths = inside.sum(1)
@@ -254,8 +254,9 @@ def example_table(
 
     uniq, inverse = np.unique(flat_ids, return_inverse=True)
     as_json = pa.array(strings.as_json(uniq))
-    token_ids = ids[:, spec.window_before]  # the unclipped window is centred on the peak
-    peak_index = np.minimum(pos, spec.window_before)  # positions clipped off the row start
+    before = maxact_config.window_before
+    token_ids = ids[:, before]  # the unclipped window is centred on the peak
+    peak_index = np.minimum(pos, before)  # positions clipped off the row start
     windows = [w.tolist() for w in np.split(flat_ids, offsets[1:-1])]
     return pa.table(
         {
@@ -281,7 +282,7 @@ def write_examples(
     top: dict[str, np.ndarray],
     tokens: np.ndarray,
     tokenizer,
-    spec: MaxactConfig,
+    maxact_config: MaxactConfig,
     layer: int,
     metadata: dict,
     by_interval: bool = False,
@@ -310,7 +311,9 @@ def write_examples(
                 if not len(features):
                     continue
                 features += first
-                table = example_table(top, features, slots, tokens, strings, tokenizer, spec, layer)
+                table = example_table(
+                    top, features, slots, tokens, strings, tokenizer, maxact_config, layer
+                )
                 if by_interval:
                     per = top["values"].shape[1] // top["lower"].shape[1]
                     bucket = top["interval"][features, slots]

@@ -69,7 +69,7 @@ def stream(
     sae,
     hookpoint: str,
     tokens: np.ndarray,
-    spec: MaxactConfig,
+    maxact_config: MaxactConfig,
     special_ids: list[int],
     desc: str = "maxact",
 ) -> Sampled:
@@ -78,17 +78,19 @@ def stream(
     num = sae.num_latents
     special = torch.tensor(special_ids, dtype=torch.int64, device=device)
     kept = Sampled(
-        TopExamples(num, spec, device),
-        IntervalExamples(num, spec, device),
+        TopExamples(num, maxact_config, device),
+        IntervalExamples(num, maxact_config, device),
         FiringStats(num, device),
         ActivationHistogram(num, device),
     )
     rows, seq = tokens.shape
     k = sae.cfg.k
-    kept.random_windows = RandomWindows(rows, seq, spec.random_windows, spec.width, k, device)
+    kept.random_windows = RandomWindows(
+        rows, seq, maxact_config.random_windows, maxact_config.width, k, device
+    )
     bar = progress(total=rows * seq, desc=desc, unit="tok", unit_scale=True)
-    for start in range(0, rows, spec.batch_size):
-        ids = torch.from_numpy(tokens[start : start + spec.batch_size].astype(np.int64))
+    for start in range(0, rows, maxact_config.batch_size):
+        ids = torch.from_numpy(tokens[start : start + maxact_config.batch_size].astype(np.int64))
         acts, indices, counted = encode_batch(model, sae, hookpoint, ids.to(device), special)
         kept.stats.update(acts, indices, counted)
         kept.histogram.update(acts, indices)
@@ -121,7 +123,7 @@ def sample_layer(
     """Stream the sample split through layers 0..layer and the SAE; write the four parquet
     files (max_activations, interval_examples, feature_stats, feature_logits), and the pool of
     random windows with their sparse codes where `random_windows` names a file."""
-    maxact = config.maxact
+    maxact_config = config.maxact
     split = open_split(tokens, read_tokens_manifest(manifest))
     job = open_layer(config, layer, threads, head=True, sae=sae, manifest=manifest)
     model, hookpoint, special, coder = job.model, job.hookpoint, job.special_ids, job.sae
@@ -133,18 +135,22 @@ def sample_layer(
         f"{rows:,}",
         seq,
         coder.num_latents,
-        maxact.top_n,
-        maxact.intervals,
-        maxact.per_interval,
-        maxact.window_before,
-        maxact.window_after,
+        maxact_config.top_n,
+        maxact_config.intervals,
+        maxact_config.per_interval,
+        maxact_config.window_before,
+        maxact_config.window_after,
     )
     t0 = time.perf_counter()
-    kept = stream(model, coder, hookpoint, split, maxact, special, desc=f"maxact layer {layer}")
+    kept = stream(
+        model, coder, hookpoint, split, maxact_config, special, desc=f"maxact layer {layer}"
+    )
     elapsed = time.perf_counter() - t0
     t1 = time.perf_counter()
     # The unembedding: Gemma ties it to the input embeddings; untied models have their own.
-    promoted = top_logits(coder.W_dec, model.get_output_embeddings().weight, k=maxact.top_logits)
+    promoted = top_logits(
+        coder.W_dec, model.get_output_embeddings().weight, k=maxact_config.top_logits
+    )
     logit_seconds = time.perf_counter() - t1
 
     metadata = {
@@ -152,11 +158,11 @@ def sample_layer(
         "hookpoint": hookpoint,
         "num_latents": coder.num_latents,
         "k": coder.cfg.k,
-        "top_n": maxact.top_n,
-        "window_before": maxact.window_before,
-        "window_after": maxact.window_after,
-        "intervals": maxact.intervals,
-        "per_interval": maxact.per_interval,
+        "top_n": maxact_config.top_n,
+        "window_before": maxact_config.window_before,
+        "window_after": maxact_config.window_after,
+        "intervals": maxact_config.intervals,
+        "per_interval": maxact_config.per_interval,
         "sample_rows": rows,
         "ctx_len": seq,
         "tokens": kept.stats.tokens,
@@ -173,13 +179,13 @@ def sample_layer(
         kept.histogram.cpu(),
         metadata,
     )
-    written = write_examples(Path(examples), top, split, tokenizer, maxact, layer, metadata)
+    written = write_examples(Path(examples), top, split, tokenizer, maxact_config, layer, metadata)
     spread = write_examples(
         Path(intervals),
         kept.interval_examples.cpu(),
         split,
         tokenizer,
-        maxact,
+        maxact_config,
         layer,
         metadata,
         by_interval=True,

@@ -32,7 +32,7 @@ _NON_TEXT_MODULES = (
 )
 
 
-# The sparsify releases loupe's Trainer patches (train.py) were written and tested against:
+# The sparsify releases loupe's Trainer patches (trainer.py) were written and tested against:
 # they override its checkpoint and resume internals, which change between releases.
 SPARSIFY_SUPPORTED = ("1.3.3",)
 
@@ -60,7 +60,7 @@ def import_sparsify():
     return sparsify
 
 
-def model_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
+def model_dtype(device: torch.device, choice: str) -> torch.dtype:
     """The model's dtype (config model.dtype): auto = bf16 on GPU, fp32 on CPU. Never fp16:
     Gemma 4's layer-0 MLP overflows it."""
     if choice == "auto":

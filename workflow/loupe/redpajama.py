@@ -192,8 +192,8 @@ def _open(url: str, text_column: str) -> Iterator[dict]:
 
 def iter_documents(
     source: RedPajamaConfig,
-    text_column: str = "raw_content",
-    seed: int = 0,
+    text_column: str,
+    seed: int,
     stats: StreamStats | None = None,
 ) -> Iterator[str]:
     """Stream document texts from `source.open_files` files at a time, visited in a seeded

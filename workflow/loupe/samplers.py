@@ -98,9 +98,9 @@ class TopExamples:
     so column N-1 is the bar a new candidate must beat; empty slots hold activation 0 and
     sequence -1. Windows [F, N, W] hold the feature's activations around each kept peak."""
 
-    def __init__(self, num_latents: int, spec: MaxactConfig, device: torch.device):
-        self.spec = spec
-        n, w = spec.top_n, spec.width
+    def __init__(self, num_latents: int, maxact_config: MaxactConfig, device: torch.device):
+        self.maxact_config = maxact_config
+        n, w = maxact_config.top_n, maxact_config.width
         self.values = torch.zeros(num_latents, n, device=device)
         self.sequences = torch.full((num_latents, n), -1, dtype=torch.int64, device=device)
         self.positions = torch.zeros(num_latents, n, dtype=torch.int64, device=device)
@@ -118,7 +118,8 @@ class TopExamples:
         N kept. A kept slot then comes either from the old buffer (order < N: copy its
         sequence, position and window) or from the batch (order >= N: the batch row
         order - N, whose window is read from the dense activations)."""
-        n, spec = self.spec.top_n, self.spec
+        maxact_config = self.maxact_config
+        n = maxact_config.top_n
         acts, first_row = batch.acts, batch.first_row
         peaks, peak_pos = batch.peaks
         admit = peaks > self.values[:, -1]  # [batch, F]; empty slots are 0, so fires only
@@ -142,7 +143,9 @@ class TopExamples:
             peak_pos[:, feats].T.gather(1, batch_row),
             self.positions[feats].gather(1, old_slot),
         )
-        windows = self.windows[feats].gather(1, old_slot[..., None].expand(-1, -1, spec.width))
+        windows = self.windows[feats].gather(
+            1, old_slot[..., None].expand(-1, -1, maxact_config.width)
+        )
         fi, slot = new.nonzero(as_tuple=True)
         if fi.numel():
             # Transient [batch, seq, F] (the size of the encoder's own pre-activations): each
@@ -152,8 +155,8 @@ class TopExamples:
                 batch_row[fi, slot],
                 feats[fi],
                 positions[fi, slot],
-                spec.window_before,
-                spec.window_after,
+                maxact_config.window_before,
+                maxact_config.window_after,
             )
         self.values[feats] = values
         self.sequences[feats] = sequences
@@ -289,21 +292,17 @@ class IntervalExamples:
     def __init__(
         self,
         num_latents: int,
-        spec: MaxactConfig,
+        maxact_config: MaxactConfig,
         device: torch.device,
-        intervals: int | None = None,
-        per_interval: int | None = None,
         seed: int = 0,
         edges=INTERVAL_EDGES,
     ):
-        # None: the config's (spec.intervals, spec.per_interval); tests vary them.
-        intervals = spec.intervals if intervals is None else intervals
-        per_interval = spec.per_interval if per_interval is None else per_interval
+        intervals, per_interval = maxact_config.intervals, maxact_config.per_interval
         if intervals < 1:
             raise LoupeError(f"intervals must be at least 1, got {intervals}")
         if per_interval < 1:
             raise LoupeError(f"examples per interval must be at least 1, got {per_interval}")
-        self.spec = spec
+        self.maxact_config = maxact_config
         self.edges = _check_edges(edges, "interval").to(device)
         shape = (num_latents, intervals, per_interval)
         self.top = torch.full((num_latents,), -1, dtype=torch.int64, device=device)
@@ -313,7 +312,7 @@ class IntervalExamples:
         self.positions = torch.zeros(shape, dtype=torch.int64, device=device)
         # fp32 like TopExamples': a window's peak equals the example's activation exactly;
         # fp16 would save 200 MB of GPU memory at the cost of publishing rounded values.
-        self.windows = torch.zeros(*shape, spec.width, device=device)
+        self.windows = torch.zeros(*shape, maxact_config.width, device=device)
         self.counts = torch.zeros(num_latents, intervals, dtype=torch.int64, device=device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -393,8 +392,8 @@ class IntervalExamples:
             batch_row[gi, si],
             gfeat[gi, si],
             positions[gi, si],
-            self.spec.window_before,
-            self.spec.window_after,
+            self.maxact_config.window_before,
+            self.maxact_config.window_after,
         )
         for name, value in updated.items():
             flat[name][groups] = value

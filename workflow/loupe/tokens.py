@@ -100,39 +100,41 @@ def check_name(key: str, name: str) -> None:
         )
 
 
-def resolve_source(spec: DatasetConfig) -> tuple[str, dict]:
-    """(builder or hub id, load_dataset kwargs) for a dataset spec; checks local paths exist."""
-    if spec.data_files:
-        for f in spec.data_files:
+def resolve_source(dataset_config: DatasetConfig) -> tuple[str, dict]:
+    """(builder or hub id, load_dataset kwargs) for the dataset config; checks local paths exist."""
+    if dataset_config.data_files:
+        for f in dataset_config.data_files:
             if "://" not in f and not any(ch in f for ch in "*?[") and not os.path.exists(f):
                 raise LoupeError(f"dataset file not found: {f}")
-        return spec.path, {"data_files": list(spec.data_files)}
-    if is_local(spec.path):
-        check_name("dataset.path", spec.path)
-        path = Path(spec.path).expanduser()
+        return dataset_config.path, {"data_files": list(dataset_config.data_files)}
+    if is_local(dataset_config.path):
+        check_name("dataset.path", dataset_config.path)
+        path = Path(dataset_config.path).expanduser()
         files = _data_files(path) if path.is_dir() else [path]
         for f in files:
             if not f.is_file():
                 raise LoupeError(
-                    f"dataset path {spec.path}: {f} is a broken symlink or a symlink loop"
+                    f"dataset path {dataset_config.path}: {f} is a broken symlink or a symlink loop"
                 )
         builders = {_builder_for(p.name) for p in files}
         if not files or None in builders:
             raise LoupeError(
-                f"dataset path {spec.path}: no .json/.jsonl(.gz)/.parquet/.txt files found"
+                f"dataset path {dataset_config.path}: no .json/.jsonl(.gz)/.parquet/.txt files found"
             )
         if len(builders) > 1:
-            raise LoupeError(f"dataset path {spec.path}: mixes file types {sorted(builders)}")
+            raise LoupeError(
+                f"dataset path {dataset_config.path}: mixes file types {sorted(builders)}"
+            )
         return builders.pop(), {"data_files": [str(p) for p in files]}
-    return spec.path, {"name": spec.name}
+    return dataset_config.path, {"name": dataset_config.name}
 
 
 def _names(config: Config, built: set[str]) -> list[tuple[str, str]]:
     """(config key, name) of the model, tokenizer and dataset the workflow does not build."""
-    m, d = config.model, config.dataset
-    named = [("model.name", m.name), ("model.tokenizer", m.tokenizer)]
-    if not d.data_files:
-        named.append(("dataset.path", d.path))
+    model_config, dataset_config = config.model, config.dataset
+    named = [("model.name", model_config.name), ("model.tokenizer", model_config.tokenizer)]
+    if not dataset_config.data_files:
+        named.append(("dataset.path", dataset_config.path))
     return [(key, name) for key, name in named if name and name not in built]
 
 
@@ -158,10 +160,11 @@ def check_sources(config: Config, built: set[str] = frozenset()) -> None:
     for key, name in _names(config, built):
         if is_local(name):
             check_name(key, name)
-    d = config.dataset
-    if d.path is None or d.path in built or not (d.data_files or is_local(d.path)):
+    dataset_config = config.dataset
+    path = dataset_config.path
+    if path is None or path in built or not (dataset_config.data_files or is_local(path)):
         return
-    _, kwargs = resolve_source(d)
+    _, kwargs = resolve_source(dataset_config)
     for f in kwargs.get("data_files", []):
         if "://" not in f and not any(ch in f for ch in "*?["):
             _check_readable(Path(f))
@@ -195,29 +198,31 @@ def _check_readable(path: Path, size: int = 1 << 20) -> None:
         raise LoupeError(f"dataset file {path} holds no text")
 
 
-def iter_texts(spec: DatasetConfig, seed: int, shuffle_buffer: int, stats=None) -> Iterator[str]:
+def iter_texts(
+    dataset_config: DatasetConfig, seed: int, shuffle_buffer: int, stats=None
+) -> Iterator[str]:
     """Stream document texts; never materialises the dataset. `stats`: a
     redpajama.StreamStats the RedPajama source fills (files read and skipped, current file)."""
-    if spec.redpajama is not None:
+    if dataset_config.redpajama is not None:
         from .redpajama import iter_documents
 
-        yield from iter_documents(spec.redpajama, spec.text_column, seed, stats)
+        yield from iter_documents(dataset_config.redpajama, dataset_config.text_column, seed, stats)
         return
     from datasets import load_dataset
 
     # datasets logs through its own handler on the terminal's stderr, bound at import: its
     # records go to the root logger (the rule's log) instead, the terminal gets one line.
     logging.getLogger("datasets").handlers.clear()
-    source, kwargs = resolve_source(spec)
+    source, kwargs = resolve_source(dataset_config)
     files = kwargs.get("data_files") or []
-    where = f"dataset {spec.path!r}" + (
+    where = f"dataset {dataset_config.path!r}" + (
         f" ({', '.join(map(str, files))})" if 0 < len(files) <= 3 else ""
     )
     try:
-        ds = load_dataset(source, split=spec.split, streaming=True, **kwargs)
+        ds = load_dataset(source, split=dataset_config.split, streaming=True, **kwargs)
         if shuffle_buffer > 0:
             ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        column = spec.text_column
+        column = dataset_config.text_column
         for i, record in enumerate(ds):
             if column not in record:
                 raise LoupeError(
@@ -358,8 +363,8 @@ def tokenize(config: Config, out_dir: Path, threads: int = 1, store: Path | None
 
     Whole documents are dealt to splits at random (seeded), in proportion to the tokens each
     split still needs, so no document is shared between training and evaluation."""
-    spec, out_dir = config.tokens, Path(out_dir)
-    rows = spec.rows()
+    tokens_config, out_dir = config.tokens, Path(out_dir)
+    rows = tokens_config.rows()
     out_dir.mkdir(parents=True, exist_ok=True)
     key = store_key(config)
     store = (Path(store) if store is not None else out_dir / STORE) / key
@@ -371,7 +376,7 @@ def tokenize(config: Config, out_dir: Path, threads: int = 1, store: Path | None
         link_into(store, out_dir)
         log.info("reused the token splits tokenized before with these settings (%s)", store)
         return read_tokens_manifest(out_dir / TOKENS_MANIFEST)
-    _check_disk(store, sum(rows.values()) * spec.ctx_len * 4)
+    _check_disk(store, sum(rows.values()) * tokens_config.ctx_len * 4)
     manifest = _tokenize_into(config, store, threads)
     write_json(store / TOKENS_MANIFEST, manifest)
     link_into(store, out_dir)
@@ -379,24 +384,26 @@ def tokenize(config: Config, out_dir: Path, threads: int = 1, store: Path | None
 
 
 def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
-    dataset, spec = config.dataset, config.tokens
+    dataset_config, tokens_config = config.dataset, config.tokens
     tokenizer_name, revision = config.model.tokenizer_name, config.model.revision
     # The fast tokenizer parallelises batched calls over this many threads.
     os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
     tok = load_tokenizer(tokenizer_name, revision)
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    rows = spec.rows()
-    rng = np.random.default_rng(spec.seed)
+    rows = tokens_config.rows()
+    rng = np.random.default_rng(tokens_config.seed)
     total_rows = sum(rows.values())
     docs = tokens_seen = blank = 0
     start = time.perf_counter()
     stream_stats = None
-    if dataset.redpajama is not None:
+    if dataset_config.redpajama is not None:
         from .redpajama import StreamStats
 
         stream_stats = StreamStats()
     try:
-        writers = {s: _SplitWriter(store / f"{s}.npy", rows[s], spec.ctx_len, bos) for s in SPLITS}
+        writers = {
+            s: _SplitWriter(store / f"{s}.npy", rows[s], tokens_config.ctx_len, bos) for s in SPLITS
+        }
     except OSError as e:
         for f in store.glob(".*.tmp*"):
             f.unlink()
@@ -404,25 +411,27 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
 
     def filled() -> str:
         return ", ".join(
-            f"{s} {number_format.tokens(writers[s].filled * spec.ctx_len)}"
-            f"/{number_format.tokens(rows[s] * spec.ctx_len)}"
+            f"{s} {number_format.tokens(writers[s].filled * tokens_config.ctx_len)}"
+            f"/{number_format.tokens(rows[s] * tokens_config.ctx_len)}"
             for s in SPLITS
         )
 
     try:
         bar = progress(total=total_rows, desc="tokenize", unit="row")
-        texts = iter_texts(dataset, spec.seed, spec.shuffle_buffer, stream_stats)
+        texts = iter_texts(
+            dataset_config, tokens_config.seed, tokens_config.shuffle_buffer, stream_stats
+        )
         while not all(w.full for w in writers.values()):
-            batch = list(itertools.islice(texts, spec.doc_batch_size))
+            batch = list(itertools.islice(texts, tokens_config.doc_batch_size))
             if not batch:
-                found = sum(w.filled for w in writers.values()) * spec.ctx_len
+                found = sum(w.filled for w in writers.values()) * tokens_config.ctx_len
                 more = (
-                    f"; {stream_stats.summary()}; {_hint(dataset)}"
+                    f"; {stream_stats.summary()}; {_hint(dataset_config)}"
                     if stream_stats is not None
                     else "; add documents or lower tokens.*_tokens"
                 )
                 raise LoupeError(
-                    f"corpus too small: collected {found:,} of {total_rows * spec.ctx_len:,}"
+                    f"corpus too small: collected {found:,} of {total_rows * tokens_config.ctx_len:,}"
                     f" tokens ({filled()}) from {docs:,} documents{more}"
                 )
             # A document of only whitespace has no word to learn from: skipped, counted.
@@ -459,14 +468,14 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
         "tokenized %s documents into %s rows (%s tokens) in %.1fs: %.0f tokens/s",
         f"{docs:,}",
         f"{total_rows:,}",
-        f"{total_rows * spec.ctx_len:,}",
+        f"{total_rows * tokens_config.ctx_len:,}",
         elapsed,
         tokens_seen / max(elapsed, 1e-9),
     )
     return {
-        "ctx_len": spec.ctx_len,
+        "ctx_len": tokens_config.ctx_len,
         "rows": rows,
-        "tokens": {s: rows[s] * spec.ctx_len for s in SPLITS},
+        "tokens": {s: rows[s] * tokens_config.ctx_len for s in SPLITS},
         "sha256": hashes,
         "documents_read": docs,
         "tokenizer": tokenizer_name,
@@ -478,8 +487,8 @@ def _tokenize_into(config: Config, store: Path, threads: int) -> dict:
         # What made these tokens: the keys tokenize reads (loupe.config.STAGE_READS).
         "dataset": config.settings_for("tokenize")["dataset"],
         "sources": stream_stats.sources() if stream_stats is not None else None,
-        "seed": spec.seed,
-        "shuffle_buffer": spec.shuffle_buffer,
+        "seed": tokens_config.seed,
+        "shuffle_buffer": tokens_config.shuffle_buffer,
         "dtype": "uint32",
     }
 

@@ -111,9 +111,9 @@ def train_group(
     members = sorted(zip(layers, map(Path, out_dir), strict=True))
     layers = [layer for layer, _ in members]
     tokens_path, manifest_path, checkpoint_dir = Path(tokens), Path(manifest), Path(checkpoint_dir)
-    manifest = read_tokens_manifest(manifest_path)
-    split = open_split(tokens_path, manifest)
-    identity = run_identity(config, layers, tokens_path.stem, manifest)
+    tokens_manifest = read_tokens_manifest(manifest_path)
+    split = open_split(tokens_path, tokens_manifest)
+    identity = run_identity(config, layers, tokens_path.stem, tokens_manifest)
     # The model cut after the deepest member: every shallower hookpoint is kept.
     job = open_layer(config, layers[-1], threads, manifest=manifest_path)
     model, device = job.model, job.device
