@@ -1,5 +1,6 @@
 """Helpers the tests import: building configs, copying the workflow, running Snakemake for
-real, training one layer. Fixtures live in conftest.py."""
+real and reading what it printed (job_counts, announced_jobs), training one layer. Fixtures live in
+conftest.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -145,12 +147,44 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
 
 def job_counts(output: str) -> dict[str, int]:
     """Rule -> jobs from Snakemake's 'Job stats' table (of a run or a dry run), without the
-    total and the `all` aggregate; {} when there was nothing to be done."""
+    total and the `all` aggregate; {} when there was nothing to be done (an output that says
+    neither is not read as an empty plan)."""
     if "Job stats:" not in output:
+        assert "Nothing to be done" in output, f"no job stats in:\n{output[-3000:]}"
         return {}
     table = output.split("Job stats:", 1)[1].split("\n\n")[0]
     rows = re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M)
     return {rule: int(n) for rule, n in rows if rule not in ("job", "total", "all")}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job as Snakemake announces it in a run's or a dry run's output."""
+
+    rule: str
+    local: bool  # announced as `localrule` (run on the machine Snakemake runs on)
+    wildcards: dict[str, str]
+    resources: dict[str, str]
+    shell: str | None  # its command where Snakemake prints one (-p)
+
+
+JOB_BLOCK = re.compile(r"^(local)?rule (\w+):\n((?:    .*\n?)*)(?:Shell command: (.*))?", re.M)
+
+
+def announced_jobs(output: str) -> list[Job]:
+    """Every job Snakemake announces in `output` (a job started, or one a dry run plans; `all`
+    included), in the order printed."""
+
+    def pairs(text: str | None) -> dict[str, str]:  # "a=1, b=2"
+        return dict(kv.split("=", 1) for kv in text.split(", ")) if text else {}
+
+    found = []
+    for local, rule, body, shell in JOB_BLOCK.findall(output):
+        fields = dict(line.strip().split(": ", 1) for line in body.splitlines() if ": " in line)
+        wildcards, resources = pairs(fields.get("wildcards")), pairs(fields.get("resources"))
+        shell = None if shell in ("", "None") else shell  # None: a rule without one (`all`)
+        found.append(Job(rule, bool(local), wildcards, resources, shell))
+    return found
 
 
 def dry_run(workdir: Path, *args: str, check: bool = True) -> dict[str, int]:

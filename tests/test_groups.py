@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from helpers import (
+    announced_jobs,
     copy_workflow,
     demo_tokens,
     kill_after_first_checkpoint,
@@ -260,14 +261,11 @@ def planned_training(
         workdir, *targets, *(["--profile", "profiles/demo"] if demo else ["--cores", "8"]),
         "-n", "-p", "--forceall", "--configfile", config, str(extra),
     )  # fmt: skip
-    jobs = re.findall(
-        r"^rule (train\w*):\n(?:    .*\n)*?    resources: (.*)\nShell command: (.*)$",
-        proc.stdout + proc.stderr,
-        re.M,
-    )
-    return [
-        (rule, cmd, dict(kv.split("=", 1) for kv in res.split(", "))) for rule, res, cmd in jobs
+    training = [
+        job for job in announced_jobs(proc.stdout + proc.stderr) if job.rule.startswith("train")
     ]
+    assert all(job.shell and job.resources for job in training), training
+    return [(job.rule, job.shell, job.resources) for job in training]
 
 
 def test_a_layers_target_trains_its_group_with_one_command_template(checkout, tmp_path):

@@ -32,13 +32,11 @@ def test_cluster_profiles_add_only_site_settings():
 
 
 def test_gpu_rules_declare_their_resources():
-    # The training rules' resources are built in common.smk (train_resources); their values
-    # are checked by a dry run in tests/test_slurm.py.
-    common = (REPO / "workflow/rules/common.smk").read_text()
+    # The training rules' resources are built in loupe.jobs (train_resources); their values
+    # are checked in tests/test_jobs.py and by a dry run in tests/test_slurm.py.
+    jobs = (REPO / "workflow/loupe/jobs.py").read_text()
     for rule in ("train", "maxact", "evaluate"):
-        text = (REPO / f"workflow/rules/{rule}.smk").read_text() + (
-            common if rule == "train" else ""
-        )
+        text = (REPO / f"workflow/rules/{rule}.smk").read_text() + (jobs if rule == "train" else "")
         for resource in ("gpu=1", "cpus_per_gpu=", "mem_mb=", "runtime="):
             assert resource in text, (rule, resource)
 

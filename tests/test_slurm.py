@@ -24,7 +24,15 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from helpers import REPO, WORKFLOW_FILES, copy_workflow, job_counts, run_snakemake, snakemake_env
+from helpers import (
+    REPO,
+    WORKFLOW_FILES,
+    announced_jobs,
+    copy_workflow,
+    job_counts,
+    run_snakemake,
+    snakemake_env,
+)
 
 from loupe.jobs import train_mem_mb
 
@@ -57,10 +65,8 @@ def _planned_resources(workdir: Path, *args: str) -> dict[str, dict[str, str]]:
     proc = run_snakemake(workdir, "-n", "--forceall", *args, *DEMO)
     out = proc.stdout + proc.stderr
     plans = {}
-    for rule, resources in re.findall(
-        r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", out, re.M
-    ):
-        plans.setdefault(rule, dict(kv.split("=", 1) for kv in resources.split(", ")))
+    for job in announced_jobs(out):
+        plans.setdefault(job.rule, job.resources)
     assert plans, out[-3000:]
     return plans
 
@@ -237,7 +243,7 @@ def runs(slurm_cluster, tmp_path_factory) -> Runs:
 @pytest.mark.slurm
 def test_every_non_local_rule_runs_as_a_slurm_job(runs):
     ran = job_counts(runs.slurm_output)
-    local = set(re.findall(r"^localrule (\w+):", runs.slurm_output, re.M))
+    local = {job.rule for job in announced_jobs(runs.slurm_output) if job.local}
     remote = Counter({rule: n for rule, n in ran.items() if rule not in local})
     assert {"demo_corpus", "tokenize", "train", GROUP_RULE} <= set(remote), ran
     jobs = [slurm_job(i) for i in submitted_jobs(runs.slurm_output)]

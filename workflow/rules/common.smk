@@ -1,6 +1,5 @@
 import json
 import os
-import re
 import sys
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ from loupe.config import (  # noqa: E402
     stage_settings,
 )
 from loupe.errors import LoupeError  # noqa: E402
-from loupe.jobs import train_mem_mb, train_runtime  # noqa: E402
+from loupe.jobs import layers_of  # noqa: E402
 from loupe.tokens import check_hub_ids, check_sources, store_key  # noqa: E402
 
 # The workflow's config.yaml, read here rather than in the Snakefile: Snakemake's own message for
@@ -113,51 +112,12 @@ def checked_layer(wildcards):
     return layer
 
 
-def listed(files):
-    """A rule's named output as a list: one file (rule train) or a group's members' files."""
-    return [files] if isinstance(files, str) else list(files)
-
-
 def trained_layers(output):
-    """The layers a training job trains: those of its sae.safetensors outputs."""
-    pattern = re.escape(SAE_FILE).replace(re.escape("{layer}"), r"(\d+)")
-    layers = [int(re.fullmatch(pattern, path).group(1)) for path in listed(output.sae)]
-    return [checked_layer(SimpleNamespace(layer=layer)) for layer in layers]
-
-
-def member_files(template, group):
-    """`template`'s files for the members of `group`; the template itself for rule train."""
-    return template if group is None else expand(template, layer=group)
-
-
-def site_value(value):
-    """A profile's setting as given (Snakemake keeps them as its Resource objects)."""
-    return getattr(value, "raw", value)
-
-
-# A site's profile names the train rule (its partition, account, threads), never a group's
-# rule; each group's rule takes the train rule's entry in its own resources and threads, or
-# its GPU jobs would go to the default (CPU) partition.
-_site = workflow.resource_settings
-TRAIN_SITE_RESOURCES = {
-    key: site_value(value)
-    for key, value in dict(_site.overwrite_resources.get("train") or {}).items()
-}
-TRAIN_SITE_THREADS = site_value(_site.overwrite_threads.get("train"))
-
-
-def train_resources(group):
-    """The resources of the train rule (group None, sized per layer) or of a group's rule."""
-    if group is None:
-        mem_mb = lambda wildcards: train_mem_mb([int(wildcards.layer)])
-        runtime = lambda wildcards: train_runtime(
-            [int(wildcards.layer)], config["tokens"]["train_tokens"]
-        )
-    else:
-        mem_mb = train_mem_mb(group)
-        runtime = train_runtime(group, config["tokens"]["train_tokens"])
-    own = dict(gpu=1, cpus_per_gpu=8, mem_mb=mem_mb, runtime=runtime)
-    return own if group is None else {**own, **TRAIN_SITE_RESOURCES}
+    """The layers a training job trains: those of its sae.safetensors outputs, each checked."""
+    return [
+        checked_layer(SimpleNamespace(layer=layer))
+        for layer in layers_of(output.sae, SAE_FILE)
+    ]
 
 
 def built_by_workflow(path):

@@ -18,9 +18,22 @@
 # loupe.jobs.
 
 from loupe.config import layer_groups
-from loupe.jobs import group_rule_name
+from loupe.jobs import (
+    group_rule_name,
+    listed,
+    member_files,
+    site_resources,
+    site_threads,
+    train_resources,
+)
 
 CHECKPOINTS = "results/checkpoints"
+# A site's profile names rule train (its partition, account, threads), never a group's rule:
+# each group's rule takes rule train's entry in its own resources and threads.
+TRAIN_SITE_RESOURCES = site_resources(
+    workflow.resource_settings.overwrite_resources, "train"
+)
+TRAIN_SITE_THREADS = site_threads(workflow.resource_settings.overwrite_threads, "train")
 try:
     TRAIN_GROUPS = layer_groups(CONFIG)
 except LoupeError as e:
@@ -50,7 +63,7 @@ for group in [None] + [g for g in TRAIN_GROUPS if len(g) > 1]:
             ENV
         threads: TRAIN_SITE_THREADS or 8
         resources:
-            **train_resources(group),
+            **train_resources(group, CONFIG.tokens.train_tokens, TRAIN_SITE_RESOURCES),
         params:
             settings=settings_for("train"),
             layers=lambda wildcards, output: trained_layers(output),
