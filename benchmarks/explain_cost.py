@@ -50,16 +50,16 @@ def suite_config() -> Config:
     return Config.from_dict(raw)
 
 
-def count_layer(spec, layer_dir: Path, tokenizer) -> dict:
+def count_layer(explain_config, layer_dir: Path, tokenizer) -> dict:
     """The dry run's counts of one layer, explaining only and explaining + scoring all."""
     files = [
         layer_dir / f"{n}.parquet"
         for n in ("max_activations", "interval_examples", "feature_stats", "random_windows")
     ]
-    plan = explain.plan_layer(spec, *files)
-    only = dataclasses.replace(spec, score_features=0)
+    plan = explain.plan_layer(explain_config, *files)
+    only = dataclasses.replace(explain_config, score_features=0)
     explained = explain.dry_run_layer(only, explain.plan_layer(only, *files), tokenizer)
-    both = explain.dry_run_layer(spec, plan, tokenizer)
+    both = explain.dry_run_layer(explain_config, plan, tokenizer)
     return {"explain": explained, "both": both}
 
 
@@ -151,15 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--name", default="explain-cost")
     args = p.parse_args(argv)
-    spec = suite_config().explain
+    explain_config = suite_config().explain
     name = args.tokenizer or str(args.results / "demo" / "model")
     tokenizer = load_tokenizer(name, None)
     layer_dirs = sorted(args.results.glob("layer_*"), key=lambda d: int(d.name.split("_")[1]))
-    layers = [count_layer(spec, d, tokenizer) for d in layer_dirs]
+    layers = [count_layer(explain_config, d, tokenizer) for d in layer_dirs]
     result = {
         "results": str(args.results),
         "tokenizer": name,
-        "explain_settings": dataclasses.asdict(spec),
+        "explain_settings": dataclasses.asdict(explain_config),
         "layers": layers,
         "per_feature": per_feature(layers),
     }

@@ -123,24 +123,27 @@ def cut_windows(layer_dir: Path, out: Path, before: int, after: int, full: tuple
     )
 
 
-def run(spec, layers: dict[int, list[Path]], work: Path, tokenizer) -> dict:
-    """Every layer explained and scored with `spec`: the scores per (layer, feature) and the
+def run(explain_config, layers: dict[int, list[Path]], work: Path, tokenizer) -> dict:
+    """Every layer explained and scored with `explain_config`: the scores per (layer, feature) and the
     dry run's token counts per explained feature."""
     scores, counts = {}, collections.Counter()
     for layer, files in layers.items():
         record = work / f"record-{layer}.jsonl"
         record.unlink(missing_ok=True)
         out = work / f"explanations-{layer}.parquet"
-        explain._explain_layer(spec, layer, tuple(files), record, out)
+        explain._explain_layer(explain_config, layer, tuple(files), record, out)
         import polars as pl
 
         for row in pl.read_parquet(out).iter_rows(named=True):
             scores[(layer, row["feature"])] = (row["detection"], row["fuzzing"], row["explanation"])
-        plan = explain.plan_layer(spec, *files)
+        plan = explain.plan_layer(explain_config, *files)
         counts.update(
-            {f"all_{k}": v for k, v in explain.dry_run_layer(spec, plan, tokenizer).items()}
+            {
+                f"all_{k}": v
+                for k, v in explain.dry_run_layer(explain_config, plan, tokenizer).items()
+            }
         )
-        only = dataclasses.replace(spec, score_features=0)
+        only = dataclasses.replace(explain_config, score_features=0)
         counts.update(explain.dry_run_layer(only, explain.plan_layer(only, *files), tokenizer))
     return {
         "scores": scores,
@@ -205,8 +208,8 @@ def main() -> None:
             concurrency=8,
         )
 
-        def measure(label: str, spec, files=layers, reference=None) -> dict:
-            result = run(spec, files, work, tokenizer)
+        def measure(label: str, explain_config, files=layers, reference=None) -> dict:
+            result = run(explain_config, files, work, tokenizer)
             rows.append(summarize(label, result, reference))
             print(rows[-1], flush=True)
             return result

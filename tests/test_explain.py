@@ -44,7 +44,8 @@ def raw_config(**explain_settings) -> dict:
     return raw
 
 
-def spec(url: str | None, **override):
+def config_at(url: str | None, **override):
+    """The typed config with explain.base_url at `url` and these explain settings."""
     return typed(
         raw_config(**{"base_url": url, "concurrency": 2, "retries": 1, "timeout": 5, **override})
     )
@@ -55,7 +56,7 @@ def _example(tokens: list[str], acts: list[float]):
 
 
 def test_detection_score_equals_an_independent_count(server, tmp_path):
-    config = spec(server.url, score_examples=50, examples_per_prompt=3)
+    config = config_at(server.url, score_examples=50, examples_per_prompt=3)
     endpoint = explain.Endpoint(config.explain, tmp_path / "record.jsonl")
     shown = [_example(["a", " cat", " sat"], [0.0, 2.0, 0.1])]
     held = [
@@ -170,7 +171,7 @@ def test_held_out_examples_are_the_unshown_top_and_interval_examples(tmp_path):
     top = [ex(f"top{i}", 10.0 - i) for i in range(5)]  # sorted, as maxact writes them
     spread = [ex("top3", 7.0), ex("mid", 6.5), ex("low", 0.5), ex("top0", 10.0)]
     plan = explain.Plan(np.array([4]), {4}, {4: top}, {4: spread}, {4: []})
-    config = spec("http://127.0.0.1:1/v1", explain_examples=2).explain
+    config = config_at("http://127.0.0.1:1/v1", explain_examples=2).explain
     assert [t[0] for t, _ in plan.shown(config, 4)] == ["top0", "top1"]
     held = plan.held_out(config, 4)
     assert [t[0] for t, _ in held] == ["top2", "top3", "mid", "top4", "low"]
@@ -200,7 +201,7 @@ def test_inactive_windows_are_exact(tmp_path):
 
 def test_a_rerun_sends_nothing_already_answered(server, tmp_path):
     files = _layer_files(tmp_path)
-    config = spec(server.url, score_features=2)
+    config = config_at(server.url, score_features=2)
     out, record = tmp_path / "explanations.parquet", tmp_path / "record.jsonl"
     counts = explain.explain_layer(config, 3, *files, record, out)
     first = server.requests
@@ -225,7 +226,7 @@ def test_unparsed_answers_are_rows(tmp_path):
     s = Server(unparsed=" t2")
     try:
         counts = explain.explain_layer(
-            spec(s.url, score_features=0),
+            config_at(s.url, score_features=0),
             0,
             *_layer_files(tmp_path),
             tmp_path / "r",
@@ -245,7 +246,9 @@ def test_http_errors_fail_in_one_line_and_keep_answers(tmp_path, status):
     record.write_text(json.dumps({"key": "old", "text": "x"}) + "\n")
     try:
         with pytest.raises(LoupeError, match=f"no request to .* was answered \\(HTTP {status}"):
-            explain.explain_layer(spec(s.url), 0, *_layer_files(tmp_path), record, tmp_path / "o")
+            explain.explain_layer(
+                config_at(s.url), 0, *_layer_files(tmp_path), record, tmp_path / "o"
+            )
     finally:
         s.close()
     assert record.read_text() == json.dumps({"key": "old", "text": "x"}) + "\n"
@@ -257,12 +260,12 @@ def test_unreachable_and_unset_key_are_one_line(tmp_path, monkeypatch):
     files = _layer_files(tmp_path)
     with pytest.raises(LoupeError, match="unreachable"):
         explain.explain_layer(
-            spec("http://127.0.0.1:9/v1"), 0, *files, tmp_path / "r", tmp_path / "o"
+            config_at("http://127.0.0.1:9/v1"), 0, *files, tmp_path / "r", tmp_path / "o"
         )
     monkeypatch.delenv("LOUPE_TEST_KEY", raising=False)
     with pytest.raises(LoupeError, match="LOUPE_TEST_KEY, which is unset"):
         explain.explain_layer(
-            spec("http://127.0.0.1:9/v1", api_key_env="LOUPE_TEST_KEY"),
+            config_at("http://127.0.0.1:9/v1", api_key_env="LOUPE_TEST_KEY"),
             0,
             *files,
             tmp_path / "r",
@@ -273,7 +276,7 @@ def test_unreachable_and_unset_key_are_one_line(tmp_path, monkeypatch):
 def test_the_key_is_sent_but_written_nowhere(server, tmp_path, monkeypatch):
     secret = "sk-loupe-test-0123456789"
     monkeypatch.setenv("LOUPE_TEST_KEY", secret)
-    config = spec(server.url, api_key_env="LOUPE_TEST_KEY", score_features=1)
+    config = config_at(server.url, api_key_env="LOUPE_TEST_KEY", score_features=1)
     explain.explain_layer(config, 0, *_layer_files(tmp_path), tmp_path / "r", tmp_path / "o")
     assert set(server.keys) == {f"Bearer {secret}"}
     for path in tmp_path.rglob("*"):
@@ -290,7 +293,7 @@ def test_a_timeout_is_a_failed_row(tmp_path):
     try:
         with pytest.raises(LoupeError, match="timeout"):
             explain.explain_layer(
-                spec(url, timeout=0.2, retries=0, features=2),
+                config_at(url, timeout=0.2, retries=0, features=2),
                 0,
                 *_layer_files(tmp_path),
                 tmp_path / "r",
@@ -373,7 +376,7 @@ def test_a_partial_outage_is_failed_rows_and_a_rerun_sends_only_those(tmp_path):
     record, out = tmp_path / "record.jsonl", tmp_path / "o"
     s = Server(fail_on=" t2")
     try:
-        counts = explain.explain_layer(spec(s.url, score_features=0), 0, *files, record, out)
+        counts = explain.explain_layer(config_at(s.url, score_features=0), 0, *files, record, out)
     finally:
         s.close()
     assert counts == {"ok": 5, "unparsed": 0, "failed": 1}
@@ -382,7 +385,7 @@ def test_a_partial_outage_is_failed_rows_and_a_rerun_sends_only_those(tmp_path):
     assert df.filter(pl.col("feature") == 2)["explanation"].to_list() == [None]
     s = Server(flaky=True)
     try:
-        counts = explain.explain_layer(spec(s.url, score_features=0), 0, *files, record, out)
+        counts = explain.explain_layer(config_at(s.url, score_features=0), 0, *files, record, out)
     finally:
         s.close()
     assert counts == {"ok": 6, "unparsed": 0, "failed": 0}
@@ -609,12 +612,12 @@ def test_the_demo_explains_every_layer_through_its_embedded_server(demo_run, con
     from loupe.demo import EXPLAINER_ANSWER
 
     results = demo_run / "results"
-    spec = config["explain"]
+    explain_settings = config["explain"]
     for layer in config["model"]["layers"]:
         df = pl.read_parquet(results / f"layer_{layer}/explanations.parquet")
-        assert df.height == spec["features"] and set(df["status"]) == {"ok"}
+        assert df.height == explain_settings["features"] and set(df["status"]) == {"ok"}
         assert set(df["explanation"]) == {EXPLAINER_ANSWER[-1]}
-        assert df["fuzzing"].is_not_null().sum() <= spec["score_features"]
+        assert df["fuzzing"].is_not_null().sum() <= explain_settings["score_features"]
         assert df["detection"].is_not_null().sum() + df["fuzzing"].is_not_null().sum() > 0
         log = (results / f"layer_{layer}/explain.log").read_text().strip().splitlines()
         assert log[-1].endswith(

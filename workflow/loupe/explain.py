@@ -139,16 +139,18 @@ def parse_predictions(text: str, n: int) -> list[bool] | None:
 class Endpoint:
     """An OpenAI-compatible /chat/completions endpoint, with the answers already paid for."""
 
-    def __init__(self, spec: ExplainConfig, record: Path):
-        if spec.base_url is None:
+    def __init__(self, explain_config: ExplainConfig, record: Path):
+        if explain_config.base_url is None:
             raise LoupeError("explain.base_url is null: start the embedded server first")
-        self.spec = spec
-        self.url = spec.base_url.rstrip("/") + "/chat/completions"
+        self.explain_config = explain_config
+        self.url = explain_config.base_url.rstrip("/") + "/chat/completions"
         self.key = None
-        if spec.api_key_env is not None:
-            self.key = os.environ.get(spec.api_key_env)
+        if explain_config.api_key_env is not None:
+            self.key = os.environ.get(explain_config.api_key_env)
             if not self.key:
-                raise LoupeError(f"explain.api_key_env names {spec.api_key_env}, which is unset")
+                raise LoupeError(
+                    f"explain.api_key_env names {explain_config.api_key_env}, which is unset"
+                )
         self.record = Path(record)
         self.answers: dict[str, dict] = {}
         if self.record.exists():
@@ -167,7 +169,9 @@ class Endpoint:
         self.errors: dict[str, int] = {}
 
     def request_key(self, messages: list[dict]) -> str:
-        body = json.dumps([self.spec.model, self.spec.max_tokens, messages], sort_keys=True)
+        body = json.dumps(
+            [self.explain_config.model, self.explain_config.max_tokens, messages], sort_keys=True
+        )
         return hashlib.sha256(body.encode()).hexdigest()
 
     def ask(self, messages: list[dict]) -> dict | None:
@@ -177,20 +181,22 @@ class Endpoint:
         if key in self.answers:
             return self.answers[key]
         body = {
-            "model": self.spec.model,
+            "model": self.explain_config.model,
             "messages": messages,
             "temperature": 0.0,
-            "max_tokens": self.spec.max_tokens,
+            "max_tokens": self.explain_config.max_tokens,
         }
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
-        for attempt in range(self.spec.retries + 1):
+        for attempt in range(self.explain_config.retries + 1):
             request = urllib.request.Request(
                 self.url, json.dumps(body).encode(), headers, method="POST"
             )
             try:
-                with urllib.request.urlopen(request, timeout=self.spec.timeout) as response:
+                with urllib.request.urlopen(
+                    request, timeout=self.explain_config.timeout
+                ) as response:
                     reply = json.loads(response.read())
                 break
             except urllib.error.HTTPError as e:
@@ -201,7 +207,7 @@ class Endpoint:
                 kind, retry = ("timeout", True) if timeout else (f"unreachable ({reason})", False)
             except json.JSONDecodeError:
                 kind, retry = "not JSON", False
-            if not retry or attempt == self.spec.retries:
+            if not retry or attempt == self.explain_config.retries:
                 with self.lock:
                     self.errors[kind] = self.errors.get(kind, 0) + 1
                 return None
@@ -322,11 +328,13 @@ def scoring_samples(
 # The stage
 
 
-def _score(endpoint, spec, scorer, explanation, samples) -> tuple[float | None, int, int, bool]:
+def _score(
+    endpoint, explain_config, scorer, explanation, samples
+) -> tuple[float | None, int, int, bool]:
     """Accuracy over the parsed predictions; (score, prompt tokens, completion tokens, failed)."""
     right = seen = ptok = ctok = 0
     failed = False
-    per = spec.examples_per_prompt
+    per = explain_config.examples_per_prompt
     for start in range(0, len(samples), per):
         batch = samples[start : start + per]
         answer = endpoint.ask(scorer_messages(scorer, explanation, [t for t, _ in batch]))
@@ -343,13 +351,13 @@ def _score(endpoint, spec, scorer, explanation, samples) -> tuple[float | None, 
     return (right / seen if seen else None), ptok, ctok, failed
 
 
-def explain_feature(endpoint, spec, feature, shown, held_out, inactive, scored) -> dict:
+def explain_feature(endpoint, explain_config, feature, shown, held_out, inactive, scored) -> dict:
     row = {
         "feature": int(feature),
         "explanation": None,
         "detection": None,
         "fuzzing": None,
-        "explainer": spec.model,
+        "explainer": explain_config.model,
         "n_examples": len(shown),
         "prompt_tokens": 0,
         "completion_tokens": 0,
@@ -369,9 +377,13 @@ def explain_feature(endpoint, spec, feature, shown, held_out, inactive, scored) 
     row["status"] = "ok"
     if scored:
         rng = np.random.default_rng([SEED, int(feature)])
-        for scorer in spec.scorers:
-            samples = scoring_samples(scorer, held_out, inactive, spec.score_examples, rng)
-            score, ptok, ctok, failed = _score(endpoint, spec, scorer, row["explanation"], samples)
+        for scorer in explain_config.scorers:
+            samples = scoring_samples(
+                scorer, held_out, inactive, explain_config.score_examples, rng
+            )
+            score, ptok, ctok, failed = _score(
+                endpoint, explain_config, scorer, row["explanation"], samples
+            )
             row[scorer] = score
             row["prompt_tokens"] += ptok
             row["completion_tokens"] += ctok
@@ -390,15 +402,17 @@ class Plan:
     spread: dict[int, list]
     inactive: dict[int, list[list[str]]]
 
-    def shown(self, spec: ExplainConfig, f: int) -> list:
-        return self.top.get(int(f), [])[: spec.explain_examples]
+    def shown(self, explain_config: ExplainConfig, f: int) -> list:
+        return self.top.get(int(f), [])[: explain_config.explain_examples]
 
-    def held_out(self, spec: ExplainConfig, f: int) -> list:
+    def held_out(self, explain_config: ExplainConfig, f: int) -> list:
         """The activating examples the explainer was not shown: the top examples past those
         shown and the interval examples, by peak activation, highest first; a window shown,
         or held out twice, once at most."""
-        seen = {json.dumps(t) for t, _ in self.shown(spec, f)}
-        rest = self.top.get(int(f), [])[spec.explain_examples :] + self.spread.get(int(f), [])
+        seen = {json.dumps(t) for t, _ in self.shown(explain_config, f)}
+        rest = self.top.get(int(f), [])[explain_config.explain_examples :] + self.spread.get(
+            int(f), []
+        )
         out = []
         for example in sorted(rest, key=lambda e: -max(e[1], default=0.0)):
             key = json.dumps(example[0])
@@ -409,15 +423,23 @@ class Plan:
 
 
 def plan_layer(
-    spec: ExplainConfig, examples: Path, intervals: Path, stats: Path, random_windows: Path
+    explain_config: ExplainConfig,
+    examples: Path,
+    intervals: Path,
+    stats: Path,
+    random_windows: Path,
 ) -> Plan:
     import polars as pl
 
     feature_stats = pl.read_parquet(stats, columns=["feature", "density", "examples"])
     live = feature_stats.filter(pl.col("examples") > 0)
     ids, density = live["feature"].to_numpy(), live["density"].to_numpy()
-    chosen = ids if spec.features == "all" else stratified(ids, density, int(spec.features))
-    scored = stratified(chosen, density[np.isin(ids, chosen)], spec.score_features)
+    chosen = (
+        ids
+        if explain_config.features == "all"
+        else stratified(ids, density, int(explain_config.features))
+    )
+    scored = stratified(chosen, density[np.isin(ids, chosen)], explain_config.score_features)
     return Plan(
         chosen,
         set(scored.tolist()),
@@ -456,33 +478,37 @@ def explain_layer(
 
 
 def _explain_layer(
-    spec: ExplainConfig, layer: int, inputs: tuple[Path, ...], record: Path, explanations: Path
+    explain_config: ExplainConfig,
+    layer: int,
+    inputs: tuple[Path, ...],
+    record: Path,
+    explanations: Path,
 ) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    endpoint = Endpoint(spec, record)
-    plan = plan_layer(spec, *inputs)
+    endpoint = Endpoint(explain_config, record)
+    plan = plan_layer(explain_config, *inputs)
     log.info(
         "layer %d: explaining %d features with %s at %s, scoring %d (%s)",
-        layer, len(plan.chosen), spec.model, spec.base_url, len(plan.scored),
-        ", ".join(spec.scorers),
+        layer, len(plan.chosen), explain_config.model, explain_config.base_url, len(plan.scored),
+        ", ".join(explain_config.scorers),
     )  # fmt: skip
 
     def one(f: int) -> dict:
         return explain_feature(
             endpoint,
-            spec,
+            explain_config,
             f,
-            plan.shown(spec, f),
-            plan.held_out(spec, f),
+            plan.shown(explain_config, f),
+            plan.held_out(explain_config, f),
             plan.inactive.get(int(f), []),
             int(f) in plan.scored,
         )
 
     rows = []
     bar = progress(total=len(plan.chosen), desc=f"explain layer {layer}", unit="feature")
-    with concurrent.futures.ThreadPoolExecutor(spec.concurrency) as pool:
+    with concurrent.futures.ThreadPoolExecutor(explain_config.concurrency) as pool:
         for row in pool.map(one, plan.chosen):
             rows.append(row)
             bar.update(1)
@@ -533,25 +559,25 @@ def shared_prefix(requests: list[list[dict]]) -> int:
     return n
 
 
-def dry_run_layer(spec: ExplainConfig, plan: Plan, tokenizer) -> dict:
+def dry_run_layer(explain_config: ExplainConfig, plan: Plan, tokenizer) -> dict:
     """The prompt and completion tokens a layer's run would send, from its real prompts
     (scorer prompts with ASSUMED_EXPLANATION in place of the answers not yet bought); and the
     prompt tokens outside the prefix every request of a kind shares (the uncached ones)."""
-    explain_req, score_req = [], {s: [] for s in spec.scorers}
+    explain_req, score_req = [], {s: [] for s in explain_config.scorers}
     completion = 0
     for f in plan.chosen:
-        explain_req.append(explainer_messages(plan.shown(spec, f)))
+        explain_req.append(explainer_messages(plan.shown(explain_config, f)))
         completion += EXPLANATION_TOKENS
         if int(f) not in plan.scored:
             continue
         rng = np.random.default_rng([SEED, int(f)])
-        for scorer in spec.scorers:
+        for scorer in explain_config.scorers:
             samples = scoring_samples(
-                scorer, plan.held_out(spec, f), plan.inactive.get(int(f), []),
-                spec.score_examples, rng,
+                scorer, plan.held_out(explain_config, f), plan.inactive.get(int(f), []),
+                explain_config.score_examples, rng,
             )  # fmt: skip
-            for start in range(0, len(samples), spec.examples_per_prompt):
-                batch = [t for t, _ in samples[start : start + spec.examples_per_prompt]]
+            for start in range(0, len(samples), explain_config.examples_per_prompt):
+                batch = [t for t, _ in samples[start : start + explain_config.examples_per_prompt]]
                 score_req[scorer].append(scorer_messages(scorer, ASSUMED_EXPLANATION, batch))
                 completion += 2 * len(batch) + 2  # "[1,0,...]"
     prompt = uncached = 0
@@ -587,9 +613,9 @@ def explain_dry_run(
     SAE model's (said in the output)."""
     from .tokens import load_tokenizer
 
-    spec = config.explain
+    explain_config = config.explain
     try:
-        tokenizer, counted_with = load_tokenizer(spec.model, None), spec.model
+        tokenizer, counted_with = load_tokenizer(explain_config.model, None), explain_config.model
     except LoupeError:  # an explainer not in the local cache: the suite's own tokenizer
         name = config.model.tokenizer_name
         tokenizer, counted_with = load_tokenizer(name, config.model.revision), name
@@ -597,10 +623,14 @@ def explain_dry_run(
     for layer, ex, iv, st, rw in zip(
         layers, examples, intervals, stats, random_windows, strict=True
     ):
-        rows[layer] = dry_run_layer(spec, plan_layer(spec, ex, iv, st, rw), tokenizer)
+        rows[layer] = dry_run_layer(
+            explain_config, plan_layer(explain_config, ex, iv, st, rw), tokenizer
+        )
     total = {k: sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
     columns = list(total)
-    print(f"explain dry run: {spec.model}, tokens counted with {counted_with}'s tokenizer")
+    print(
+        f"explain dry run: {explain_config.model}, tokens counted with {counted_with}'s tokenizer"
+    )
     print("layer  " + "  ".join(f"{c:>22}" for c in columns))
     for layer, r in [*rows.items(), ("total", total)]:
         print(f"{layer!s:>5}  " + "  ".join(f"{r[c]:>22,}" for c in columns))
