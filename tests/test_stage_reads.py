@@ -8,9 +8,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 
 import pytest
-from helpers import split_with_manifest, train_layer, typed
+from helpers import REPO, split_with_manifest, train_layer, typed
 
 from loupe.config import STAGE_READS, Config, schema_keys, stage_settings
 
@@ -107,6 +108,8 @@ def reads(settings, token_dir, tmp_path_factory) -> dict[str, set[str]]:
 
     from loupe.evaluate import evaluate_layer
     from loupe.explain import explain_layer
+    from loupe.explanation_scores import summarize_explanations
+    from loupe.flow import summarize_flow
     from loupe.maxact import sample_layer
     from loupe.neighbours import neighbours_layer
     from loupe.neuronpedia import export
@@ -146,6 +149,8 @@ def reads(settings, token_dir, tmp_path_factory) -> dict[str, set[str]]:
     finally:
         server.close()
     run("neighbours", neighbours_layer, LAYER, sae, layer / "feature_neighbours.parquet")
+    run("flow", summarize_flow, [layer / "feature_neighbours.parquet"], [windows],
+        [files["stats"]], root / "summary/feature_flow.csv", root / "summary/flow.png")  # fmt: skip
     run("evaluate", evaluate_layer, LAYER, sae, token_dir / "eval.npy", manifest, files["stats"],
         layer / "eval.json")  # fmt: skip
     spliced = root / "summary/spliced.json"
@@ -157,6 +162,9 @@ def reads(settings, token_dir, tmp_path_factory) -> dict[str, set[str]]:
               "transfer_plot")  # fmt: skip
     run("tradeoffs", summarize_tradeoffs, [layer / "eval.json"], spliced,
         **{k: root / "summary" / k for k in tables})  # fmt: skip
+    run("explanation_scores", summarize_explanations, [layer / "explanations.parquet"],
+        [files["stats"]], root / "summary/explanation_scores.csv",
+        root / "summary/explanation_scores.png")  # fmt: skip
     lists = {k: [v] for k, v in files.items()}
     neighbours = [layer / "feature_neighbours.parquet"]
     run("stage", stage_repo, [sae], **lists, neighbours=neighbours,
@@ -170,7 +178,32 @@ def reads(settings, token_dir, tmp_path_factory) -> dict[str, set[str]]:
 
 
 STAGES = ["tokenize", "train", "maxact", "explain", "neighbours", "evaluate", "spliced"]
-STAGES += ["summary", "tradeoffs", "stage", "neuronpedia", "upload"]
+STAGES += ["summary", "flow", "tradeoffs", "explanation_scores", "stage", "neuronpedia", "upload"]
+# The demo's builders, run only by the demo (e2e): its corpus reads demo.min_corpus_bytes, its
+# models no key.
+NOT_RUN_HERE = {"demo_corpus", "demo_model", "demo_transfer_model", "demo_explainer_model"}
+
+
+def test_every_stage_with_reads_is_run_here():
+    """A new stage gets a STAGE_READS entry and a run in `reads`, or this fails."""
+    assert set(STAGES) - set(DECLARED_AS) == set(STAGE_READS) - NOT_RUN_HERE
+
+
+# Rules that run loupe with no params: their stage reads no output-changing key (its STAGE_READS
+# entry is empty), or they make nothing another rule reads (a dry run, the browser's server).
+NO_SETTINGS = {"demo_model", "demo_transfer_model", "demo_explainer_model", "explain_dry_run"}
+NO_SETTINGS |= {"browse"}
+
+
+def test_every_rule_that_runs_loupe_carries_its_stages_settings():
+    text = "\n".join(p.read_text() for p in sorted((REPO / "workflow/rules").glob("*.smk")))
+    split = re.split(r"^\s*rule (\w+):", text, flags=re.M)
+    rules = dict(zip(split[1::2], split[2::2], strict=True))
+    carried = {name: re.findall(r'settings_for\("(\w+)"\)', body) for name, body in rules.items()}
+    runs_loupe = {name for name, body in rules.items() if "python -m loupe" in body}
+    assert {name for name in runs_loupe if not carried[name]} == NO_SETTINGS
+    assert {stage for stages in carried.values() for stage in stages} <= set(STAGE_READS)
+    assert all(STAGE_READS[name] == () for name in NO_SETTINGS if name in STAGE_READS)
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -72,6 +72,9 @@ class CardFacts:
     example_rows: int  # summed over layers
     stats_columns: list[tuple[str, str, str]]
     plots: list[str]  # repo paths
+    # The other per-feature files' columns ({PER_LAYER kind: columns}), from their schemas like
+    # the two above; by default their writers' schemas (the staged files are written with them).
+    columns: dict[str, list[tuple[str, str, str]]] = field(default_factory=lambda: writer_columns())
     tokens: dict = field(default_factory=dict)  # tokens/manifest.json's per-split token counts
     sources: dict | None = None  # tokens/manifest.json's sources: what RedPajama files were read
     histogram_bins: int = 0  # feature_stats' histogram columns
@@ -87,16 +90,39 @@ class CardFacts:
     sample_split: dict = field(default_factory=dict)
 
 
+# The per-feature files (PER_LAYER kinds) whose column tables the card shows beside the top
+# examples' and the stats'.
+COLUMN_TABLES = ("intervals", "logits", "neighbours")
+
+
+def _columns_of(schema) -> list[tuple[str, str, str]]:
+    """A pyarrow schema's columns: name, type, description (its field metadata)."""
+    from .examples import column_descriptions
+
+    described = column_descriptions(schema)
+    return [(f.name, str(f.type), described[f.name]) for f in schema]
+
+
 def _schema(path: Path) -> tuple[list[tuple[str, str, str]], int]:
     """A parquet file's columns (name, type, description from the file's schema) and rows."""
     import pyarrow.parquet as pq
 
-    from .examples import column_descriptions
+    return _columns_of(pq.read_schema(path)), pq.read_metadata(path).num_rows
 
-    schema = pq.read_schema(path)
-    described = column_descriptions(schema)
-    columns = [(f.name, str(f.type), described[f.name]) for f in schema]
-    return columns, pq.read_metadata(path).num_rows
+
+def staged_columns(root: Path, layout: Layout, layer: int) -> dict[str, list[tuple[str, str, str]]]:
+    """The columns of each COLUMN_TABLES kind as layer `layer`'s staged file gives them."""
+    return {kind: _schema(root / layout.per_layer(kind, layer))[0] for kind in COLUMN_TABLES}
+
+
+def writer_columns() -> dict[str, list[tuple[str, str, str]]]:
+    """The columns of each COLUMN_TABLES kind as its writer's schema gives them."""
+    from .examples import interval_examples_schema
+    from .logits import feature_logits_schema
+    from .neighbours import neighbours_schema
+
+    schemas = (interval_examples_schema, feature_logits_schema, neighbours_schema)
+    return {k: _columns_of(s()) for k, s in zip(COLUMN_TABLES, schemas, strict=True)}
 
 
 def metrics_rows(path: Path) -> list[dict]:
@@ -139,6 +165,7 @@ def collect_facts(
         example_columns=example_columns,
         example_rows=example_rows,
         stats_columns=_schema(root / layout.stats(layers[0]))[0],
+        columns=staged_columns(root, layout, layers[0]),
         plots=[
             f"{layout.plots}/{name}"
             for name in (plots or sorted(p.name for p in (root / layout.plots).glob("*.png")))
@@ -398,6 +425,16 @@ def _columns(columns: list[tuple[str, str, str]]) -> list[list[str]]:
     return [[f"`{name}`", kind, description] for name, kind, description in columns]
 
 
+def _other_columns(facts: CardFacts) -> dict[str, list[list[str]]]:
+    """The rows of facts.columns' tables; the intervals' holds only the columns that differ
+    from the top examples' (the interval's own, and `rank`, counted within the interval)."""
+    out = {kind: _columns(columns) for kind, columns in facts.columns.items()}
+    out["intervals"] = _columns(
+        [c for c in facts.columns["intervals"] if c not in facts.example_columns]
+    )
+    return out
+
+
 def _citation(config: Config, name: str) -> str:
     hub, year = config.hub, datetime.date.today().year
     key = re.sub(r"\W+", "_", name).strip("_").lower()
@@ -464,6 +501,7 @@ def render_card(config: Config, facts: CardFacts) -> str:
             training=_training_rows(config, facts),
             example_columns=_columns(facts.example_columns),
             stats_columns=_columns(facts.stats_columns),
+            columns=_other_columns(facts),
             eval_tokens=eval_tokens,
             metrics=shown,
             metric_rows=[[r["layer"], *(measured(r[m.name]) for m in shown)] for r in rows],

@@ -351,6 +351,8 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     ),
     "summary": ("model.name", "model.layers"),
     "flow": ("model.name", "model.layers"),
+    # The layers its rows are labelled with; the explainer's name titles its plot.
+    "explanation_scores": ("model.layers", "explain.model"),
     "stage": (
         "model",
         "dataset",

@@ -130,6 +130,8 @@ rule explanation_scores:
         f"{SUMMARY}/explanation_scores.log",
     conda:
         ENV
+    params:
+        settings=settings_for("explanation_scores"),
     shell:
         "python -m loupe --log {log} explanation-scores"
         " --explanations {input.explanations} --stats {input.stats}"
