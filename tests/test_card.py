@@ -10,6 +10,7 @@ from helpers import REPO, load_yaml, typed
 
 from loupe.card import COLUMN_TABLES, CardFacts, render_card, staged_columns, writer_columns
 from loupe.examples import column_descriptions, examples_schema, interval_examples_schema
+from loupe.explain import explanations_schema
 from loupe.layout import Layout
 from loupe.logits import feature_logits_schema
 from loupe.neighbours import neighbours_schema
@@ -19,6 +20,7 @@ WRITERS = {
     "intervals": interval_examples_schema,
     "logits": feature_logits_schema,
     "neighbours": neighbours_schema,
+    "explanations": explanations_schema,
 }
 LAYER = 0
 
@@ -68,11 +70,26 @@ def card(tmp_path_factory) -> tuple[str, Layout]:
         stats_columns=[("feature", "int64", "feature (latent) index")],
         plots=[],
         columns=columns,
+        # One layer's explanation_scores row (none scored), so the card has its Explanations.
+        explanations=[
+            {
+                "layer": LAYER,
+                "explainer": "m",
+                "live": 8,
+                "explained": 4,
+                "ok": 4,
+                "unparsed": 0,
+                "failed": 0,
+                "coverage": 0.5,
+                "detection_scored": 0,
+                "fuzzing_scored": 0,
+            }
+        ],  # fmt: skip
     )
     return render_card(config, facts), layout
 
 
-@pytest.mark.parametrize("kind", ["logits", "neighbours"])
+@pytest.mark.parametrize("kind", ["logits", "neighbours", "explanations"])
 def test_a_files_column_table_is_its_schemas_descriptions(card, kind):
     text, layout = card
     described = column_descriptions(WRITERS[kind]())
@@ -103,6 +120,6 @@ def test_the_intervals_table_holds_what_differs_from_the_top_examples(card):
 
 def test_every_kind_with_a_table_is_shown(card):
     text, layout = card
-    assert set(COLUMN_TABLES) == set(WRITERS) - {"examples"}
-    for kind in COLUMN_TABLES:
+    assert set(COLUMN_TABLES) == set(WRITERS) - {"examples", "explanations"}
+    for kind in (*COLUMN_TABLES, "explanations"):
         assert table_of(text, layout.per_layer(kind, "N")), kind

@@ -111,18 +111,23 @@ def _schema(path: Path) -> tuple[list[tuple[str, str, str]], int]:
 
 
 def staged_columns(root: Path, layout: Layout, layer: int) -> dict[str, list[tuple[str, str, str]]]:
-    """The columns of each COLUMN_TABLES kind as layer `layer`'s staged file gives them."""
-    return {kind: _schema(root / layout.per_layer(kind, layer))[0] for kind in COLUMN_TABLES}
+    """The columns of each COLUMN_TABLES kind as layer `layer`'s staged file gives them, and
+    the explanations' where they are staged."""
+    kinds = COLUMN_TABLES + ("explanations",)
+    paths = {kind: root / layout.per_layer(kind, layer) for kind in kinds}
+    return {kind: _schema(path)[0] for kind, path in paths.items() if path.is_file()}
 
 
 def writer_columns() -> dict[str, list[tuple[str, str, str]]]:
     """The columns of each COLUMN_TABLES kind as its writer's schema gives them."""
     from .examples import interval_examples_schema
+    from .explain import explanations_schema
     from .logits import feature_logits_schema
     from .neighbours import neighbours_schema
 
     schemas = (interval_examples_schema, feature_logits_schema, neighbours_schema)
-    return {k: _columns_of(s()) for k, s in zip(COLUMN_TABLES, schemas, strict=True)}
+    columns = {k: _columns_of(s()) for k, s in zip(COLUMN_TABLES, schemas, strict=True)}
+    return columns | {"explanations": _columns_of(explanations_schema())}
 
 
 def metrics_rows(path: Path) -> list[dict]:
