@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from explain_server import LocalServer, Server, request_key, send_json
-from helpers import demo_config, described_columns, typed
+from helpers import announced_jobs, demo_config, described_columns, run_snakemake, typed
 
 from loupe import explain
 from loupe.errors import LoupeError
@@ -630,3 +631,49 @@ def test_the_demo_explains_every_layer_through_its_embedded_server(demo_run, con
     card = (results / "hub/README.md").read_text()
     assert "## Explanations" in card and "**These explanations are noise.**" in card
     assert (results / "summary/explanation_scores_by_layer.png").stat().st_size > 0
+
+
+@pytest.mark.e2e
+def test_through_snakemake_the_key_is_read_from_the_environment_and_written_nowhere(
+    demo_run, server, tmp_path, monkeypatch
+):
+    """The finished demo's layer 0 explained again at an endpoint taking a key: Snakemake's
+    job reads it from the variable explain.api_key_env names and sends it as a Bearer token;
+    no file of the run holds it. With the variable unset the job fails in one line and leaves
+    no explanations."""
+    work = Path(shutil.copytree(demo_run, tmp_path / "run", symlinks=True))
+    record = work / "results/checkpoints/layer_0/explain_requests.jsonl"
+    record.unlink()  # the answers paid for: without them every request is sent again
+    (work / "endpoint.yaml").write_text(
+        f"explain:\n  base_url: {server.url}\n  api_key_env: LOUPE_TEST_KEY\n"
+    )
+    target = "results/layer_0/explanations.parquet"
+    args = (target, "--force", "--profile", "profiles/demo", "--configfile")
+    args += ("profiles/demo/demo-config.yaml", "endpoint.yaml")
+
+    monkeypatch.delenv("LOUPE_TEST_KEY", raising=False)
+    proc = run_snakemake(work, *args, check=False)
+    assert proc.returncode == 1 and not (work / target).exists() and server.requests == 0
+    assert [job.rule for job in announced_jobs(proc.stdout + proc.stderr)] == ["explain"]
+    log = (work / "results/layer_0/explain.log").read_text().splitlines()
+    unset = "explain.api_key_env names LOUPE_TEST_KEY, which is unset"
+    assert log[-1] == f"loupe explain: error: {unset}"
+    assert "Traceback" not in "\n".join(log)
+
+    secret = "sk-loupe-e2e-5f3a9c1e77d04b28"
+    monkeypatch.setenv("LOUPE_TEST_KEY", secret)
+    proc = run_snakemake(work, *args)
+    assert [job.rule for job in announced_jobs(proc.stdout + proc.stderr)] == ["explain"]
+    explanations = pl.read_parquet(work / target)
+    assert explanations.height == demo_config()["explain"]["features"]
+    assert set(explanations["status"]) == {"ok"}
+    # Every request was sent (once: each answer is recorded), each with the key.
+    assert server.requests == len(record.read_text().splitlines()) > explanations.height
+    assert set(server.sent.values()) == {1}
+    assert set(server.keys) == {f"Bearer {secret}"}
+    assert secret not in proc.stdout + proc.stderr
+    for root, _, files in os.walk(work):  # .snakemake/ and the logs included
+        for name in files:
+            path = Path(root, name)
+            if path.is_file():  # a broken link holds nothing
+                assert secret.encode() not in path.read_bytes(), path

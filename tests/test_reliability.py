@@ -116,6 +116,21 @@ def test_an_invalid_hub_id_stops_the_workflow_at_start(checkout, key):
     assert f"config error at hub/{key}: Cannot have -- or .. in repo_id: 'me/gemma--loupe'" in err
 
 
+def test_a_dataset_folder_with_a_symlink_loop_stops_the_workflow_at_start(checkout):
+    """Not yet tried in issue 27, at the workflow level: a dataset folder holding a file link
+    that loops (and a folder link back up, which is read once) is one line at workflow start
+    (it was a traceback), before the tokenize job could delete the token links."""
+    corpus = checkout / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.jsonl").write_text('{"text": "one"}\n')
+    (corpus / "sub" / "up").symlink_to("..")  # corpus/sub/up/sub/up/... forever
+    (corpus / "loop.jsonl").symlink_to("loop.jsonl")
+    (checkout / "override.yaml").write_text("dataset:\n  path: corpus\n")
+    err = stops_before_any_job(checkout, "override.yaml")
+    line = "dataset path corpus: corpus/loop.jsonl is a broken symlink or a symlink loop"
+    assert [text for text in err.splitlines() if "symlink" in text] == [line]
+
+
 # --- after a finished demo (e2e) --------------------------------------------------------------
 
 
