@@ -20,7 +20,7 @@ pages), a feature on other pages of the same row group (31) and a far feature (4
 row group); the metadata readers keep what they fetched (as the browser does), so every view
 after the first counts only new bytes.
 
-    python benchmarks/row_groups.py                      # ~10 min on 2 shared cores
+    python benchmarks/row_groups.py                      # ~2-5 min on 2 shared cores
     python benchmarks/row_groups.py --features 2048 --layouts 64,1024   # a quick check
 
 Writes benchmarks/results/row-groups.{json,md}. Method and limits: benchmarks/README.md."""
