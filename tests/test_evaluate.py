@@ -444,8 +444,10 @@ def test_transfer_equals_a_direct_computation_on_the_second_model(
     with torch.no_grad():
         x = capture(other, HOOK, ids)[mask].float()
         logits = other(input_ids=ids).logits.float()
-        out = sae(x)
-        fvu, recon = float(out.fvu), out.sae_out
+        fvu = float(sae(x).fvu)
+        # forward's sae_out uses 4k latents under multi_topk: decode the k kept ones.
+        enc = sae.encode(x)
+        recon = sae.decode(enc.top_acts, enc.top_indices)
 
         def splice(_m, _i, out):  # the SAE's reconstruction in the second model's stream
             hs = (out[0] if isinstance(out, tuple) else out).clone()
